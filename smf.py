@@ -919,6 +919,7 @@ def run_train(args, device):
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
         run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": None,
                                             "probe": "all"}), device)
+    return model
 
 
 def run_eval(args, device):
@@ -1188,7 +1189,7 @@ def check_args(args):
         if args.method != "smf" and args.train_scale:
             raise UserError("--train-scale only applies to --method smf — drop it")
         args.selector, args.top_t = args.selector or "kl", args.top_t or 512
-        if args.top_t <= 0 or args.top_t > args.memory_keys ** 2:
+        if args.method == "smf" and not 0 < args.top_t <= args.memory_keys ** 2:
             raise UserError(f"--top-t {args.top_t} must be in 1..{args.memory_keys ** 2} (the memory's rows)")
         args.out = args.out or os.path.join("runs", args.method)
     if args.command == "bench":

@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, initializer_range=0.2,
                          pad_token_id=tokenizer.pad_token_id)
     model = Qwen2ForCausalLM(config)
     model.save_pretrained(root / "model")
@@ -72,3 +72,306 @@ def cli(*args, check=True):
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
     return p
+
+
+def run(*argv):
+    """smf's CLI in this process (fast: no new interpreter); returns what the command returned."""
+    args = smf.build_parser().parse_args([str(a) for a in argv])
+    smf.check_args(args)
+    return {"train": smf.run_train, "eval": smf.run_eval, "bench": smf.run_bench, "table": smf.run_table}[args.command](args, "cpu")
+
+
+def train_args(tiny, out, method, *extra):
+    return ["train", "--method", method, "--out", out, "--medmcqa", tiny["medmcqa"], "--background", tiny["background"],
+            "--warmup", "0", "--background-examples", "20", *MEM, *extra]
+
+
+def with_memory(tiny, mode="additive", seed=0):
+    model, tok = load(tiny)
+    torch.manual_seed(seed)
+    smf.add_memory(model, smf.MemoryConfig(**{**vars(TINY_MEM), "mode": mode}))
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------------------------- memory layer
+
+def test_memory_lookup_equals_brute_force():
+    torch.manual_seed(0)
+    mem = smf.ProductKeyMemory(dim=24, n_keys=8, heads=3, key_dim=12, topk=4)
+    x = torch.randn(5, 7, 24)
+    q = mem.query(x.reshape(-1, 24)).view(-1, 3, 2, 6)
+    s1 = torch.einsum("mhd,hnd->mhn", q[:, :, 0], mem.keys[:, 0])
+    s2 = torch.einsum("mhd,hnd->mhn", q[:, :, 1], mem.keys[:, 1])
+    every_row = (s1[..., :, None] + s2[..., None, :]).flatten(2)      # all N = 64 rows, row = i1 * 8 + i2
+    ref_scores, ref_rows = every_row.topk(4, dim=-1)
+    scores, rows = mem.lookup(x.reshape(-1, 24))
+    assert torch.equal(rows, ref_rows)
+    assert torch.allclose(scores, ref_scores, atol=1e-6)
+    w = ref_scores.softmax(-1)                                         # (M, H, k)
+    read = (w[..., None] * mem.values[ref_rows]).sum(dim=(1, 2))       # weights of a token sum to H
+    ref = mem.w2(read * F.silu(mem.w1(x.reshape(-1, 24)))).view(5, 7, 24)
+    assert torch.allclose(mem(x), ref, atol=1e-5)
+
+
+def test_memory_init_follows_spec():
+    torch.manual_seed(0)
+    mem = smf.ProductKeyMemory(dim=64, n_keys=16, heads=4, key_dim=32, topk=4)
+    assert mem.values.shape == (256, 64) and mem.keys.shape == (4, 2, 16, 16)
+    assert mem.keys.abs().max() <= 32 ** -0.5
+    assert abs(mem.values.std().item() - 64 ** -0.5) < 0.01
+    assert abs(mem.w1.weight.std().item() - 64 ** -0.5) < 0.01
+
+
+def test_padded_positions_are_not_recorded(tiny):
+    model, tok = with_memory(tiny)
+    a, b = [5, 9, 12, 7, 30, 41], [8, 3, 17]
+    ids, mask = smf.pad_batch([a, b], tok.pad_token_id)
+    blocks = smf.memory_blocks(model)
+    for blk in blocks:
+        blk.memory.record_mask = mask
+    model(input_ids=ids, attention_mask=mask)
+    padded_reads = [blk.memory.last_reads for blk in blocks]
+    for blk in blocks:
+        blk.memory.record_mask = torch.ones(1, len(b))
+    model(input_ids=torch.tensor([b]))
+    for blk, reads in zip(blocks, padded_reads):
+        assert reads.shape == (len(a) + len(b), 2 * 4)                 # real tokens only, heads * topk each
+        assert torch.equal(reads[len(a):], blk.memory.last_reads)      # b's reads, without its 3 pads
+
+
+def test_additive_alpha_zero_is_base_and_replacement_is_not(tiny):
+    base, _ = load(tiny)
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    model, _ = with_memory(tiny)
+    for blk in smf.memory_blocks(model):
+        blk.alpha.data.zero_()
+    assert torch.equal(logits(model, ids), logits(base, ids))
+    replaced, _ = with_memory(tiny, "replacement")
+    assert not torch.allclose(logits(replaced, ids), logits(base, ids))
+    assert all(blk.mlp is None and blk.alpha is None for blk in smf.memory_blocks(replaced))
+
+
+def test_memory_errors_are_clear(tiny):
+    model, _ = load(tiny)
+    with pytest.raises(smf.UserError, match="out of range"):
+        smf.add_memory(model, smf.MemoryConfig(layers=(0, 6)))
+    with pytest.raises(smf.UserError, match="model.model.layers"):
+        smf.add_memory(torch.nn.Linear(2, 2), smf.MemoryConfig(layers=(0,)))
+
+
+def test_memory_checkpoint_round_trips_and_is_small(tiny, tmp_path):
+    model, _ = with_memory(tiny)
+    smf.save_checkpoint(str(tmp_path / "mem"), {"kind": "memory", "parent": tiny["model"], "memory": vars(TINY_MEM)},
+                        tensors=smf.memory_state(model))
+    loaded, _ = smf.load_model(str(tmp_path / "mem"))
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 8, 9]])
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+    assert sorted(os.listdir(tmp_path / "mem")) == ["config.json", "weights.safetensors"]
+    n_memory = sum(t.numel() for t in smf.memory_state(model).values())
+    assert os.path.getsize(tmp_path / "mem" / "weights.safetensors") < 4 * n_memory + 4096  # memory only, no base
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+def test_perplexity_equals_hand_computation(tiny):
+    model, tok = load(tiny)
+    rng = random.Random(1)
+    short = sentence(rng, 6)
+    ids = tok(short)["input_ids"]
+    lp = logits(model, torch.tensor([ids]))[0].log_softmax(-1)
+    nll = -sum(lp[t - 1, ids[t]].item() for t in range(1, len(ids)))
+    r = smf.eval_wikitext(model, tok, short)
+    assert r["tokens"] == len(ids) - 1 and r["ppl"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+    long = sentence(rng, 40)  # many windows of 16 tokens with stride 8
+    ids = tok(long)["input_ids"]
+    assert len(ids) > 40
+    nll = 0.0
+    for t in range(1, len(ids)):  # token t is scored by the first window that reaches it, from that window's start
+        start = 0 if t < 16 else 8 * math.ceil((t - 15) / 8)
+        lp = logits(model, torch.tensor([ids[start:t + 1]]))[0].log_softmax(-1)
+        nll -= lp[-2, ids[t]].item()
+    for bs in (1, 3):
+        r = smf.eval_wikitext(model, tok, long, window=16, stride=8, batch_size=bs)
+        assert r["tokens"] == len(ids) - 1
+        assert r["ppl"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+
+def test_medmcqa_and_triviaqa_do_not_depend_on_batch_size(tiny):
+    model, tok = load(tiny)
+    rows = smf.load_medmcqa(tiny["medmcqa"], limit=11)
+    one, five = smf.eval_medmcqa(model, tok, rows, batch_size=1), smf.eval_medmcqa(model, tok, rows, batch_size=5)
+    assert one["predictions"] == five["predictions"] and one["acc"] == five["acc"]
+    qa = smf.load_triviaqa(tiny["triviaqa"], limit=11)
+    one, five = smf.eval_triviaqa(model, tok, qa, batch_size=1), smf.eval_triviaqa(model, tok, qa, batch_size=5)
+    assert one["predictions"] == five["predictions"] and len(set(one["predictions"])) > 1
+
+
+def test_triviaqa_normalisation_and_metrics():
+    assert smf.normalize_answer("The  Beatles!") == "beatles"
+    assert smf.normalize_answer("An Apple, a day (U.S.)") == "apple day u.s."
+    assert smf.normalize_answer("Jean-Paul   Sartre's") == "jean-paul sartre s"
+    assert smf.alias_contained(" I think it is the Eiffel Tower, in Paris", ["Eiffel tower"])
+    assert not smf.alias_contained(" London", ["Paris", "City of Light"])
+    assert smf.exact_match(" The Beatles.\nQuestion: next", ["beatles", "Fab Four"])
+    assert not smf.exact_match(" Beatles and more", ["beatles"])
+    assert not smf.exact_match(" Paris, France", ["France"])
+    assert not smf.exact_match(" ", ["a"])  # an alias that normalises to nothing never matches
+
+
+class PrefersTokens(torch.nn.Module):
+    """A fake LM whose every next-token distribution puts its mass on a few token ids."""
+    def __init__(self, ids, vocab):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+        self.bias.data[list(ids)] = 20.0
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})
+
+
+def test_medmcqa_model_preferring_one_option(tiny):
+    _, tok = load(tiny)
+    rows = smf.load_medmcqa(tiny["medmcqa"], limit=20)
+    prompt = tok(smf.medmcqa_prompt(rows[0]))["input_ids"]
+    favoured = tok(smf.medmcqa_prompt(rows[0]) + " C")["input_ids"][len(prompt):]
+    r = smf.eval_medmcqa(PrefersTokens(favoured, len(tok)), tok, rows, letter_only=True)
+    assert r["predictions"] == [2] * 20
+    assert r["acc"] == sum(row["cop"] == 2 for row in rows) / 20
+
+
+def test_medmcqa_prompt_and_filters(tiny):
+    rows = smf.load_medmcqa(tiny["medmcqa"])
+    assert len(rows) == 48 - 7 and all(r["choice_type"] == "single" for r in rows)
+    r = {"question": "Q?", "opa": "a1", "opb": "b1", "opc": "c1", "opd": "d1", "cop": 1, "exp": "because"}
+    assert smf.medmcqa_text(r) == ("Medical exam question:\nQuestion: Q?\nA. a1\nB. b1\nC. c1\nD. d1\nAnswer: B. b1\n"
+                                   "Explanation: because")
+    assert smf.medmcqa_text({**r, "exp": ""}).endswith("Answer: B. b1")
+    assert smf.load_wikitext(tiny["wikitext"]).startswith("= Title =\n\n")
+
+
+def test_eval_cli_end_to_end(tiny, tmp_path):
+    out = tmp_path / "r" / "results.json"
+    p = cli("eval", "--model", tiny["model"], "--probe", "all", "--medmcqa", tiny["medmcqa"], "--wikitext",
+            tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "8", "--batch-size", "3", "--out", out,
+            "--add-memory", "additive", *MEM)
+    r = json.load(open(out))
+    assert r["medmcqa"]["n"] == 8 and 0 <= r["medmcqa"]["acc"] <= 1
+    assert r["wikitext"]["ppl"] > 1 and r["wikitext"]["tokens"] > 0
+    assert r["triviaqa"]["n"] == 8 and 0 <= r["triviaqa"]["exact_match"] <= r["triviaqa"]["alias_contains_acc"] <= 1
+    assert "medmcqa" in p.stdout and "wikitext" in p.stdout and "triviaqa" in p.stdout
+    help_text = cli("eval", "--help").stdout
+    assert "--probe" in help_text and "{medmcqa,wikitext,triviaqa,all}" in help_text
+    help_text = cli("train", "--help").stdout
+    assert "{retrofit,smf,lora,full}" in help_text and "{kl,tfidf}" in help_text
+
+
+# ----------------------------------------------------------------------------------------------- selectors
+
+def test_selector_scores_by_hand():
+    counts = torch.tensor([3, 0, 1, 2, 0, 2])
+    bg = smf.BackgroundStats(df=torch.tensor([1, 2, 0, 4, 1, 0]), reads=torch.tensor([5, 2, 0, 9, 1, 0]), batches=4)
+    tfidf = [3 / 8 * math.log(5 / 2), 0.0, 1 / 8 * math.log(5 / 1), 2 / 8 * math.log(5 / 5), 0.0, 2 / 8 * math.log(5 / 1)]
+    assert smf.tfidf_scores(counts, bg).tolist() == pytest.approx(tfidf, abs=1e-12)
+    q = [6 / 23, 3 / 23, 1 / 23, 10 / 23, 2 / 23, 1 / 23]  # (a + 1) / (17 + 6)
+    kl = [3 / 8 * math.log(3 / 8 / q[0]), 0.0, 1 / 8 * math.log(1 / 8 / q[2]), 2 / 8 * math.log(2 / 8 / q[3]), 0.0,
+          2 / 8 * math.log(2 / 8 / q[5])]
+    assert smf.kl_scores(counts, bg).tolist() == pytest.approx(kl, abs=1e-12)
+    assert smf.select_rows(smf.tfidf_scores(counts, bg), counts, 3).tolist() == [5, 0, 2]
+    assert smf.select_rows(smf.kl_scores(counts, bg), counts, 2).tolist() == [5, 0]
+    assert smf.select_rows(torch.ones(6), counts, 3).tolist() == [0, 2, 3]          # ties: lower row first
+    assert smf.select_rows(torch.ones(6), counts, 10).tolist() == [0, 2, 3, 5]      # never an unread row
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6):
+    model, tok = with_memory(tiny)
+    smf.prepare_model(model, "smf", train_scale=train_scale)
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
+    bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
+    cfg = smf.TrainConfig(method="smf", max_steps=steps, warmup=0, top_t=top_t, optimizer=optimizer,
+                          lr=0.05 if optimizer == "sgd" else 5e-3, micro_batch=2, grad_accum=2, train_scale=train_scale)
+    hist = smf.train(model, tok, texts, cfg, bg, keep_selected=True)
+    return model, hist
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_smf_updates_exactly_the_selected_rows(tiny, optimizer):
+    init, _ = with_memory(tiny)
+    after1, _ = smf_run(tiny, 1, optimizer)
+    after2, hist = smf_run(tiny, 2, optimizer)
+    v0, v1, v2 = ([b.memory.values.detach() for b in smf.memory_blocks(m)] for m in (init, after1, after2))
+    for name, p in init.named_parameters():
+        if not name.endswith("memory.values"):
+            assert torch.equal(p, dict(after2.named_parameters())[name]), name  # keys, query, W1, W2, alpha, base
+    for j in range(2):
+        sel1, sel2 = hist[0]["selected"][j], hist[1]["selected"][j]
+        assert 0 < len(sel1) < 64 and 0 < len(sel2) < 64                          # a real subset of the rows
+        assert torch.equal(smf.changed_rows(v0[j], v1[j]), sel1)
+        assert torch.equal(smf.changed_rows(v1[j], v2[j]), sel2)
+        assert torch.equal(smf.changed_rows(v0[j], v2[j]), torch.unique(torch.cat([sel1, sel2])))
+        only1 = sel1[~torch.isin(sel1, sel2)]
+        assert len(only1) > 0 and torch.equal(v1[j][only1], v2[j][only1])         # no drift through stale moments
+        assert hist[1]["rows_updated"][j] == len(sel2)
+
+
+def test_smf_train_scale_moves_alpha_only_with_the_flag(tiny):
+    model, _ = smf_run(tiny, 2, "adamw", train_scale=True)
+    assert all(b.alpha.item() != 0.01 for b in smf.memory_blocks(model))
+
+
+def test_gradient_accumulation_gives_the_same_update(tiny):
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")][:8]
+    models = []
+    for micro, accum in ((8, 1), (2, 4)):
+        model, tok = load(tiny)
+        smf.prepare_model(model, "full")
+        smf.train(model, tok, texts, smf.TrainConfig(method="full", optimizer="sgd", lr=0.5, warmup=0, max_steps=1,
+                                                      micro_batch=micro, grad_accum=accum))
+        models.append(model)
+    base, _ = load(tiny)
+    moved = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), base.parameters()))
+    diff = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), models[1].parameters()))
+    assert moved > 1e-3 and diff < 1e-6
+
+
+def test_lora_init_merge_and_trainable_set(tiny):
+    base, tok = load(tiny)
+    model, _ = load(tiny)
+    smf.prepare_model(model, "lora", lora_cfg=(4, 8.0, 0.0))
+    lora = [m for m in model.modules() if isinstance(m, smf.LoRALinear)]
+    assert len(lora) == 7 * 2                                       # q k v o gate up down in each of 2 layers
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    assert torch.equal(logits(model.eval(), ids), logits(base, ids))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with_grad = {n.split(".")[-1] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"lora_A", "lora_B"}
+    model.zero_grad(set_to_none=True)
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
+    smf.train(model, tok, texts, smf.TrainConfig(method="lora", lr=1e-2, warmup=0, max_steps=3, lora_dropout=0.0))
+    unmerged = logits(model.eval(), ids)
+    assert not torch.allclose(unmerged, logits(base, ids), atol=1e-4)
+    smf.merge_lora(model)
+    assert not any(isinstance(m, smf.LoRALinear) for m in model.modules())
+    assert torch.allclose(logits(model, ids), unmerged, atol=1e-5)  # fp32: merged equals unmerged to 1e-5
+
+
+def test_full_finetuning_memorises(tiny):
+    model, tok = load(tiny)
+    smf.prepare_model(model, "full")
+    texts = ["the patient has fever", "the river runs to paris", "music of the king", "blood cell drug"]
+    hist = smf.train(model, tok, texts, smf.TrainConfig(method="full", lr=3e-3, warmup=0, epochs=40, micro_batch=4,
+                                                         grad_accum=1))
+    assert hist[-1]["loss"] < 0.3 * hist[0]["loss"]
+
+
+def test_smf_learns_a_small_task(tiny):
+    model, tok = with_memory(tiny, "replacement")
+    smf.prepare_model(model, "smf")
+    texts = ["the patient has fever", "the river runs to paris", "music of the king", "blood cell drug"]
+    bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
+    hist = smf.train(model, tok, texts, smf.TrainConfig(method="smf", lr=0.2, warmup=0, epochs=40, micro_batch=4,
+                                                         grad_accum=1, top_t=32), bg)
+    assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
