@@ -404,9 +404,9 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
             tokenizer.pad_token = tokenizer.eos_token
         return model.eval(), tokenizer
     parent = os.path.join(path_or_id, meta["parent"])  # a relative parent is relative to the checkpoint
-    if not os.path.isdir(parent):
+    if not os.path.isfile(os.path.join(parent, "config.json")):
         parent = meta["parent"]
-    if meta["kind"] == "smf" and not os.path.isdir(parent):
+    if meta["kind"] == "smf" and not os.path.isfile(os.path.join(parent, "config.json")):
         raise UserError(f"the parent {meta['parent']} of {path_or_id} is missing — restore the retrofit checkpoint")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
@@ -867,6 +867,10 @@ def run_train(args, device):
             run_train(argparse.Namespace(**{**vars(args), "method": "retrofit", "out": retrofit_dir, "lr": None,
                                             "epochs": None, "eval_out": None}), device)
         parent = retrofit_dir
+    try:  # fail now, not after hours of training
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {args.out} ({e.strerror}) — choose a writable --out") from e
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(parent, device)
     prepare_model(model, cfg.method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
@@ -888,7 +892,6 @@ def run_train(args, device):
             background = background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
         background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background]
         values_before = [b.memory.values.detach().clone() for b in memory_blocks(model)]
-    os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "train_log.jsonl")
     history = train(model, tokenizer, texts, cfg, background, device, log_path)
     print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}"
@@ -1110,19 +1113,25 @@ def run_table(args, device=None):
 # CLI
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # a mistyped flag gets the same one-line error as every other mistake
+        print(f"error: {message} — see `python smf.py {self.prog.split()[-1]} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
-    memory = argparse.ArgumentParser(add_help=False)
+    memory = Parser(add_help=False)
     memory.add_argument("--memory-layers", type=int, nargs="+", default=[6, 12, 18])
     memory.add_argument("--memory-keys", type=int, default=128, help="sub-keys per half (N = keys^2 rows)")
     memory.add_argument("--memory-heads", type=int, default=4)
     memory.add_argument("--memory-key-dim", type=int, default=256)
     memory.add_argument("--memory-topk", type=int, default=16)
-    data = argparse.ArgumentParser(add_help=False)
+    data = Parser(add_help=False)
     data.add_argument("--eval-medmcqa", "--medmcqa-eval", dest="eval_medmcqa", default="openlifescienceai/medmcqa")
     data.add_argument("--wikitext", default="Salesforce/wikitext", help="hub id, or a local .txt/.jsonl/.parquet")
     data.add_argument("--wikitext-config", default="wikitext-103-v1", choices=["wikitext-103-v1", "wikitext-2-raw-v1"])
@@ -1188,9 +1197,10 @@ def check_args(args):
             raise UserError(f"--selector/--top-t only apply to --method smf — drop them for {args.method}")
         if args.method != "smf" and args.train_scale:
             raise UserError("--train-scale only applies to --method smf — drop it")
-        args.selector, args.top_t = args.selector or "kl", args.top_t or 512
+        args.selector, args.top_t = args.selector or "kl", 512 if args.top_t is None else args.top_t
         if args.method == "smf" and not 0 < args.top_t <= args.memory_keys ** 2:
-            raise UserError(f"--top-t {args.top_t} must be in 1..{args.memory_keys ** 2} (the memory's rows)")
+            raise UserError(f"--top-t {args.top_t} is outside 1..{args.memory_keys ** 2} — the memory has "
+                            f"{args.memory_keys ** 2} rows")
         args.out = args.out or os.path.join("runs", args.method)
     if args.command == "bench":
         cuda = str(args.device).startswith("cuda")

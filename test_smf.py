@@ -1,6 +1,8 @@
 """Tests for smf.py: a tiny Qwen2 and synthetic data in the hub schemas, all built here, nothing downloaded."""
 import json, math, os, random, subprocess, sys, time
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,7 +84,7 @@ def run(*argv):
 
 
 def train_args(tiny, out, method, *extra):
-    return ["train", "--method", method, "--out", out, "--medmcqa", tiny["medmcqa"], "--background", tiny["background"],
+    return ["train", "--method", method, "--out", out, "--model", tiny["model"], "--medmcqa", tiny["medmcqa"], "--background", tiny["background"],
             "--warmup", "0", "--background-examples", "20", *MEM, *extra]
 
 
@@ -375,3 +377,221 @@ def test_smf_learns_a_small_task(tiny):
     hist = smf.train(model, tok, texts, smf.TrainConfig(method="smf", lr=0.2, warmup=0, epochs=40, micro_batch=4,
                                                          grad_accum=1, top_t=32), bg)
     assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def test_every_checkpoint_kind_round_trips(tiny, tmp_path):
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 8, 9, 7]])
+    short = ["--max-steps", "2", "--limit-train", "16", "--lr", "1e-2"]
+    retrofit = run(*train_args(tiny, tmp_path / "retrofit", "retrofit", "--memory-mode", "additive", *short))
+    smf_model = run(*train_args(tiny, tmp_path / "smf", "smf", "--model", tmp_path / "retrofit", "--top-t", "4", *short))
+    lora = run(*train_args(tiny, tmp_path / "lora", "lora", "--model", tiny["model"], *short))
+    full = run(*train_args(tiny, tmp_path / "full", "full", "--model", tiny["model"], *short))
+    smf.merge_lora(lora)
+    for name, model in (("retrofit", retrofit), ("smf", smf_model), ("lora", lora), ("full", full)):
+        loaded, _ = smf.load_model(str(tmp_path / name))
+        assert torch.equal(logits(loaded, ids), logits(model.eval(), ids)), name
+        assert json.load(open(tmp_path / name / "config.json"))["smf"]["kind"] == {"retrofit": "memory"}.get(name, name)
+    size = lambda name: os.path.getsize(tmp_path / name / "weights.safetensors")
+    assert size("smf") < size("retrofit") / 4     # a patch of a few changed rows, not the memory
+    patch = smf.checkpoint_meta(str(tmp_path / "smf"))
+    assert patch["parent"] == "../retrofit" and patch["train"]["selector"] == "kl" and patch["seed"] == 0
+
+
+def test_smf_one_liner_retrofits_first_and_reuses_it(tiny, tmp_path, capsys):
+    args = train_args(tiny, tmp_path / "run", "smf", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8",
+                      "--top-t", "4")
+    run(*args)
+    assert "retrofitting it first" in capsys.readouterr().out
+    assert smf.checkpoint_meta(str(tmp_path / "run" / "retrofit"))["kind"] == "memory"
+    run(*args)
+    assert "reusing the retrofit checkpoint" in capsys.readouterr().out
+    smf.load_model(str(tmp_path / "run"))
+
+
+def test_same_seed_same_checkpoint_and_eval(tiny, tmp_path):
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        run(*train_args(tiny, out, "lora", "--model", tiny["model"], "--max-steps", "2", "--limit-train", "12",
+                        "--eval-out", out / "eval.json", "--eval-medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"],
+                        "--triviaqa", tiny["triviaqa"], "--limit", "6", "--seed", "3"))
+        outs.append(out)
+    assert open(outs[0] / "weights.safetensors", "rb").read() == open(outs[1] / "weights.safetensors", "rb").read()
+    results = [json.load(open(out / "eval.json")) for out in outs]
+    assert results[0].pop("model") != results[1].pop("model") and results[0] == results[1]
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+def error_of(capsys, *argv):
+    """Runs the CLI in-process and returns its one-line error; fails if it succeeded or printed a traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        smf.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]  # progress bars may come before it
+    assert exit_info.value.code != 0 and last.startswith("error: ") and " — " in last and "Traceback" not in err
+    return last
+
+
+def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
+    ev = lambda model: error_of(capsys, "eval", "--model", model, "--probe", "wikitext", "--wikitext", tiny["wikitext"])
+    assert "does not exist" in ev(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    assert "neither a Hugging Face model nor an smf checkpoint" in ev(tmp_path / "empty")
+    run(*train_args(tiny, tmp_path / "mem", "retrofit", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8"))
+    run(*train_args(tiny, tmp_path / "mem" / "smf", "smf", "--model", tmp_path / "mem", "--max-steps", "1",
+                    "--limit-train", "8", "--top-t", "4"))
+    weights = tmp_path / "mem" / "weights.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    assert "missing or damaged" in ev(tmp_path / "mem")
+    weights.unlink()
+    assert "missing or damaged" in ev(tmp_path / "mem")
+    os.rename(tmp_path / "mem" / "smf", tmp_path / "orphan")
+    assert "parent" in ev(tmp_path / "orphan")
+    cfg = json.load(open(tmp_path / "mem" / "config.json"))
+    assert "out of range" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
+                                      "--memory-layers", "0", "7")
+    assert cfg["smf"]["kind"] == "memory"
+
+
+def test_model_without_decoder_blocks(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    smf.toy_tokenizer(["a b c"] * 5, 40).save_pretrained(tmp_path / "gpt2")
+    err = error_of(capsys, "eval", "--model", tmp_path / "gpt2", "--add-memory", "additive", "--memory-layers", "0")
+    assert "model.model.layers" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "lora", "--selector", "kl"], "only apply to --method smf"),
+    (["--method", "full", "--top-t", "8"], "only apply to --method smf"),
+    (["--method", "smf", "--top-t", "0"], "--top-t 0 is outside"),
+    (["--method", "smf", "--top-t", "100000"], "--top-t 100000 is outside"),
+    (["--method", "smf", "--selectr", "kl"], "unrecognized arguments"),
+    (["--method", "dpo"], "invalid choice"),
+    (["--method", "lora", "--lr=-1e-3"], "--lr must be positive"),
+    (["--method", "lora", "--micro-batch", "0"], "--micro-batch must be positive"),
+])
+def test_bad_train_flags(flags, message, capsys):
+    assert message in error_of(capsys, "train", *flags)
+
+
+@pytest.mark.parametrize("flags, message", [(["--limit", "0"], "--limit must be positive"),
+                                            (["--batch-size", "0"], "--batch-size must be positive")])
+def test_bad_eval_flags(flags, message, capsys):
+    assert message in error_of(capsys, "eval", *flags)
+
+
+def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
+    def probe(kind, path):
+        return error_of(capsys, "eval", "--model", tiny["model"], "--probe", kind, f"--{kind}", path)
+    assert "does not exist" in probe("medmcqa", tmp_path / "missing.jsonl")
+    (tmp_path / "data.xml").write_text("<x/>")
+    assert "unknown format" in probe("medmcqa", tmp_path / "data.xml")
+    good = smf.load_medmcqa(tiny["medmcqa"])[0]
+    cases = {"question": {k: v for k, v in good.items() if k != "question"}, "cop": {k: v for k, v in good.items() if k != "cop"}}
+    for field, row in cases.items():
+        assert f"no '{field}' field" in probe("medmcqa", write_jsonl(tmp_path / f"no_{field}.jsonl", [row]))
+    assert "cop must be 0..3" in probe("medmcqa", write_jsonl(tmp_path / "cop.jsonl", [{**good, "cop": 4}]))
+    assert "no examples left" in probe("medmcqa", write_jsonl(tmp_path / "multi.jsonl", [{**good, "choice_type": "multi"}]))
+    (tmp_path / "broken.jsonl").write_text('{"question": "x", "opa"')
+    assert "could not be read" in probe("medmcqa", tmp_path / "broken.jsonl")
+    no_alias = [{"question": "q?", "answer": {"aliases": [], "value": ""}}]
+    assert "aliases" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
+    assert "'text'" in probe("wikitext", write_jsonl(tmp_path / "wiki.jsonl", [{"body": "x"}]))
+    assert "'text'" in error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"),
+                                "--background", write_jsonl(tmp_path / "bg.jsonl", [{"role": "assistant"}]))
+
+
+def test_unwritable_out(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    err = error_of(capsys, "eval", "--model", tiny["model"], "--probe", "wikitext", "--wikitext", tiny["wikitext"],
+                   "--out", tmp_path / "file" / "r.json")
+    assert "cannot write" in err and not (tmp_path / "file" / "r.json").exists()
+    err = error_of(capsys, *train_args(tiny, tmp_path / "file" / "ckpt", "lora", "--model", tiny["model"], "--max-steps", "1"))
+    assert "cannot write" in err
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    args = train_args(tiny, out, "full", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8")
+    run(*args)
+    before = {n: open(out / n, "rb").read() for n in os.listdir(out) if n != "train_log.jsonl"}
+    err = error_of(capsys, *args[:-4], "--max-steps", "3", "--limit-train", "8", "--lr", "1e30", "--clip", "0")
+    assert "at step" in err and ("nan" in err or "inf" in err)
+    assert before == {n: open(out / n, "rb").read() for n in os.listdir(out) if n != "train_log.jsonl"}
+
+
+def test_interrupted_save_never_leaves_a_loadable_checkpoint(tiny, tmp_path, monkeypatch):
+    model, _ = with_memory(tiny)
+    out = str(tmp_path / "mem")
+    meta = {"kind": "memory", "parent": tiny["model"], "memory": vars(TINY_MEM)}
+    smf.save_checkpoint(out, meta, tensors=smf.memory_state(model))
+    real_replace = os.replace
+    def interrupted(src, dst):
+        if dst.endswith("weights.safetensors"):
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        smf.save_checkpoint(out, meta, tensors=smf.memory_state(model))
+    monkeypatch.undo()
+    assert smf.checkpoint_meta(out) is None and not any(n.startswith(".tmp") for n in os.listdir(out))
+    with pytest.raises(smf.UserError):
+        smf.load_model(out)
+
+
+# ----------------------------------------------------------------------------------------------- run_all.sh, bench
+
+def smoke_env(tiny, out):
+    """The README's smoke overrides: a tiny local model and data, a few steps, small probes."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHON": sys.executable, "MODEL": tiny["model"],
+            "OUT": str(out), "SEEDS": "1", "MEDMCQA": tiny["medmcqa"], "MEDMCQA_EVAL": tiny["medmcqa"],
+            "WIKITEXT": tiny["wikitext"], "TRIVIAQA": tiny["triviaqa"], "BACKGROUND": tiny["background"], "MAX_STEPS": "2",
+            "LIMIT_TRAIN": "16", "EVAL_LIMIT": "8", "BACKGROUND_EXAMPLES": "8", "DEVICE": "cpu",
+            "TRAIN_ARGS": " ".join(MEM + ["--warmup", "0"]), "SMF_ARGS": "--top-t 8"}
+
+
+def test_run_all_smoke(tiny, tmp_path):
+    out, env = tmp_path / "results", smoke_env(tiny, tmp_path / "results")
+    t0 = time.time()
+    first = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert time.time() - t0 < 120 and first.stdout.count("done ") == 11
+    table = open(out / "table.md").read().splitlines()
+    names = [line.split("|")[1].strip() for line in table[2:]]
+    assert names == [name for name, _ in smf.TABLE_ROWS]
+    for line in table[2:]:
+        cells = [c.strip() for c in line.split("|")[3:-1:2]]                  # the four metric columns
+        assert len(cells) == 4 and all(math.isfinite(float(c.split(" ± ")[0])) for c in cells), line
+    assert len(open(out / "table.csv").read().splitlines()) == 12
+    for mode in ("replacement", "additive", "additive_scale"):
+        for sel in ("kl", "tfidf"):
+            meta = smf.checkpoint_meta(str(out / f"smf_{mode}_{sel}" / "seed1" / "model"))
+            parent = "retrofit_replacement" if mode == "replacement" else "retrofit_additive"
+            assert meta["kind"] == "smf" and meta["parent"] == f"../../../{parent}/seed1/model"
+            assert meta["train"]["selector"] == sel and meta["train"]["train_scale"] == (mode == "additive_scale")
+    again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and again.stdout.count("skip ") == 11 and "done " not in again.stdout
+
+
+def test_run_all_stops_at_a_failing_stage_and_resumes(tiny, tmp_path):
+    env = {**smoke_env(tiny, tmp_path / "results"), "ROWS": "base lora", "TRIVIAQA": str(tmp_path / "missing.jsonl")}
+    failed = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    assert failed.returncode != 0 and "FAILED stage base seed 1" in failed.stderr and "logs/base_seed1.log" in failed.stderr
+    assert "lora" not in failed.stdout
+    env["TRIVIAQA"] = tiny["triviaqa"]
+    ok = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and "done  base" in ok.stdout and "done  lora" in ok.stdout
+    assert "missing" in open(tmp_path / "results" / "table.md").read()       # rows not run are shown, not dropped
+
+
+def test_bench_prints_every_row(capsys):
+    run("bench", "--shape", "tiny", "--steps", "1", "--seq-len", "64", "--batch-size", "2", "--eval-n", "4",
+        "--eval-batch-size", "4")
+    out = capsys.readouterr().out
+    for row in ("full ", "lora ", "smf ", "retrofit ", "memory layer fwd+bwd", "eval batch   1", "eval batch   4"):
+        assert row in out
