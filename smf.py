@@ -555,9 +555,10 @@ class RowSparseAdamW:
         self.state = [None] * len(self.params)
 
     @torch.no_grad()
-    def step(self, rows_per_param, lr):
-        for i, (p, rows) in enumerate(zip(self.params, rows_per_param)):
-            g = p.grad.index_select(0, rows).float()          # (R, dim): only the selected rows are read
+    def step(self, rows_per_param, grads_per_param, lr):
+        """rows: (R,) distinct row indices of each parameter; grads: (R, dim), those rows' gradients."""
+        for i, (p, rows, g) in enumerate(zip(self.params, rows_per_param, grads_per_param)):
+            g = g.float()
             w = p.index_select(0, rows).float()
             if self.sgd:
                 p.index_copy_(0, rows, (w - lr * g).to(p.dtype))
@@ -572,6 +573,15 @@ class RowSparseAdamW:
             m.index_copy_(0, rows, m_r), v.index_copy_(0, rows, v_r), t.index_copy_(0, rows, t_r)
             update = (m_r / (1 - b1 ** t_r)[:, None]) / ((v_r / (1 - b2 ** t_r)[:, None]).sqrt() + self.eps)
             p.index_copy_(0, rows, (w * (1 - lr * self.wd) - lr * update).to(p.dtype))
+
+
+def clip_grads(grads, max_norm):
+    """Scales the gradients in place so that their joint L2 norm is at most max_norm (0: no clipping)."""
+    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+    if max_norm:
+        for g in grads:
+            g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return float(norm)
 
 
 def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cpu", log_path=None,
@@ -606,8 +616,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         micro, queue = queue[: cfg.grad_accum], queue[cfg.grad_accum:]
         n_targets = sum(len(examples[i]) - 1 for mb in micro for i in mb)  # normalise over the whole step
         t0, loss_sum, n_tokens, select_time = time.perf_counter(), 0.0, 0, 0.0
-        step_grads = [torch.zeros_like(v) for v in values]
-        selected = [[] for _ in values]
+        row_grads = [[] for _ in values]  # SMF, per layer: (selected rows, their gradient) of each micro-batch
         for mb in micro:
             ids, mask = pad_batch([examples[i] for i in mb], tokenizer.pad_token_id, device=device)
             for b in blocks:
@@ -627,26 +636,28 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
                 counts = torch.bincount(b.memory.last_reads.flatten(), minlength=values[j].shape[0])
                 score = (kl_scores if cfg.selector == "kl" else tfidf_scores)(counts, background[j])
                 rows = select_rows(score, counts, cfg.top_t)
-                step_grads[j].index_add_(0, rows, values[j].grad.index_select(0, rows))
+                row_grads[j].append((rows, values[j].grad.index_select(0, rows)))
                 values[j].grad = None
-                selected[j].append(rows)
             if blocks:
                 select_time += sync(device) or time.perf_counter() - t_select
         for b in blocks:
             b.memory.record_mask = None
-        for v, g in zip(values, step_grads):
-            v.grad = g
-        trainable = dense + values
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)) if cfg.clip else 0.0
+        union = [torch.unique(torch.cat([rows for rows, _ in parts])) for parts in row_grads]  # sorted
+        union_grads = []
+        for u, parts, v in zip(union, row_grads, values):
+            g = torch.zeros(len(u), v.shape[1], device=v.device, dtype=v.dtype)
+            for rows, grad in parts:
+                g.index_add_(0, torch.searchsorted(u, rows), grad)
+            union_grads.append(g)
+        grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + union_grads, cfg.clip)
         lr = get_lr(step, total, lr_peak, cfg.warmup)
         if dense_opt:
             for group in dense_opt.param_groups:
                 group["lr"] = lr
             dense_opt.step()
-        union = [torch.unique(torch.cat(s)) for s in selected]
         if smf:
-            sparse_opt.step(union, lr)
-        for p in trainable:
+            sparse_opt.step(union, union_grads, lr)
+        for p in dense:
             p.grad = None
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
@@ -700,28 +711,42 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
 
 
+def cache_kwargs(model, cache):
+    """The KV-cache argument under its name in this transformers version (`cache` from 5.2x, else `past_key_values`)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
 @torch.no_grad()
 def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
     """Accuracy of argmax over the 4 options of the mean per-token log-likelihood of ` {L}. {option}` after
     the prompt. The mean (not the sum) keeps long options from being penalised for their length; the letter
-    mode scores ` A`..` D` alone."""
+    mode scores ` A`..` D` alone. Each prompt runs once and its KV cache serves all four continuations."""
+    from transformers import DynamicCache
     device = next(model.parameters()).device
-    seqs, starts = [], []
+    prompts, options = [], []  # token ids: one prompt and four continuations per question
     for row in rows:
-        prompt = medmcqa_prompt(row)
-        prompt_ids = tokenizer(prompt)["input_ids"]
+        prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
         for option in range(4):
-            ids = tokenizer(prompt + medmcqa_answer(row, option, letter_only))["input_ids"]
-            assert ids[:len(prompt_ids)] == prompt_ids, "the prompt must tokenize as a prefix of prompt + answer"
-            seqs.append(ids)
-            starts.append(len(prompt_ids))
+            ids = tokenizer(medmcqa_prompt(row) + medmcqa_answer(row, option, letter_only))["input_ids"]
+            assert ids[:len(prompt)] == prompt, "the prompt must tokenize as a prefix of prompt + answer"
+            options.append(ids[len(prompt):])
+        prompts.append(prompt)
     scores = []
-    for s in tqdm(range(0, len(seqs), 4 * batch_size), desc="medmcqa", leave=False):
-        chunk = seqs[s:s + 4 * batch_size]
-        ids, mask = pad_batch(chunk, tokenizer.pad_token_id, device=device)
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()                # (B, T, vocab)
-        token_lp = logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)
-        scores += [token_lp[i, starts[s + i] - 1:len(seq) - 1].mean().item() for i, seq in enumerate(chunk)]
+    for s in tqdm(range(0, len(rows), batch_size), desc="medmcqa", leave=False):
+        p_ids, p_mask = pad_batch(prompts[s:s + batch_size], tokenizer.pad_token_id, left=True, device=device)
+        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)                                     # (Q, P)
+        cache = DynamicCache()
+        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
+                    **cache_kwargs(model, cache))
+        first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(4, 0)        # (4Q, vocab)
+        cache.batch_repeat_interleave(4)
+        c_ids, c_mask = pad_batch(options[4 * s:4 * (s + batch_size)], tokenizer.pad_token_id, device=device)
+        c_pos = p_pos[:, -1:].repeat_interleave(4, 0) + 1 + torch.arange(c_ids.shape[1], device=device)
+        mask = torch.cat([p_mask.repeat_interleave(4, 0), c_mask], dim=1)
+        logits = model(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, use_cache=True,
+                       **cache_kwargs(model, cache)).logits.float()                        # (4Q, C, vocab)
+        token_lp = torch.cat([first.gather(-1, c_ids[:, :1]), logits[:, :-1].log_softmax(-1).gather(-1, c_ids[:, 1:, None])[..., 0]], 1)
+        scores += ((token_lp * c_mask).sum(1) / c_mask.sum(1)).tolist()                 # mean over real tokens
     preds = torch.tensor(scores).view(-1, 4).argmax(-1).tolist()
     correct = sum(p == row["cop"] for p, row in zip(preds, rows))
     return {"acc": correct / len(rows), "n": len(rows), "predictions": preds,
@@ -745,12 +770,14 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
         start += stride
     nll, count = 0.0, 0
     for b in tqdm(range(0, len(spans), batch_size), desc="wikitext", leave=False):
-        chunk = spans[b:b + batch_size]
-        x, mask = pad_batch([ids[s:e] for s, e, _ in chunk], tokenizer.pad_token_id, device=device)
-        logits = model(input_ids=x, attention_mask=mask).logits.float()
-        token_lp = logits[:, :-1].gather(-1, x[:, 1:, None])[..., 0] - logits[:, :-1].logsumexp(-1)  # (B, T-1)
+        chunk = spans[b:b + batch_size]  # left padding puts every window's scored tokens at the end
+        x, mask = pad_batch([ids[s:e] for s, e, _ in chunk], tokenizer.pad_token_id, left=True, device=device)
+        keep = max(e - first for _, e, first in chunk) + 1  # logits only where a scored token is predicted
+        logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=keep).logits[:, :-1].float()                       # (B, keep - 1, vocab)
+        token_lp = logits.gather(-1, x[:, 1 - keep:, None])[..., 0] - logits.logsumexp(-1)
         for i, (s, e, first) in enumerate(chunk):
-            nll -= token_lp[i, first - s - 1:e - s - 1].double().sum().item()
+            nll -= token_lp[i, first - e:].double().sum().item()
             count += e - first
     assert count == len(ids) - 1
     return {"ppl": math.exp(nll / count), "tokens": count, "protocol": f"token perplexity, window {window}, stride {stride}"}
@@ -784,9 +811,9 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
     device = next(model.parameters()).device
     ids, mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, left=True, device=device)
     cache = DynamicCache()
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     pos = (mask.cumsum(-1) - 1).clamp(min=0)                                              # (B, T)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_arg: cache}).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **cache_kwargs(model, cache)).logits
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     out = []
     for _ in range(max_new_tokens):
@@ -798,7 +825,7 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                       **{cache_arg: cache}).logits
+                       **cache_kwargs(model, cache)).logits
     texts = []
     for row in torch.stack(out, 1).tolist():
         row = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
@@ -944,7 +971,7 @@ def run_eval(args, device):
 SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions, and a small one
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
-    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
 }
 
@@ -1174,7 +1201,7 @@ def build_parser():
     b.add_argument("--model", help="take the shape from this model's config instead")
     b.add_argument("--batch-size", type=int, default=None, help="default: 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, default=None, help="default: 512 on a GPU, 256 on a CPU")
-    b.add_argument("--steps", type=int, default=3)
+    b.add_argument("--steps", type=int, default=5)
     b.add_argument("--eval-n", type=int, default=32)
     b.add_argument("--eval-batch-size", type=int, default=16)
 
