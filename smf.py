@@ -1018,9 +1018,13 @@ def run_bench(args, device):
                 for _ in range(args.batch_size * (args.steps + 2))]
     print(f"{'method':10s} {'tokens/s':>10s} {'ms/step':>9s} {'peak mem':>10s} {'MFU':>6s} {'select':>7s}")
     rows = {}
+    with torch.device(device):  # flops of the plain transformer: 6 per parameter per token, plus attention
+        n_params = sum(p.numel() for p in Qwen2ForCausalLM(model_config).parameters())
+    flops_per_token = 6 * n_params + 12 * L * d * args.seq_len
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
-        model = Qwen2ForCausalLM(model_config)
+        with torch.device(device):
+            model = Qwen2ForCausalLM(model_config)
         if method == "smf":
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
@@ -1035,8 +1039,6 @@ def run_bench(args, device):
         step_s = sum(h["step_time"] for h in hist) / len(hist)
         tok_s = args.batch_size * args.seq_len / step_s
         mem = (torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
-        n_params = sum(p.numel() for n_, p in model.named_parameters() if "embed_tokens" not in n_ or model_config.tie_word_embeddings)
-        flops_per_token = 6 * n_params + 12 * L * d * args.seq_len
         mfu = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "    -"
         select = sum(h.get("select_time", 0) for h in hist) / len(hist) / step_s
         rows[method] = {"tokens_per_s": tok_s, "ms_per_step": 1000 * step_s, "peak_mem_gib": mem}
@@ -1064,7 +1066,8 @@ def run_bench(args, device):
     rng = random.Random(0)
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
     tokenizer = toy_tokenizer([sentence(50) for _ in range(200)], 400)
-    model = Qwen2ForCausalLM(model_config).to(device).eval().to(dt)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(model_config).eval().to(dt)
     mcq = [{"question": sentence(20), "opa": sentence(4), "opb": sentence(4), "opc": sentence(4), "opd": sentence(4),
             "cop": 0} for _ in range(args.eval_n)]
     tqa = [(sentence(12), ["x"]) for _ in range(args.eval_n)]
