@@ -21,6 +21,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-1000}                          # examples per probe (li
 BACKGROUND_EXAMPLES=${BACKGROUND_EXAMPLES:-2000}        # single-example batches behind the selectors
 MICRO_BATCH=${MICRO_BATCH:-4}                           # x GRAD_ACCUM = effective batch 16
 GRAD_ACCUM=${GRAD_ACCUM:-4}
+FORWARD_BATCH=${FORWARD_BATCH:-}                        # sequences per forward pass; empty: a whole step (16)
 EVAL_BATCH=${EVAL_BATCH:-16}                            # MedMCQA questions per forward (TriviaQA: twice that)
 DEVICE=${DEVICE:-}                                      # empty: cuda when available
 TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command
@@ -32,6 +33,7 @@ data=(--eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQ
       --batch-size "$EVAL_BATCH")
 train=(--medmcqa "$MEDMCQA" --background "$BACKGROUND" --micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
        --background-examples "$BACKGROUND_EXAMPLES" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
+       ${FORWARD_BATCH:+--forward-batch "$FORWARD_BATCH"}
        ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
 mkdir -p "$OUT/logs"
 t_all=$(date +%s)

@@ -10,7 +10,7 @@ accuracy (forgetting). Every number comes from SPEC.md; every section below lift
     python smf.py bench --shape tiny
     python smf.py table results/
 """
-import argparse, contextlib, csv, dataclasses, inspect, io, json, math, os, random, shutil, statistics, sys, tempfile, time
+import argparse, contextlib, csv, dataclasses, functools, inspect, io, json, math, os, random, shutil, statistics, sys, tempfile, time
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +40,10 @@ class TrainConfig:
     method: str = "smf"           # retrofit | smf | lora | full
     lr: float = None              # None: the method's default in METHOD_LR
     epochs: float = None          # None: 2 for retrofit, 3 otherwise
-    micro_batch: int = 4          # sequences per forward pass
+    micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
+    forward_batch: int = None     # sequences per forward pass (a multiple of micro_batch; None: a whole step).
+                                  # It changes speed and memory only, never the update.
     max_len: int = 1024           # tokens per sequence, longer ones are truncated
     warmup: int = 100             # linear warm-up steps, then cosine to zero
     clip: float = 1.0             # gradient-norm clipping
@@ -184,7 +186,8 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
 class ProductKeyMemory(nn.Module):
     """N = n_keys**2 value rows, looked up without scoring all N: each head splits its query in two halves,
     takes the top-k sub-keys of each half, re-ranks the k*k sums and reads the best k rows. Row index is
-    i1 * n_keys + i2. Set `record_mask` (B, T) to record the rows read by non-pad tokens in `last_reads`."""
+    i1 * n_keys + i2. Set `record_mask` (B, T) to record the rows read by non-pad tokens in `last_reads`, and
+    `grad_gate` to let only some reads pass gradient to the values (how SMF trains a few rows)."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -195,6 +198,7 @@ class ProductKeyMemory(nn.Module):
         self.values = nn.Parameter(torch.empty(n_keys * n_keys, dim))
         self.w1, self.w2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.record_mask, self.last_reads = None, None
+        self.grad_gate = None  # SMF: rows (M, H*k) -> bool (M, H*k), the reads whose value rows may learn
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -223,9 +227,15 @@ class ProductKeyMemory(nn.Module):
         scores, rows = self.lookup(xf)
         weights = scores.float().softmax(dim=-1)                              # (M, H, k), each head sums to 1
         rows, weights = rows.flatten(1), weights.flatten(1)                   # (M, H*k)
-        read = F.embedding_bag(rows, self.values, per_sample_weights=weights.to(self.values.dtype), mode="sum")
         if self.record_mask is not None:
             self.last_reads = rows[self.record_mask.reshape(-1).bool()].detach()  # (non-pad tokens, H*k)
+        weights = weights.to(self.values.dtype)
+        if self.grad_gate is None:
+            read = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
+        else:  # same output, but only the reads the gate keeps carry gradient into the value rows
+            keep = self.grad_gate(rows).to(weights.dtype)                        # (M, H*k), 1 = may learn
+            read = (F.embedding_bag(rows, self.values, per_sample_weights=weights * keep, mode="sum")
+                    + F.embedding_bag(rows, self.values.detach(), per_sample_weights=weights * (1 - keep), mode="sum"))
         out = self.w2(read.to(xf.dtype) * F.silu(self.w1(xf)))
         return out.view(x.shape)
 
@@ -471,6 +481,25 @@ def select_rows(scores, counts, top_t):
 
 
 @torch.no_grad()
+def select_reads(rows, group, background, score_fn, top_t):
+    """SMF's choice inside one forward pass that holds several micro-batches: for each micro-batch, its top_t
+    rows by score; a read may learn when its row was chosen by its own token's micro-batch.
+    rows (M, S): rows read by each token; group (M,): the token's micro-batch, -1 for pads.
+    Returns keep (M, S) bool and the chosen rows of each micro-batch."""
+    n_rows, real = background.df.shape[0], group >= 0
+    n_groups = int(group.max()) + 1
+    counts = torch.bincount((group[real, None] * n_rows + rows[real]).flatten(), minlength=n_groups * n_rows)
+    counts = counts.view(n_groups, n_rows)                                                # (G, N) reads per row
+    chosen = [select_rows(score_fn(c, background), c, top_t) for c in counts]
+    selected = torch.zeros(n_groups, n_rows, dtype=torch.bool, device=rows.device)
+    for g, r in enumerate(chosen):
+        selected[g, r] = True
+    keep = torch.zeros_like(rows, dtype=torch.bool)
+    keep[real] = selected[group[real, None], rows[real]]
+    return keep, chosen
+
+
+@torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, device="cpu"):
     """df, total reads and B for each memory layer, from the model in eval mode with one example per batch
     (examples are run `batch_size` at a time, but each counts as its own background batch)."""
@@ -531,16 +560,16 @@ def get_lr(step, total, peak, warmup):
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def length_grouped_batches(lengths, micro_batch, rng):
-    """Shuffled micro-batches of similar lengths, so padding wastes little: sort within random chunks of
-    64 micro-batches, cut, then shuffle the micro-batches."""
+def length_grouped_batches(lengths, batch, rng):
+    """Shuffled batches of similar lengths, so padding wastes little: sort within random chunks of 64
+    batches, cut, then shuffle the batches."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    chunk = 64 * micro_batch
+    chunk = 64 * batch
     batches = []
     for c in range(0, len(order), chunk):
         part = sorted(order[c:c + chunk], key=lambda i: lengths[i])
-        batches += [part[i:i + micro_batch] for i in range(0, len(part), micro_batch)]
+        batches += [part[i:i + batch] for i in range(0, len(part), batch)]
     rng.shuffle(batches)
     return batches
 
@@ -604,23 +633,35 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     eos = tokenizer.eos_token_id
     examples = [tokenizer(t)["input_ids"][: cfg.max_len - 1] + [eos] for t in texts[: cfg.limit_train]]
     rng = random.Random(cfg.seed)
-    steps_per_epoch = math.ceil(math.ceil(len(examples) / cfg.micro_batch) / cfg.grad_accum)
-    total = math.ceil((cfg.epochs or 3) * steps_per_epoch)
+    step_size = cfg.micro_batch * cfg.grad_accum
+    forward_batch = cfg.forward_batch or step_size
+    total = math.ceil((cfg.epochs or 3) * math.ceil(len(examples) / step_size))
     total = min(total, cfg.max_steps) if cfg.max_steps else total
+    score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
     queue, history, log = [], [], open(log_path, "w") if log_path else None
+    select_times = []
+
+    def gate(rows, j):  # runs inside memory layer j's forward: pick rows per micro-batch, gate the reads
+        t = time.perf_counter()
+        keep, rows_chosen = select_reads(rows, group, background[j], score_fn, cfg.top_t)
+        chosen[j].extend(rows_chosen)
+        select_times.append(sync(device) or time.perf_counter() - t)
+        return keep
+    for j, b in enumerate(blocks):
+        b.memory.grad_gate = functools.partial(gate, j=j)
     model.train()
     bar = tqdm(range(total), desc=f"train {cfg.method}", leave=False)
     for step in bar:
-        while len(queue) < cfg.grad_accum:  # refill from a new seeded shuffle at each epoch boundary
-            queue += length_grouped_batches([len(e) for e in examples], cfg.micro_batch, rng)
-        micro, queue = queue[: cfg.grad_accum], queue[cfg.grad_accum:]
-        n_targets = sum(len(examples[i]) - 1 for mb in micro for i in mb)  # normalise over the whole step
+        if not queue:  # a new seeded shuffle at each epoch boundary
+            queue = length_grouped_batches([len(e) for e in examples], step_size, rng)
+        batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
+        n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
         t0, loss_sum, n_tokens, select_time = time.perf_counter(), 0.0, 0, 0.0
-        row_grads = [[] for _ in values]  # SMF, per layer: (selected rows, their gradient) of each micro-batch
-        for mb in micro:
-            ids, mask = pad_batch([examples[i] for i in mb], tokenizer.pad_token_id, device=device)
-            for b in blocks:
-                b.memory.record_mask = mask
+        chosen = [[] for _ in blocks]  # SMF: rows chosen by each micro-batch, per memory layer
+        for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
+            ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id, device=device)
+            group = (torch.arange(len(ids), device=device)[:, None] // cfg.micro_batch).expand_as(ids)
+            group = group.masked_fill(mask == 0, -1).flatten()                       # (B*T,) micro-batch, -1 = pad
             with autocast(device):
                 logits = model(input_ids=ids, attention_mask=mask).logits               # (B, T, vocab)
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                  # pads never count
@@ -631,24 +672,12 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
                                 "no checkpoint was written by this run")
             loss.backward()
             loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + int(mask.sum())
-            t_select = time.perf_counter()
-            for j, b in enumerate(blocks):  # SMF: keep this micro-batch's gradient on its top-t rows only
-                counts = torch.bincount(b.memory.last_reads.flatten(), minlength=values[j].shape[0])
-                score = (kl_scores if cfg.selector == "kl" else tfidf_scores)(counts, background[j])
-                rows = select_rows(score, counts, cfg.top_t)
-                row_grads[j].append((rows, values[j].grad.index_select(0, rows)))
-                values[j].grad = None
-            if blocks:
-                select_time += sync(device) or time.perf_counter() - t_select
-        for b in blocks:
-            b.memory.record_mask = None
-        union = [torch.unique(torch.cat([rows for rows, _ in parts])) for parts in row_grads]  # sorted
-        union_grads = []
-        for u, parts, v in zip(union, row_grads, values):
-            g = torch.zeros(len(u), v.shape[1], device=v.device, dtype=v.dtype)
-            for rows, grad in parts:
-                g.index_add_(0, torch.searchsorted(u, rows), grad)
-            union_grads.append(g)
+        select_time = sum(select_times)
+        select_times.clear()
+        union = [torch.unique(torch.cat(rows)) for rows in chosen]                 # sorted, per memory layer
+        union_grads = [v.grad.index_select(0, u) for v, u in zip(values, union)]
+        for v in values:
+            v.grad = None
         grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + union_grads, cfg.clip)
         lr = get_lr(step, total, lr_peak, cfg.warmup)
         if dense_opt:
@@ -673,6 +702,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             record["selected"] = [u.cpu() for u in union]
         history.append(record)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+    for b in blocks:
+        b.memory.grad_gate = None
     model.eval()
     return history
 
@@ -1031,7 +1062,8 @@ def run_bench(args, device):
         n = mem_cfg.n_keys ** 2
         background = [BackgroundStats(torch.randint(0, 50, (n,), device=device), torch.randint(0, 500, (n,), device=device), 2000)
                       for _ in range(len(mem_cfg.layers))]
-        cfg = TrainConfig(method=method, micro_batch=args.batch_size, grad_accum=1, max_len=args.seq_len,
+        micro = math.gcd(4, args.batch_size)  # SMF's micro-batches of 4, all in one forward pass
+        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=args.batch_size // micro, max_len=args.seq_len,
                           max_steps=args.steps + 2, warmup=1)
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -1061,6 +1093,8 @@ def run_bench(args, device):
     print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens, {dt}): "
           f"{t_mem / t_ffn:.2f} ({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
 
+    if not args.eval_n:
+        return
     # evaluation throughput on synthetic prompts, batch size 1 against the default
     words = "the of patient acute nerve blood which cell drug most common cause treatment".split()
     rng = random.Random(0)
@@ -1190,7 +1224,7 @@ def build_parser():
     t.add_argument("--train-scale", action="store_true", help="smf: also train alpha")
     t.add_argument("--background-examples", type=int, default=2000)
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    for name, typ in (("lr", float), ("epochs", float), ("max-steps", int), ("limit-train", int)):
+    for name, typ in (("lr", float), ("epochs", float), ("max-steps", int), ("limit-train", int), ("forward-batch", int)):
         t.add_argument(f"--{name}", type=typ)
     for name, typ, default in (("micro-batch", int, 4), ("grad-accum", int, 4), ("max-len", int, 1024),
                                ("warmup", int, 100), ("clip", float, 1.0), ("weight-decay", float, 0.0),
@@ -1205,7 +1239,7 @@ def build_parser():
     b.add_argument("--batch-size", type=int, default=None, help="default: 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, default=None, help="default: 512 on a GPU, 256 on a CPU")
     b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--eval-n", type=int, default=32)
+    b.add_argument("--eval-n", type=int, default=32, help="questions for the eval throughput rows (0: skip them)")
     b.add_argument("--eval-batch-size", type=int, default=16)
 
     tb = sub.add_parser("table", parents=[common], help="the results table from a run_all.sh folder")
@@ -1216,7 +1250,7 @@ def build_parser():
 def check_args(args):
     """Every bad value a user can give, caught before any model is loaded."""
     positive = ["batch_size", "limit", "micro_batch", "grad_accum", "max_len", "max_steps", "limit_train",
-                "background_examples", "epochs", "lora_r", "memory_keys", "memory_heads", "memory_topk", "steps", "seq_len"]
+                "background_examples", "epochs", "lora_r", "forward_batch", "memory_keys", "memory_heads", "memory_topk", "steps", "seq_len"]
     for name in positive:
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)} — give a value > 0")
@@ -1232,6 +1266,9 @@ def check_args(args):
             raise UserError(f"--top-t {args.top_t} is outside 1..{args.memory_keys ** 2} — the memory has "
                             f"{args.memory_keys ** 2} rows")
         args.out = args.out or os.path.join("runs", args.method)
+        if args.forward_batch and args.forward_batch % args.micro_batch:
+            raise UserError(f"--forward-batch {args.forward_batch} is not a multiple of --micro-batch {args.micro_batch}"
+                            " — a forward pass holds whole micro-batches")
     if args.command == "bench":
         cuda = str(args.device).startswith("cuda")
         args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)

@@ -285,15 +285,25 @@ def test_selector_scores_by_hand():
     assert smf.select_rows(torch.ones(6), counts, 10).tolist() == [0, 2, 3, 5]      # never an unread row
 
 
+def test_select_reads_per_micro_batch_ignores_padding():
+    rows = torch.tensor([[0, 1], [1, 2], [3, 3], [4, 5], [5, 5]])     # (tokens, reads)
+    group = torch.tensor([0, 0, -1, 1, 1])                             # token 2 is a pad
+    flat = smf.BackgroundStats(df=torch.zeros(6, dtype=torch.long), reads=torch.zeros(6, dtype=torch.long), batches=4)
+    keep, chosen = smf.select_reads(rows, group, flat, smf.tfidf_scores, top_t=1)
+    assert [c.tolist() for c in chosen] == [[1], [5]]                  # row 3 is read 2x, but only by a pad
+    assert keep.tolist() == [[False, True], [True, False], [False, False], [False, True], [True, True]]
+
+
 # ----------------------------------------------------------------------------------------------- training
 
-def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6):
+def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6, forward_batch=None):
     model, tok = with_memory(tiny)
     smf.prepare_model(model, "smf", train_scale=train_scale)
     texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
     bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
     cfg = smf.TrainConfig(method="smf", max_steps=steps, warmup=0, top_t=top_t, optimizer=optimizer,
-                          lr=0.05 if optimizer == "sgd" else 5e-3, micro_batch=2, grad_accum=2, train_scale=train_scale)
+                          lr=0.05 if optimizer == "sgd" else 5e-3, micro_batch=2, grad_accum=2, train_scale=train_scale,
+                          forward_batch=forward_batch)
     hist = smf.train(model, tok, texts, cfg, bg, keep_selected=True)
     return model, hist
 
@@ -318,6 +328,16 @@ def test_smf_updates_exactly_the_selected_rows(tiny, optimizer):
         assert hist[1]["rows_updated"][j] == len(sel2)
 
 
+def test_smf_forward_batch_changes_speed_not_the_update(tiny):
+    """Two micro-batches in one forward pass (each gating its own reads) train like one pass per micro-batch."""
+    together, hist_together = smf_run(tiny, 2, "adamw", forward_batch=4)
+    apart, hist_apart = smf_run(tiny, 2, "adamw", forward_batch=2)
+    for a, b in zip(hist_together, hist_apart):
+        assert all(torch.equal(x, y) for x, y in zip(a["selected"], b["selected"]))
+    for x, y in zip(smf.memory_blocks(together), smf.memory_blocks(apart)):
+        assert torch.allclose(x.memory.values, y.memory.values, atol=1e-6)
+
+
 def test_smf_train_scale_moves_alpha_only_with_the_flag(tiny):
     model, _ = smf_run(tiny, 2, "adamw", train_scale=True)
     assert all(b.alpha.item() != 0.01 for b in smf.memory_blocks(model))
@@ -330,7 +350,7 @@ def test_gradient_accumulation_gives_the_same_update(tiny):
         model, tok = load(tiny)
         smf.prepare_model(model, "full")
         smf.train(model, tok, texts, smf.TrainConfig(method="full", optimizer="sgd", lr=0.5, warmup=0, max_steps=1,
-                                                      micro_batch=micro, grad_accum=accum))
+                                                      micro_batch=micro, grad_accum=accum, forward_batch=micro))
         models.append(model)
     base, _ = load(tiny)
     moved = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), base.parameters()))
