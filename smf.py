@@ -161,8 +161,8 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     check_fields(rows, ("question", "answer"), source)
     out = []
     for i, r in enumerate(rows):
-        aliases = list(r["answer"].get("aliases") or []) if isinstance(r["answer"], dict) else []
-        aliases += [r["answer"]["value"]] if r["answer"].get("value") else []
+        answer = r["answer"] if isinstance(r["answer"], dict) else {}
+        aliases = list(answer.get("aliases") or []) + ([answer["value"]] if answer.get("value") else [])
         if not aliases:
             raise UserError(f"{source}: row {i} has no answer aliases — the file must use the hub schema")
         out.append((r["question"], aliases))
