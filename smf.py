@@ -179,6 +179,29 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
     return keep[:limit]
 
 
+def autocast(device):
+    """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
+    is_cuda = str(device).startswith("cuda")
+    return torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
+
+
+def sync(device):
+    """Waits for the GPU so that wall-clock timings are true; returns None so `sync(d) or t` reads as t."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def pad_batch(seqs, pad_id, left=False, device="cpu"):
+    """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
+    return ids.to(device), mask.to(device)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
 
@@ -461,41 +484,39 @@ class BackgroundStats:
 
 
 def tfidf_scores(counts, background: BackgroundStats):
-    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches."""
-    tf = counts.double() / counts.sum().clamp(min=1)
+    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches.
+    counts (N,) for one micro-batch, or (G, N) for G of them."""
+    tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     return tf * torch.log((background.batches + 1) / (background.df.double() + 1))
 
 
 def kl_scores(counts, background: BackgroundStats):
     """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads)."""
-    p = counts.double() / counts.sum().clamp(min=1)
+    p = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     q = (background.reads.double() + 1) / (background.reads.double() + 1).sum()
     return torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
 
 
 def select_rows(scores, counts, top_t):
-    """The top_t accessed rows by score, ties broken by lower row index; unaccessed rows are never chosen."""
+    """Boolean mask of the top_t accessed rows by score, ties broken by lower row index; unaccessed rows are
+    never chosen. scores, counts: (N,) or (G, N), one row of choices per micro-batch."""
     scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
-    order = torch.sort(scores, descending=True, stable=True).indices  # stable: equal scores keep index order
-    return order[: min(top_t, int((counts > 0).sum()))]
+    best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_t]  # stable: index order
+    return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
 
 
 @torch.no_grad()
 def select_reads(rows, group, background, score_fn, top_t):
-    """SMF's choice inside one forward pass that holds several micro-batches: for each micro-batch, its top_t
-    rows by score; a read may learn when its row was chosen by its own token's micro-batch.
+    """SMF's choice inside one forward pass that holds several micro-batches: each micro-batch chooses its
+    top_t rows, and a read may pass gradient to its value row only if its own micro-batch chose that row.
     rows (M, S): rows read by each token; group (M,): the token's micro-batch, -1 for pads.
-    Returns keep (M, S) bool and the chosen rows of each micro-batch."""
+    Returns keep (M, S) bool and the chosen rows as a (G, N) mask."""
     n_rows, real = background.df.shape[0], group >= 0
     n_groups = int(group.max()) + 1
     counts = torch.bincount((group[real, None] * n_rows + rows[real]).flatten(), minlength=n_groups * n_rows)
-    counts = counts.view(n_groups, n_rows)                                                # (G, N) reads per row
-    chosen = [select_rows(score_fn(c, background), c, top_t) for c in counts]
-    selected = torch.zeros(n_groups, n_rows, dtype=torch.bool, device=rows.device)
-    for g, r in enumerate(chosen):
-        selected[g, r] = True
+    chosen = select_rows(score_fn(counts.view(n_groups, n_rows), background), counts.view(n_groups, n_rows), top_t)
     keep = torch.zeros_like(rows, dtype=torch.bool)
-    keep[real] = selected[group[real, None], rows[real]]
+    keep[real] = chosen[group[real, None], rows[real]]
     return keep, chosen
 
 
@@ -527,29 +548,6 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
 
 # -----------------------------------------------------------------------------------------------------------
 # Training: one plain loop for every method
-
-
-def autocast(device):
-    """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
-    is_cuda = str(device).startswith("cuda")
-    return torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
-
-
-def sync(device):
-    """Waits for the GPU so that wall-clock timings are true; returns None so `sync(d) or t` reads as t."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def pad_batch(seqs, pad_id, left=False, device="cpu"):
-    """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
-    return ids.to(device), mask.to(device)
 
 
 def get_lr(step, total, peak, warmup):
@@ -643,8 +641,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
 
     def gate(rows, j):  # runs inside memory layer j's forward: pick rows per micro-batch, gate the reads
         t = time.perf_counter()
-        keep, rows_chosen = select_reads(rows, group, background[j], score_fn, cfg.top_t)
-        chosen[j].extend(rows_chosen)
+        keep, chosen = select_reads(rows, group, background[j], score_fn, cfg.top_t)
+        step_chosen[j] |= chosen.any(0)
         select_times.append(sync(device) or time.perf_counter() - t)
         return keep
     for j, b in enumerate(blocks):
@@ -657,7 +655,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
         n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
         t0, loss_sum, n_tokens, select_time = time.perf_counter(), 0.0, 0, 0.0
-        chosen = [[] for _ in blocks]  # SMF: rows chosen by each micro-batch, per memory layer
+        step_chosen = [torch.zeros(v.shape[0], dtype=torch.bool, device=v.device) for v in values]  # SMF
         for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
             ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id, device=device)
             group = (torch.arange(len(ids), device=device)[:, None] // cfg.micro_batch).expand_as(ids)
@@ -674,7 +672,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + int(mask.sum())
         select_time = sum(select_times)
         select_times.clear()
-        union = [torch.unique(torch.cat(rows)) for rows in chosen]                 # sorted, per memory layer
+        union = [c.nonzero()[:, 0] for c in step_chosen]  # rows chosen by any micro-batch, per memory layer
         union_grads = [v.grad.index_select(0, u) for v, u in zip(values, union)]
         for v in values:
             v.grad = None

@@ -279,10 +279,15 @@ def test_selector_scores_by_hand():
     kl = [3 / 8 * math.log(3 / 8 / q[0]), 0.0, 1 / 8 * math.log(1 / 8 / q[2]), 2 / 8 * math.log(2 / 8 / q[3]), 0.0,
           2 / 8 * math.log(2 / 8 / q[5])]
     assert smf.kl_scores(counts, bg).tolist() == pytest.approx(kl, abs=1e-12)
-    assert smf.select_rows(smf.tfidf_scores(counts, bg), counts, 3).tolist() == [5, 0, 2]
-    assert smf.select_rows(smf.kl_scores(counts, bg), counts, 2).tolist() == [5, 0]
-    assert smf.select_rows(torch.ones(6), counts, 3).tolist() == [0, 2, 3]          # ties: lower row first
-    assert smf.select_rows(torch.ones(6), counts, 10).tolist() == [0, 2, 3, 5]      # never an unread row
+    rows = lambda mask: mask.nonzero()[:, -1].tolist()
+    assert rows(smf.select_rows(smf.tfidf_scores(counts, bg), counts, 3)) == [0, 2, 5]   # 0.40, 0.34, 0.20
+    assert rows(smf.select_rows(smf.tfidf_scores(counts, bg), counts, 1)) == [5]
+    assert rows(smf.select_rows(smf.kl_scores(counts, bg), counts, 2)) == [0, 5]
+    assert rows(smf.select_rows(torch.ones(6), counts, 3)) == [0, 2, 3]          # ties: lower row first
+    assert rows(smf.select_rows(torch.ones(6), counts, 10)) == [0, 2, 3, 5]      # never an unread row
+    two = torch.stack([counts, counts.flip(0)])                                  # two micro-batches at once
+    assert smf.select_rows(smf.tfidf_scores(two, bg)[1], two[1], 2).tolist() == smf.select_rows(
+        smf.tfidf_scores(two, bg), two, 2)[1].tolist()
 
 
 def test_select_reads_per_micro_batch_ignores_padding():
@@ -290,7 +295,7 @@ def test_select_reads_per_micro_batch_ignores_padding():
     group = torch.tensor([0, 0, -1, 1, 1])                             # token 2 is a pad
     flat = smf.BackgroundStats(df=torch.zeros(6, dtype=torch.long), reads=torch.zeros(6, dtype=torch.long), batches=4)
     keep, chosen = smf.select_reads(rows, group, flat, smf.tfidf_scores, top_t=1)
-    assert [c.tolist() for c in chosen] == [[1], [5]]                  # row 3 is read 2x, but only by a pad
+    assert [c.nonzero()[:, 0].tolist() for c in chosen] == [[1], [5]]  # row 3 is read 2x, but only by a pad
     assert keep.tolist() == [[False, True], [True, False], [False, False], [False, True], [True, True]]
 
 
