@@ -375,11 +375,12 @@ def write_json_atomic(path, obj):
         raise UserError(f"cannot write {path} ({e.strerror}) — choose a writable --out") from e
 
 
-def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None):
+def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=None):
     """`meta` names the kind (memory | smf | lora | full), the parent and every hyper-parameter. Small kinds
     store `tensors` in weights.safetensors beside a config.json; `full` is a whole HF model folder whose
-    config.json carries the same `smf` entry. Files are written in a temporary folder and moved in with
-    config.json last: a folder without config.json never loads, so an interrupted save leaves nothing usable."""
+    config.json carries the same `smf` entry; `extra` maps more file names to tensors. Files are written in a
+    temporary folder and moved in with config.json last: a folder without config.json never loads, so an
+    interrupted save leaves nothing usable."""
     from safetensors.torch import save_file
     try:
         os.makedirs(out, exist_ok=True)
@@ -395,8 +396,10 @@ def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None):
             with open(os.path.join(tmp, "config.json")) as f:
                 config = json.load(f)
         else:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(tmp, "weights.safetensors"))
+            extra = {"weights.safetensors": tensors, **(extra or {})}
             config = {}
+        for name, named_tensors in (extra or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(tmp, name))
         config["smf"] = meta
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
@@ -938,7 +941,7 @@ def run_train(args, device):
         texts = [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
     background = None
     if cfg.method == "smf":
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
         n_layers = len(memory_blocks(model))
         if args.background_stats:
             t = load_file(args.background_stats)
@@ -966,8 +969,7 @@ def run_train(args, device):
         stats = {"batches": torch.tensor(background[0].batches)}
         for j, s in enumerate(background):
             stats[f"{j}.df"], stats[f"{j}.reads"] = s.df.cpu(), s.reads.cpu()
-        save_file(stats, os.path.join(args.out, "background_stats.safetensors"))
-        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors=tensors)
+        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors, extra={"background_stats.safetensors": stats})
     elif cfg.method == "lora":
         tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules() if isinstance(m, LoRALinear)
                    for n in ("lora_A", "lora_B")}
@@ -1028,15 +1030,22 @@ def timed(fn, device, repeats=3):
 
 
 def run_bench(args, device):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """Training steps of every method on random tokens, the memory layer against the FFN, and eval speed."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
     import resource
     is_cuda = str(device).startswith("cuda")
     if args.model:
-        model_config = load_model(args.model)[0].config
+        model_config = AutoConfig.from_pretrained(args.model)
     else:
         model_config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len))
+
+    def make_model():  # the named weights with --model (unless --random-init), else random ones
+        if args.model and not args.random_init:
+            return load_model(args.model, device)[0]
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(model_config)
     L, d = model_config.num_hidden_layers, model_config.hidden_size
-    mem_cfg = MemoryConfig(layers=(L // 4, L // 2, 3 * L // 4))
+    mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # 6, 12, 18 of 24
     peak_flops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
     gpu = torch.cuda.get_device_name() if is_cuda else "cpu"
     peak = next((v for k, v in peak_flops.items() if k in gpu), None)
@@ -1046,15 +1055,13 @@ def run_bench(args, device):
     examples = [torch.randint(0, model_config.vocab_size, (args.seq_len,), generator=g).tolist()
                 for _ in range(args.batch_size * (args.steps + 2))]
     print(f"{'method':10s} {'tokens/s':>10s} {'ms/step':>9s} {'peak mem':>10s} {'MFU':>6s} {'select':>7s}")
-    rows = {}
-    with torch.device(device):  # flops of the plain transformer: 6 per parameter per token, plus attention
-        n_params = sum(p.numel() for p in Qwen2ForCausalLM(model_config).parameters())
-    flops_per_token = 6 * n_params + 12 * L * d * args.seq_len
+    tokens_per_s = {}
+    n_params = sum(p.numel() for p in make_model().parameters())  # of the plain transformer, for MFU:
+    flops_per_token = 6 * n_params + 12 * L * d * args.seq_len     # 6 per parameter per token, plus attention
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
-        with torch.device(device):
-            model = Qwen2ForCausalLM(model_config)
-        if method == "smf":
+        model = make_model()
+        if method == "smf" and not memory_blocks(model):
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
         n = mem_cfg.n_keys ** 2
@@ -1065,17 +1072,17 @@ def run_bench(args, device):
                           max_steps=args.steps + 2, warmup=1)
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        hist = train(model, _ByteTok(), [e for e in examples], cfg, background, device)[2:]
+        hist = train(model, _ByteTok(), examples, cfg, background, device)[2:]  # 2 warm-up steps
         step_s = sum(h["step_time"] for h in hist) / len(hist)
         tok_s = args.batch_size * args.seq_len / step_s
         mem = (torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
         mfu = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "    -"
         select = sum(h.get("select_time", 0) for h in hist) / len(hist) / step_s
-        rows[method] = {"tokens_per_s": tok_s, "ms_per_step": 1000 * step_s, "peak_mem_gib": mem}
+        tokens_per_s[method] = tok_s
         print(f"{method:10s} {tok_s:10.0f} {1000 * step_s:9.1f} {mem:8.2f}GB {mfu:>6s} "
               + (f"{100 * select:6.1f}%" if method == "smf" else "      -"))
         del model
-    print(f"SMF tokens/s / full finetuning tokens/s: {rows['smf']['tokens_per_s'] / rows['full']['tokens_per_s']:.2f}")
+    print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
 
     # one memory layer against the SwiGLU FFN beside it, at the real width (hidden 896, N = 16,384)
     dt = torch.bfloat16 if is_cuda else torch.float32
@@ -1097,9 +1104,9 @@ def run_bench(args, device):
     words = "the of patient acute nerve blood which cell drug most common cause treatment".split()
     rng = random.Random(0)
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    tokenizer = toy_tokenizer([sentence(50) for _ in range(200)], 400)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(model_config).eval().to(dt)
+    tokenizer = AutoTokenizer.from_pretrained(args.model) if args.model else toy_tokenizer([sentence(50) for _ in range(200)], 400)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = make_model().eval().to(dt)
     mcq = [{"question": sentence(20), "opa": sentence(4), "opb": sentence(4), "opc": sentence(4), "opd": sentence(4),
             "cop": 0} for _ in range(args.eval_n)]
     tqa = [(sentence(12), ["x"]) for _ in range(args.eval_n)]
@@ -1233,7 +1240,8 @@ def build_parser():
 
     b = sub.add_parser("bench", parents=[common], help="training and evaluation speed on a random-weight model")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES))
-    b.add_argument("--model", help="take the shape from this model's config instead")
+    b.add_argument("--model", help="bench this model (hub id or folder) instead of a named shape")
+    b.add_argument("--random-init", action="store_true", help="with --model: its architecture, random weights")
     b.add_argument("--batch-size", type=int, default=None, help="default: 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, default=None, help="default: 512 on a GPU, 256 on a CPU")
     b.add_argument("--steps", type=int, default=5)
