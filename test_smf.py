@@ -599,6 +599,8 @@ def test_run_all_smoke(tiny, tmp_path):
             parent = "retrofit_replacement" if mode == "replacement" else "retrofit_additive"
             assert meta["kind"] == "smf" and meta["parent"] == f"../../../{parent}/seed1/model"
             assert meta["train"]["selector"] == sel and meta["train"]["train_scale"] == (mode == "additive_scale")
+            size = lambda row: os.path.getsize(out / row / "seed1" / "model" / "weights.safetensors")
+            assert size(f"smf_{mode}_{sel}") < size(parent) / 4
     again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("skip ") == 11 and "done " not in again.stdout
 
