@@ -509,18 +509,18 @@ def select_rows(scores, counts, top_t):
 
 
 @torch.no_grad()
-def select_reads(rows, group, background, score_fn, top_t):
+def select_reads(rows, group, n_groups, background, score_fn, top_t):
     """SMF's choice inside one forward pass that holds several micro-batches: each micro-batch chooses its
     top_t rows, and a read may pass gradient to its value row only if its own micro-batch chose that row.
     rows (M, S): rows read by each token; group (M,): the token's micro-batch, -1 for pads.
-    Returns keep (M, S) bool and the chosen rows as a (G, N) mask."""
-    n_rows, real = background.df.shape[0], group >= 0
-    n_groups = int(group.max()) + 1
-    counts = torch.bincount((group[real, None] * n_rows + rows[real]).flatten(), minlength=n_groups * n_rows)
-    chosen = select_rows(score_fn(counts.view(n_groups, n_rows), background), counts.view(n_groups, n_rows), top_t)
-    keep = torch.zeros_like(rows, dtype=torch.bool)
-    keep[real] = chosen[group[real, None], rows[real]]
-    return keep, chosen
+    Returns keep (M, S) bool and the chosen rows as a (n_groups, N) mask. No host sync: it runs mid-forward."""
+    n_rows = background.df.shape[0]
+    real = (group >= 0)[:, None].expand_as(rows)                                          # pads never count
+    g = group.clamp(min=0)[:, None]
+    counts = torch.bincount((g * n_rows + rows).flatten(), weights=real.flatten().float(), minlength=n_groups * n_rows)
+    counts = counts.view(n_groups, n_rows).long()                                        # (G, N) reads per row
+    chosen = select_rows(score_fn(counts, background), counts, top_t)
+    return chosen[g, rows] & real, chosen
 
 
 @torch.no_grad()
@@ -640,13 +640,11 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
     queue, history, log = [], [], open(log_path, "w") if log_path else None
-    select_times = []
 
     def gate(rows, j):  # runs inside memory layer j's forward: pick rows per micro-batch, gate the reads
-        t = time.perf_counter()
-        keep, chosen = select_reads(rows, group, background[j], score_fn, cfg.top_t)
+        keep, chosen = select_reads(rows, group, math.ceil(len(ids) / cfg.micro_batch), background[j], score_fn,
+                                    cfg.top_t)
         step_chosen[j] |= chosen.any(0)
-        select_times.append(sync(device) or time.perf_counter() - t)
         return keep
     for j, b in enumerate(blocks):
         b.memory.grad_gate = functools.partial(gate, j=j)
@@ -657,7 +655,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             queue = length_grouped_batches([len(e) for e in examples], step_size, rng)
         batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
         n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
-        t0, loss_sum, n_tokens, select_time = time.perf_counter(), 0.0, 0, 0.0
+        t0, loss_sum, n_tokens = time.perf_counter(), 0.0, 0
         step_chosen = [torch.zeros(v.shape[0], dtype=torch.bool, device=v.device) for v in values]  # SMF
         for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
             ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id, device=device)
@@ -673,8 +671,6 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
                                 "no checkpoint was written by this run")
             loss.backward()
             loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + int(mask.sum())
-        select_time = sum(select_times)
-        select_times.clear()
         union = [c.nonzero()[:, 0] for c in step_chosen]  # rows chosen by any micro-batch, per memory layer
         union_grads = [v.grad.index_select(0, u) for v, u in zip(values, union)]
         for v in values:
@@ -691,7 +687,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             p.grad = None
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
-                  "select_time": select_time, "tokens_per_s": n_tokens / step_time}
+                  "tokens_per_s": n_tokens / step_time}
         if blocks or memory_blocks(model):
             record["alpha"] = [round(b.alpha.item(), 6) for b in memory_blocks(model) if b.alpha is not None]
         if smf:
@@ -1077,7 +1073,12 @@ def run_bench(args, device):
         tok_s = args.batch_size * args.seq_len / step_s
         mem = (torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
         mfu = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "    -"
-        select = sum(h.get("select_time", 0) for h in hist) / len(hist) / step_s
+        if method == "smf":  # the selectors' own cost, timed apart so that training runs without host syncs
+            M, S = args.batch_size * args.seq_len, mem_cfg.heads * mem_cfg.topk
+            rows_read = torch.randint(0, n, (M, S), device=device)
+            group = torch.arange(M, device=device) // (micro * args.seq_len)
+            t_select = timed(lambda: select_reads(rows_read, group, cfg.grad_accum, background[0], kl_scores, 512), device)
+            select = len(mem_cfg.layers) * t_select / step_s
         tokens_per_s[method] = tok_s
         print(f"{method:10s} {tok_s:10.0f} {1000 * step_s:9.1f} {mem:8.2f}GB {mfu:>6s} "
               + (f"{100 * select:6.1f}%" if method == "smf" else "      -"))

@@ -294,7 +294,7 @@ def test_select_reads_per_micro_batch_ignores_padding():
     rows = torch.tensor([[0, 1], [1, 2], [3, 3], [4, 5], [5, 5]])     # (tokens, reads)
     group = torch.tensor([0, 0, -1, 1, 1])                             # token 2 is a pad
     flat = smf.BackgroundStats(df=torch.zeros(6, dtype=torch.long), reads=torch.zeros(6, dtype=torch.long), batches=4)
-    keep, chosen = smf.select_reads(rows, group, flat, smf.tfidf_scores, top_t=1)
+    keep, chosen = smf.select_reads(rows, group, 2, flat, smf.tfidf_scores, top_t=1)
     assert [c.nonzero()[:, 0].tolist() for c in chosen] == [[1], [5]]  # row 3 is read 2x, but only by a pad
     assert keep.tolist() == [[False, True], [True, False], [False, False], [False, True], [True, True]]
 
