@@ -678,8 +678,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + union_grads, cfg.clip)
         lr = get_lr(step, total, lr_peak, cfg.warmup)
         if dense_opt:
-            for group in dense_opt.param_groups:
-                group["lr"] = lr
+            for param_group in dense_opt.param_groups:
+                param_group["lr"] = lr
             dense_opt.step()
         if smf:
             sparse_opt.step(union, union_grads, lr)
@@ -688,8 +688,9 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                   "tokens_per_s": n_tokens / step_time}
-        if blocks or memory_blocks(model):
-            record["alpha"] = [round(b.alpha.item(), 6) for b in memory_blocks(model) if b.alpha is not None]
+        alphas = [round(b.alpha.item(), 6) for b in memory_blocks(model) if b.alpha is not None]
+        if alphas:  # the additive memory's reach scales with alpha: worth watching (SPEC.md sec. 4)
+            record["alpha"] = alphas
         if smf:
             record["rows_updated"] = [len(u) for u in union]
         if log:
