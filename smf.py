@@ -11,7 +11,7 @@ accuracy (forgetting). Every number comes from SPEC.md; every section below lift
     python smf.py table results/
 """
 import argparse, contextlib, csv, dataclasses, functools, inspect, io, json, math, os, random, shutil, statistics, sys, tempfile, time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -372,7 +372,7 @@ def write_json_atomic(path, obj):
             json.dump(obj, f, indent=2)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror}) — choose a writable --out") from e
+        raise UserError(f"cannot write {path} ({e.strerror}: {e.filename}) — choose a writable --out") from e
 
 
 def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=None):
@@ -388,7 +388,7 @@ def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=N
             os.remove(os.path.join(out, "config.json"))
         tmp = tempfile.mkdtemp(prefix=".tmp", dir=out)
     except OSError as e:
-        raise UserError(f"cannot write to {out} ({e.strerror}) — choose a writable --out") from e
+        raise UserError(f"cannot write to {out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
     try:
         if model is not None:
             model.save_pretrained(tmp)
@@ -926,7 +926,7 @@ def run_train(args, device):
     try:  # fail now, not after hours of training
         os.makedirs(args.out, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot write to {args.out} ({e.strerror}) — choose a writable --out") from e
+        raise UserError(f"cannot write to {args.out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(parent, device)
     prepare_model(model, cfg.method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
@@ -1186,7 +1186,7 @@ def run_table(args, device=None):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a mistyped flag gets the same one-line error as every other mistake
-        print(f"error: {message} — see `python smf.py {self.prog.split()[-1]} --help`", file=sys.stderr)
+        print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 
 
