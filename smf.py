@@ -914,6 +914,9 @@ def run_train(args, device):
     meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method,
             "train": dataclasses.asdict(cfg), "seed": cfg.seed}
     parent = args.model
+    parent_memory = (checkpoint_meta(parent) or {}).get("memory") or dataclasses.asdict(mem_cfg)
+    if cfg.method == "smf" and cfg.top_t > parent_memory["n_keys"] ** 2:
+        raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has {parent_memory['n_keys'] ** 2} rows")
     if cfg.method == "smf" and (checkpoint_meta(parent) or {}).get("kind") != "memory":
         retrofit_dir = os.path.join(args.out, "retrofit")  # the one-liner: retrofit first, once
         if checkpoint_meta(retrofit_dir):
@@ -981,12 +984,12 @@ def run_train(args, device):
 
 
 def run_eval(args, device):
-    is_cuda = str(device).startswith("cuda")
-    model, tokenizer = load_model(args.model, device, torch.bfloat16 if is_cuda else torch.float32)
-    if args.add_memory:
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    model, tokenizer = load_model(args.model, device, dtype)
+    if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
         add_memory(model, MemoryConfig(tuple(args.memory_layers), args.add_memory, args.memory_keys,
                                        args.memory_heads, args.memory_key_dim, args.memory_topk))
-        model.to(next(model.parameters()).dtype if not is_cuda else torch.bfloat16)
+        model.to(dtype)
     probes = ["medmcqa", "wikitext", "triviaqa"] if args.probe == "all" else [args.probe]
     results = evaluate(model, tokenizer, probes, args)
     results["model"] = args.model
@@ -1270,9 +1273,8 @@ def check_args(args):
         if args.method != "smf" and args.train_scale:
             raise UserError("--train-scale only applies to --method smf — drop it")
         args.selector, args.top_t = args.selector or "kl", 512 if args.top_t is None else args.top_t
-        if args.method == "smf" and not 0 < args.top_t <= args.memory_keys ** 2:
-            raise UserError(f"--top-t {args.top_t} is outside 1..{args.memory_keys ** 2} — the memory has "
-                            f"{args.memory_keys ** 2} rows")
+        if args.top_t <= 0:
+            raise UserError(f"--top-t must be positive, got {args.top_t} — give a number of rows > 0")
         args.out = args.out or os.path.join("runs", args.method)
         if args.forward_batch and args.forward_batch % args.micro_batch:
             raise UserError(f"--forward-batch {args.forward_batch} is not a multiple of --micro-batch {args.micro_batch}"

@@ -477,6 +477,8 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
     assert "missing or damaged" in ev(tmp_path / "mem")
     os.rename(tmp_path / "mem" / "smf", tmp_path / "orphan")
     assert "parent" in ev(tmp_path / "orphan")
+    too_many = error_of(capsys, *train_args(tiny, tmp_path / "s2", "smf", "--model", tmp_path / "mem", "--top-t", "65"))
+    assert "it has 64 rows" in too_many
     cfg = json.load(open(tmp_path / "mem" / "config.json"))
     assert "out of range" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                       "--memory-layers", "0", "7")
@@ -494,8 +496,8 @@ def test_model_without_decoder_blocks(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--method", "lora", "--selector", "kl"], "only apply to --method smf"),
     (["--method", "full", "--top-t", "8"], "only apply to --method smf"),
-    (["--method", "smf", "--top-t", "0"], "--top-t 0 is outside"),
-    (["--method", "smf", "--top-t", "100000"], "--top-t 100000 is outside"),
+    (["--method", "smf", "--top-t", "0"], "--top-t must be positive"),
+    (["--method", "smf", "--top-t", "100000"], "--top-t 100000 is larger than the memory — it has 16384 rows"),
     (["--method", "smf", "--selectr", "kl"], "unrecognized arguments"),
     (["--method", "dpo"], "invalid choice"),
     (["--method", "lora", "--lr=-1e-3"], "--lr must be positive"),
