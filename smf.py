@@ -1014,7 +1014,7 @@ def toy_tokenizer(texts, vocab_size=512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>",
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=["<|endoftext|>",
                             "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
@@ -1072,7 +1072,8 @@ def run_bench(args, device):
                           max_steps=args.steps + 2, warmup=1)
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
-        hist = train(model, _ByteTok(), examples, cfg, background, device)[2:]  # 2 warm-up steps
+        with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
+            hist = train(model, _ByteTok(), examples, cfg, background, device)[2:]  # 2 warm-up steps
         step_s = sum(h["step_time"] for h in hist) / len(hist)
         tok_s = args.batch_size * args.seq_len / step_s
         mem = (torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
@@ -1117,9 +1118,10 @@ def run_bench(args, device):
     tqa = [(sentence(12), ["x"]) for _ in range(args.eval_n)]
     text = sentence(args.eval_n * 60)
     for bs in (1, args.eval_batch_size):
-        mq = args.eval_n / timed(lambda: eval_medmcqa(model, tokenizer, mcq, batch_size=bs), device, 1)
-        tq = args.eval_n / timed(lambda: eval_triviaqa(model, tokenizer, tqa, batch_size=bs), device, 1)
-        wt = timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs), device, 1)
+        with contextlib.redirect_stderr(io.StringIO()):
+            mq = args.eval_n / timed(lambda: eval_medmcqa(model, tokenizer, mcq, batch_size=bs), device, 1)
+            tq = args.eval_n / timed(lambda: eval_triviaqa(model, tokenizer, tqa, batch_size=bs), device, 1)
+            wt = timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs), device, 1)
         print(f"eval batch {bs:3d}: MedMCQA {mq:8.1f} q/s   TriviaQA {tq:8.1f} q/s   "
               f"WikiText {len(tokenizer(text)['input_ids']) / wt:10.0f} tokens/s")
 
