@@ -10,7 +10,8 @@ accuracy (forgetting). Every number comes from SPEC.md; every section below lift
     python smf.py bench --shape tiny
     python smf.py table results/
 """
-import argparse, contextlib, csv, dataclasses, functools, inspect, io, json, math, os, random, shutil, statistics, sys, tempfile, time
+import argparse, contextlib, csv, dataclasses, functools, inspect, io, json, math, os, random, shutil, statistics
+import sys, tempfile, time
 from dataclasses import dataclass
 
 import torch
@@ -364,12 +365,13 @@ def merge_lora(model):
 # Checkpoints: small files on top of a parent model, written atomically, read back by load_model
 
 
-def write_json_atomic(path, obj):
+def write_atomic(path, text):
+    """Writes a results file under a temporary name, then renames it: readers never see half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}: {e.filename}) — choose a writable --out") from e
@@ -658,7 +660,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         t0, loss_sum, n_tokens = time.perf_counter(), 0.0, 0
         step_chosen = [torch.zeros(v.shape[0], dtype=torch.bool, device=v.device) for v in values]  # SMF
         for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
-            ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id, device=device)
+            seqs = [examples[i] for i in batch[c:c + forward_batch]]
+            ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
             group = (torch.arange(len(ids), device=device)[:, None] // cfg.micro_batch).expand_as(ids)
             group = group.masked_fill(mask == 0, -1).flatten()                       # (B*T,) micro-batch, -1 = pad
             with autocast(device):
@@ -774,7 +777,8 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
         mask = torch.cat([p_mask.repeat_interleave(4, 0), c_mask], dim=1)
         logits = model(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, use_cache=True,
                        **cache_kwargs(model, cache)).logits.float()                        # (4Q, C, vocab)
-        token_lp = torch.cat([first.gather(-1, c_ids[:, :1]), logits[:, :-1].log_softmax(-1).gather(-1, c_ids[:, 1:, None])[..., 0]], 1)
+        rest = logits[:, :-1].log_softmax(-1).gather(-1, c_ids[:, 1:, None])[..., 0]     # (4Q, C - 1)
+        token_lp = torch.cat([first.gather(-1, c_ids[:, :1]), rest], dim=1)            # (4Q, C)
         scores += ((token_lp * c_mask).sum(1) / c_mask.sum(1)).tolist()                 # mean over real tokens
     preds = torch.tensor(scores).view(-1, 4).argmax(-1).tolist()
     correct = sum(p == row["cop"] for p, row in zip(preds, rows))
@@ -809,7 +813,8 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
             nll -= token_lp[i, first - e:].double().sum().item()
             count += e - first
     assert count == len(ids) - 1
-    return {"ppl": math.exp(nll / count), "tokens": count, "protocol": f"token perplexity, window {window}, stride {stride}"}
+    return {"ppl": math.exp(nll / count), "tokens": count,
+            "protocol": f"token perplexity, window {window}, stride {stride}"}
 
 
 def normalize_answer(s):
@@ -838,7 +843,8 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
     real token, and a KV cache, so every row decodes as it would alone."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
-    ids, mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, left=True, device=device)
+    seqs = [tokenizer(p)["input_ids"] for p in prompts]
+    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, left=True, device=device)
     cache = DynamicCache()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)                                              # (B, T)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
@@ -969,7 +975,8 @@ def run_train(args, device):
         stats = {"batches": torch.tensor(background[0].batches)}
         for j, s in enumerate(background):
             stats[f"{j}.df"], stats[f"{j}.reads"] = s.df.cpu(), s.reads.cpu()
-        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors, extra={"background_stats.safetensors": stats})
+        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors,
+                        extra={"background_stats.safetensors": stats})
     elif cfg.method == "lora":
         tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules() if isinstance(m, LoRALinear)
                    for n in ("lora_A", "lora_B")}
@@ -994,7 +1001,7 @@ def run_eval(args, device):
     results = evaluate(model, tokenizer, probes, args)
     results["model"] = args.model
     if args.out:
-        write_json_atomic(args.out, results)
+        write_atomic(args.out, json.dumps(results, indent=2))
         print(f"wrote {args.out}")
     return results
 
@@ -1014,8 +1021,9 @@ def toy_tokenizer(texts, vocab_size=512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=["<|endoftext|>",
-                            "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 
@@ -1065,8 +1073,8 @@ def run_bench(args, device):
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
         n = mem_cfg.n_keys ** 2
-        background = [BackgroundStats(torch.randint(0, 50, (n,), device=device), torch.randint(0, 500, (n,), device=device), 2000)
-                      for _ in range(len(mem_cfg.layers))]
+        background = [BackgroundStats(torch.randint(0, 50, (n,), device=device),
+                                      torch.randint(0, 500, (n,), device=device), 2000) for _ in mem_cfg.layers]
         micro = math.gcd(4, args.batch_size)  # SMF's micro-batches of 4, all in one forward pass
         cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=args.batch_size // micro, max_len=args.seq_len,
                           max_steps=args.steps + 2, warmup=1)
@@ -1076,13 +1084,15 @@ def run_bench(args, device):
             hist = train(model, _ByteTok(), examples, cfg, background, device)[2:]  # 2 warm-up steps
         step_s = sum(h["step_time"] for h in hist) / len(hist)
         tok_s = args.batch_size * args.seq_len / step_s
-        mem = (torch.cuda.max_memory_allocated() if is_cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, on a CPU
+        mem = (torch.cuda.max_memory_allocated() if is_cuda else rss) / 2 ** 30
         mfu = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "    -"
         if method == "smf":  # the selectors' own cost, timed apart so that training runs without host syncs
             M, S = args.batch_size * args.seq_len, mem_cfg.heads * mem_cfg.topk
             rows_read = torch.randint(0, n, (M, S), device=device)
             group = torch.arange(M, device=device) // (micro * args.seq_len)
-            t_select = timed(lambda: select_reads(rows_read, group, cfg.grad_accum, background[0], kl_scores, 512), device)
+            t_select = timed(lambda: select_reads(rows_read, group, cfg.grad_accum, background[0], kl_scores, 512),
+                             device)
             select = len(mem_cfg.layers) * t_select / step_s
         tokens_per_s[method] = tok_s
         print(f"{method:10s} {tok_s:10.0f} {1000 * step_s:9.1f} {mem:8.2f}GB {mfu:>6s} "
@@ -1110,7 +1120,10 @@ def run_bench(args, device):
     words = "the of patient acute nerve blood which cell drug most common cause treatment".split()
     rng = random.Random(0)
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    tokenizer = AutoTokenizer.from_pretrained(args.model) if args.model else toy_tokenizer([sentence(50) for _ in range(200)], 400)
+    if args.model:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        tokenizer = toy_tokenizer([sentence(50) for _ in range(200)], 400)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = make_model().eval().to(dt)
     mcq = [{"question": sentence(20), "opa": sentence(4), "opb": sentence(4), "opc": sentence(4), "opd": sentence(4),
@@ -1140,7 +1153,8 @@ TABLE_ROWS = [  # (row name, results folder)
     ("SMF additive +scale KL", "smf_additive_scale_kl"), ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf"),
     ("LoRA", "lora"), ("Full finetuning", "full")]
 TABLE_COLUMNS = [("MedMCQA acc", "medmcqa", "acc", 100), ("WikiText ppl", "wikitext", "ppl", 1),
-                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100), ("TriviaQA EM", "triviaqa", "exact_match", 100)]
+                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100),
+                 ("TriviaQA EM", "triviaqa", "exact_match", 100)]
 
 
 def run_table(args, device=None):
@@ -1154,7 +1168,8 @@ def run_table(args, device=None):
                 if os.path.isfile(os.path.join(root, s, "eval.json"))] if os.path.isdir(root) else []
         for col, probe, key, scale in TABLE_COLUMNS:
             xs = [scale * r[probe][key] for r in runs if probe in r]
-            stats[name, col] = (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else None
+            std = statistics.stdev(xs) if len(xs) > 1 else 0.0  # sample std over seeds
+            stats[name, col] = (statistics.mean(xs), std, len(xs)) if xs else None
     header = "| row | n | " + " | ".join(f"{c} | Δ" for c, *_ in TABLE_COLUMNS) + " |"
     lines, csv_rows = [header, "|" + "---|" * (2 + 2 * len(TABLE_COLUMNS))], []
     for name, _ in TABLE_ROWS:
@@ -1177,11 +1192,8 @@ def run_table(args, device=None):
     writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(csv_rows)
-    for filename, content in (("table.md", markdown), ("table.csv", buf.getvalue())):
-        path = os.path.join(args.results_dir, filename)
-        with open(path + ".tmp", "w") as f:
-            f.write(content)
-        os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(args.results_dir, "table.md"), markdown)
+    write_atomic(os.path.join(args.results_dir, "table.csv"), buf.getvalue())
     print(markdown, end="")
 
 
@@ -1236,7 +1248,8 @@ def build_parser():
     t.add_argument("--train-scale", action="store_true", help="smf: also train alpha")
     t.add_argument("--background-examples", type=int, default=2000)
     t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    for name, typ in (("lr", float), ("epochs", float), ("max-steps", int), ("limit-train", int), ("forward-batch", int)):
+    for name, typ in (("lr", float), ("epochs", float), ("max-steps", int), ("limit-train", int),
+                      ("forward-batch", int)):
         t.add_argument(f"--{name}", type=typ)
     for name, typ, default in (("micro-batch", int, 4), ("grad-accum", int, 4), ("max-len", int, 1024),
                                ("warmup", int, 100), ("clip", float, 1.0), ("weight-decay", float, 0.0),
@@ -1262,11 +1275,13 @@ def build_parser():
 
 def check_args(args):
     """Every bad value a user can give, caught before any model is loaded."""
-    positive = ["batch_size", "limit", "micro_batch", "grad_accum", "max_len", "max_steps", "limit_train",
-                "background_examples", "epochs", "lora_r", "forward_batch", "memory_keys", "memory_heads", "memory_topk", "steps", "seq_len"]
+    positive = ["batch_size", "limit", "micro_batch", "grad_accum", "max_len", "max_steps", "limit_train", "epochs",
+                "background_examples", "lora_r", "forward_batch", "memory_keys", "memory_heads", "memory_topk",
+                "steps", "seq_len"]
     for name in positive:
         if getattr(args, name, None) is not None and getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)} — give a value > 0")
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} must be positive, got {getattr(args, name)} — give a value > 0")
     if getattr(args, "lr", None) is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr} — give a learning rate > 0")
     if args.command == "train":
@@ -1279,8 +1294,8 @@ def check_args(args):
             raise UserError(f"--top-t must be positive, got {args.top_t} — give a number of rows > 0")
         args.out = args.out or os.path.join("runs", args.method)
         if args.forward_batch and args.forward_batch % args.micro_batch:
-            raise UserError(f"--forward-batch {args.forward_batch} is not a multiple of --micro-batch {args.micro_batch}"
-                            " — a forward pass holds whole micro-batches")
+            raise UserError(f"--forward-batch {args.forward_batch} is not a multiple of --micro-batch "
+                            f"{args.micro_batch} — a forward pass holds whole micro-batches")
     if args.command == "bench":
         cuda = str(args.device).startswith("cuda")
         args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
