@@ -344,7 +344,7 @@ def test_smf_forward_batch_changes_speed_not_the_update(tiny):
         assert torch.allclose(x.memory.values, y.memory.values, atol=1e-6)
 
 
-def test_smf_train_scale_moves_alpha_only_with_the_flag(tiny):
+def test_smf_train_scale_moves_alpha(tiny):  # without the flag alpha stays bit-identical (test above)
     model, _ = smf_run(tiny, 2, "adamw", train_scale=True)
     assert all(b.alpha.item() != 0.01 for b in smf.memory_blocks(model))
 
