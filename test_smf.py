@@ -252,6 +252,18 @@ def test_medmcqa_prompt_and_filters(tiny):
     assert smf.load_wikitext(tiny["wikitext"]).startswith("= Title =\n\n")
 
 
+def test_local_formats_read_the_same(tiny, tmp_path):
+    import pyarrow as pa, pyarrow.parquet as pq
+    rows = [json.loads(line) for line in open(tiny["medmcqa"])]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
+    json.dump(rows, open(tmp_path / "m.json", "w"))
+    assert smf.load_medmcqa(str(tmp_path / "m.parquet")) == smf.load_medmcqa(str(tmp_path / "m.json")) == \
+        smf.load_medmcqa(tiny["medmcqa"])
+    wiki = [json.loads(line)["text"] for line in open(tiny["wikitext"])]
+    (tmp_path / "w.txt").write_text("\r\n\r\n".join(wiki))          # the HF rows joined by a blank line, CRLF
+    assert smf.load_wikitext(str(tmp_path / "w.txt")) == smf.load_wikitext(tiny["wikitext"])
+
+
 def test_eval_cli_end_to_end(tiny, tmp_path):
     out = tmp_path / "r" / "results.json"
     p = cli("eval", "--model", tiny["model"], "--probe", "all", "--medmcqa", tiny["medmcqa"], "--wikitext",
@@ -423,6 +435,10 @@ def test_every_checkpoint_kind_round_trips(tiny, tmp_path):
     assert size("smf") < size("retrofit") / 4     # a patch of a few changed rows, not the memory
     patch = smf.checkpoint_meta(str(tmp_path / "smf"))
     assert patch["parent"] == "../retrofit" and patch["train"]["selector"] == "kl" and patch["seed"] == 0
+    run(*train_args(tiny, tmp_path / "smf2", "smf", "--model", tmp_path / "retrofit", "--top-t", "4", *short,
+                    "--background-stats", tmp_path / "smf" / "background_stats.safetensors"))
+    assert open(tmp_path / "smf2" / "weights.safetensors", "rb").read() == open(tmp_path / "smf" / "weights.safetensors",
+                                                                                 "rb").read()  # stats reused
 
 
 def test_smf_one_liner_retrofits_first_and_reuses_it(tiny, tmp_path, capsys):
