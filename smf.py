@@ -624,17 +624,16 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     blocks = memory_blocks(model) if smf else []
     values = [b.memory.values for b in blocks]
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
-    is_cuda = str(device).startswith("cuda")
     lr_peak = cfg.lr or METHOD_LR[cfg.method]
     if cfg.optimizer == "sgd":
         dense_opt = torch.optim.SGD(dense, lr=lr_peak) if dense else None
     else:
         dense_opt = torch.optim.AdamW(dense, lr=lr_peak, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                                      fused=is_cuda) if dense else None
+                                      fused=str(device).startswith("cuda")) if dense else None
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd") if smf else None
 
-    eos = tokenizer.eos_token_id
-    examples = [tokenizer(t)["input_ids"][: cfg.max_len - 1] + [eos] for t in texts[: cfg.limit_train]]
+    eos = [tokenizer.eos_token_id]  # so the model learns where an answer ends
+    examples = [tokenizer(t)["input_ids"][: cfg.max_len - 1] + eos for t in texts[: cfg.limit_train]]
     rng = random.Random(cfg.seed)
     step_size = cfg.micro_batch * cfg.grad_accum
     forward_batch = cfg.forward_batch or step_size
@@ -715,24 +714,19 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
     kept in bf16 (they only ever run under bf16 autocast) and the trainable ones in fp32."""
     if method == "retrofit":
         add_memory(model, mem_cfg)
-    if method == "lora":
-        model.requires_grad_(False)
-        add_lora(model, *lora_cfg)
     blocks = memory_blocks(model)
     if method in ("retrofit", "smf") and not blocks:
         raise UserError("the model has no memory layers — smf trains from a retrofit checkpoint (--method retrofit)")
     if method == "smf" and train_scale and blocks[0].alpha is None:
         raise UserError("--train-scale needs additive memory — replacement memory has no alpha")
-    if method in ("retrofit", "smf"):
-        model.requires_grad_(False)
-        for b in blocks:
-            if method == "retrofit":
-                b.memory.requires_grad_(True)
-            b.memory.values.requires_grad_(True)
-            if b.alpha is not None:
-                b.alpha.requires_grad_(method == "retrofit" or train_scale)
-    if method == "full":
-        model.requires_grad_(True)
+    model.requires_grad_(method == "full")
+    if method == "lora":
+        add_lora(model, *lora_cfg)  # A and B are created trainable
+    for b in blocks if method in ("retrofit", "smf") else []:
+        b.memory.requires_grad_(method == "retrofit")
+        b.memory.values.requires_grad_(True)
+        if b.alpha is not None:
+            b.alpha.requires_grad_(method == "retrofit" or train_scale)
     model.to(device)
     for p in model.parameters():
         p.data = p.data.float() if p.requires_grad or not str(device).startswith("cuda") else p.data.bfloat16()
@@ -1120,10 +1114,8 @@ def run_bench(args, device):
     words = "the of patient acute nerve blood which cell drug most common cause treatment".split()
     rng = random.Random(0)
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    if args.model:
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    else:
-        tokenizer = toy_tokenizer([sentence(50) for _ in range(200)], 400)
+    tokenizer = (AutoTokenizer.from_pretrained(args.model) if args.model
+                 else toy_tokenizer([sentence(50) for _ in range(200)], 400))
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = make_model().eval().to(dt)
     mcq = [{"question": sentence(20), "opa": sentence(4), "opb": sentence(4), "opc": sentence(4), "opd": sentence(4),
@@ -1215,10 +1207,8 @@ def build_parser():
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     memory = Parser(add_help=False)
     memory.add_argument("--memory-layers", type=int, nargs="+", default=[6, 12, 18])
-    memory.add_argument("--memory-keys", type=int, default=128, help="sub-keys per half (N = keys^2 rows)")
-    memory.add_argument("--memory-heads", type=int, default=4)
-    memory.add_argument("--memory-key-dim", type=int, default=256)
-    memory.add_argument("--memory-topk", type=int, default=16)
+    for name, default in (("keys", 128), ("heads", 4), ("key-dim", 256), ("topk", 16)):  # N = keys**2 rows
+        memory.add_argument(f"--memory-{name}", type=int, default=default)
     data = Parser(add_help=False)
     data.add_argument("--eval-medmcqa", "--medmcqa-eval", dest="eval_medmcqa", default="openlifescienceai/medmcqa")
     data.add_argument("--wikitext", default="Salesforce/wikitext", help="hub id, or a local .txt/.jsonl/.parquet")
