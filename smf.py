@@ -10,7 +10,7 @@ accuracy (forgetting). Every number comes from SPEC.md; every section below lift
     python smf.py bench --shape tiny
     python smf.py table results/
 """
-import argparse, contextlib, csv, dataclasses, functools, inspect, io, json, math, os, random, shutil, statistics
+import argparse, contextlib, dataclasses, functools, glob, inspect, io, json, math, os, random, shutil, statistics
 import sys, tempfile, time
 from dataclasses import dataclass
 
@@ -278,9 +278,8 @@ class MemoryBlock(nn.Module):
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init))) if mode == "additive" else None
 
     def forward(self, x):
-        if self.mlp is None:
-            return self.memory(x)
-        return self.mlp(x) + self.alpha * self.memory(x)
+        out = self.memory(x)
+        return out if self.mlp is None else self.mlp(x) + self.alpha * out
 
 
 def decoder_layers(model):
@@ -1022,13 +1021,12 @@ def toy_tokenizer(texts, vocab_size=512):
 
 
 def timed(fn, device, repeats=3):
-    fn()  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    t0 = sync(device) or time.perf_counter()
     for _ in range(repeats):
         fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats
+    return (sync(device) or time.perf_counter() - t0) / repeats
 
 
 def run_bench(args, device):
@@ -1153,40 +1151,30 @@ def run_table(args, device=None):
     """Mean ± sample std over the seeds found in RESULTS_DIR/<row>/seed*/eval.json, and the change vs Base."""
     if not os.path.isdir(args.results_dir):
         raise UserError(f"results folder {args.results_dir} does not exist — run run_all.sh first")
-    stats = {}
+
+    def summary(folder, probe, key, scale):  # (mean, sample std, n) over the seeds, or None
+        files = sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*", "eval.json")))
+        xs = [scale * r[probe][key] for r in (json.load(open(f)) for f in files) if probe in r]
+        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else None
+
+    base = [summary("base", *col[1:]) for col in TABLE_COLUMNS]
+    markdown = ["| row | n | " + " | ".join(f"{col[0]} | Δ" for col in TABLE_COLUMNS) + " |",
+                "|---" * (2 + 2 * len(TABLE_COLUMNS)) + "|"]
+    csv_lines = [",".join(["row", "n"] + [f"{col[0]} {s}" for col in TABLE_COLUMNS for s in ("mean", "std", "delta")])]
     for name, folder in TABLE_ROWS:
-        root = os.path.join(args.results_dir, folder)
-        runs = [json.load(open(os.path.join(root, s, "eval.json"))) for s in sorted(os.listdir(root))
-                if os.path.isfile(os.path.join(root, s, "eval.json"))] if os.path.isdir(root) else []
-        for col, probe, key, scale in TABLE_COLUMNS:
-            xs = [scale * r[probe][key] for r in runs if probe in r]
-            std = statistics.stdev(xs) if len(xs) > 1 else 0.0  # sample std over seeds
-            stats[name, col] = (statistics.mean(xs), std, len(xs)) if xs else None
-    header = "| row | n | " + " | ".join(f"{c} | Δ" for c, *_ in TABLE_COLUMNS) + " |"
-    lines, csv_rows = [header, "|" + "---|" * (2 + 2 * len(TABLE_COLUMNS))], []
-    for name, _ in TABLE_ROWS:
-        cells, csv_row, n = [], {"row": name}, 0
-        for col, *_ in TABLE_COLUMNS:
-            s, base = stats[name, col], stats["Base", col]
-            if s is None:
-                cells += ["missing", ""]
-                continue
-            n, delta = s[2], (s[0] - base[0] if base else None)
-            cells += [f"{s[0]:.2f} ± {s[1]:.2f}", f"{delta:+.2f}" if delta is not None else ""]
-            csv_row.update({f"{col} mean": round(s[0], 4), f"{col} std": round(s[1], 4),
-                            f"{col} delta": round(delta, 4) if delta is not None else ""})
-        csv_row["n"] = n
-        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
-        csv_rows.append(csv_row)
-    markdown = "\n".join(lines) + "\n"
-    fields = ["row", "n"] + [f"{c} {s}" for c, *_ in TABLE_COLUMNS for s in ("mean", "std", "delta")]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(csv_rows)
-    write_atomic(os.path.join(args.results_dir, "table.md"), markdown)
-    write_atomic(os.path.join(args.results_dir, "table.csv"), buf.getvalue())
-    print(markdown, end="")
+        cells, numbers, n = [], [], 0
+        for col, b in zip(TABLE_COLUMNS, base):
+            s = summary(folder, *col[1:])
+            delta = s[0] - b[0] if s and b else None
+            n = s[2] if s else n
+            cells += [f"{s[0]:.2f} ± {s[1]:.2f}" if s else "missing", "" if delta is None else f"{delta:+.2f}"]
+            numbers += [f"{s[0]:.4f}", f"{s[1]:.4f}"] if s else ["", ""]
+            numbers.append("" if delta is None else f"{delta:.4f}")
+        markdown.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+        csv_lines.append(",".join([name, str(n)] + numbers))
+    write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(markdown) + "\n")
+    write_atomic(os.path.join(args.results_dir, "table.csv"), "\n".join(csv_lines) + "\n")
+    print("\n".join(markdown))
 
 
 # -----------------------------------------------------------------------------------------------------------
