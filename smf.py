@@ -74,11 +74,15 @@ class UserError(Exception):
 # Data: every source is a hub id by default or a local .jsonl/.json/.parquet/.txt file in the hub's schema
 
 
+def is_local(path):
+    """A path on this machine (it exists, or is spelled like one) rather than a hub id."""
+    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet",
+                                                                                       ".txt")) or path.count("/") > 1
+
+
 def read_rows(source, hub_config=None, split="train"):
     """Rows of a data source as a list of dicts. Local files are read here; hub ids go through `datasets`."""
-    local = os.path.exists(source) or source.startswith((".", "/", "~")) or source.endswith(
-        (".jsonl", ".json", ".parquet", ".txt"))
-    if not local:
+    if not is_local(source):
         try:
             import datasets  # imported here so that `eval`/`bench` run where `datasets` is not installed
             return list(datasets.load_dataset(source, hub_config, split=split))
@@ -210,8 +214,8 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
 class ProductKeyMemory(nn.Module):
     """N = n_keys**2 value rows, looked up without scoring all N: each head splits its query in two halves,
     takes the top-k sub-keys of each half, re-ranks the k*k sums and reads the best k rows. Row index is
-    i1 * n_keys + i2. Set `record_mask` (B, T) to record the rows read by non-pad tokens in `last_reads`, and
-    `grad_gate` to let only some reads pass gradient to the values (how SMF trains a few rows)."""
+    i1 * n_keys + i2. Set `read_hook` to see the rows each token reads (counting them, as the selectors do)
+    and, if it returns a mask, to let only those reads pass gradient to the values (how SMF trains few rows)."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -221,8 +225,7 @@ class ProductKeyMemory(nn.Module):
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2))
         self.values = nn.Parameter(torch.empty(n_keys * n_keys, dim))
         self.w1, self.w2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.record_mask, self.last_reads = None, None
-        self.grad_gate = None  # SMF: rows (M, H*k) -> bool (M, H*k), the reads whose value rows may learn
+        self.read_hook = None  # rows (M, H*k) -> None, or bool (M, H*k): the reads whose value rows may learn
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -251,13 +254,12 @@ class ProductKeyMemory(nn.Module):
         scores, rows = self.lookup(xf)
         weights = scores.float().softmax(dim=-1)                              # (M, H, k), each head sums to 1
         rows, weights = rows.flatten(1), weights.flatten(1)                   # (M, H*k)
-        if self.record_mask is not None:
-            self.last_reads = rows[self.record_mask.reshape(-1).bool()].detach()  # (non-pad tokens, H*k)
         weights = weights.to(self.values.dtype)
-        if self.grad_gate is None:
+        keep = self.read_hook(rows.detach()) if self.read_hook is not None else None
+        if keep is None:
             read = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
-        else:  # same output, but only the reads the gate keeps carry gradient into the value rows
-            keep = self.grad_gate(rows).to(weights.dtype)                        # (M, H*k), 1 = may learn
+        else:  # same output, but only the reads the hook keeps carry gradient into the value rows
+            keep = keep.to(weights.dtype)                                        # (M, H*k), 1 = may learn
             read = (F.embedding_bag(rows, self.values, per_sample_weights=weights * keep, mode="sum")
                     + F.embedding_bag(rows, self.values.detach(), per_sample_weights=weights * (1 - keep), mode="sum"))
         out = self.w2(read.to(xf.dtype) * F.silu(self.w1(xf)))
@@ -422,7 +424,7 @@ def checkpoint_meta(path):
 
 def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes (parents loaded first)."""
-    local = os.path.exists(path_or_id) or path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1
+    local = is_local(path_or_id)
     if local and not os.path.isdir(path_or_id):
         raise UserError(f"model path {path_or_id} does not exist — check the path or give a hub id")
     if local and not os.path.isfile(os.path.join(path_or_id, "config.json")):
@@ -509,19 +511,30 @@ def select_rows(scores, counts, top_t):
     return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
 
 
+def token_groups(mask, group_size):
+    """(B*T,) the group of each token (sequence index // group_size), -1 for pads: micro-batches in training,
+    single examples for the background statistics."""
+    group = torch.arange(mask.shape[0], device=mask.device)[:, None] // group_size
+    return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
+
+
+def count_reads(rows, group, n_groups, n_rows):
+    """(n_groups, n_rows) how often the tokens of each group read each row; pads (group -1) never count."""
+    real = (group >= 0)[:, None].expand_as(rows)
+    key = group.clamp(min=0)[:, None] * n_rows + rows
+    counts = torch.bincount(key.flatten(), weights=real.flatten().float(), minlength=n_groups * n_rows)
+    return counts.view(n_groups, n_rows).long()
+
+
 @torch.no_grad()
 def select_reads(rows, group, n_groups, background, score_fn, top_t):
     """SMF's choice inside one forward pass that holds several micro-batches: each micro-batch chooses its
     top_t rows, and a read may pass gradient to its value row only if its own micro-batch chose that row.
     rows (M, S): rows read by each token; group (M,): the token's micro-batch, -1 for pads.
     Returns keep (M, S) bool and the chosen rows as a (n_groups, N) mask. No host sync: it runs mid-forward."""
-    n_rows = background.df.shape[0]
-    real = (group >= 0)[:, None].expand_as(rows)                                          # pads never count
-    g = group.clamp(min=0)[:, None]
-    counts = torch.bincount((g * n_rows + rows).flatten(), weights=real.flatten().float(), minlength=n_groups * n_rows)
-    counts = counts.view(n_groups, n_rows).long()                                        # (G, N) reads per row
+    counts = count_reads(rows, group, n_groups, background.df.shape[0])                  # (G, N)
     chosen = select_rows(score_fn(counts, background), counts, top_t)
-    return chosen[g, rows] & real, chosen
+    return chosen[group.clamp(min=0)[:, None], rows] & (group >= 0)[:, None], chosen
 
 
 @torch.no_grad()
@@ -533,20 +546,21 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
     stats = [BackgroundStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), len(texts))
              for _ in blocks]
     model.eval()
+
+    def add_reads(rows, s):  # one group per example: df counts the examples that read a row at least once
+        counts = count_reads(rows, group, len(ids), n)                                       # (examples, N)
+        s.reads += counts.sum(0).cpu()
+        s.df += (counts > 0).sum(0).cpu()
+    for b, s in zip(blocks, stats):
+        b.memory.read_hook = functools.partial(add_reads, s=s)
     for start in tqdm(range(0, len(texts), batch_size), desc="background stats", leave=False):
         ids, mask = pad_batch([tokenizer(t)["input_ids"][:max_len] for t in texts[start:start + batch_size]],
                               tokenizer.pad_token_id, device=device)
-        example = torch.arange(len(ids), device=device)[:, None].expand_as(ids)[mask.bool()]  # (tokens,)
-        for b in blocks:
-            b.memory.record_mask = mask
+        group = token_groups(mask, 1)
         with autocast(device):
             model(input_ids=ids, attention_mask=mask)
-        for b, s in zip(blocks, stats):
-            reads = b.memory.last_reads                                                       # (tokens, H*k)
-            s.reads += torch.bincount(reads.flatten(), minlength=n).cpu()
-            seen = torch.unique(example[:, None].expand_as(reads) * n + reads) % n            # (example, row) pairs
-            s.df += torch.bincount(seen, minlength=n).cpu()
-            b.memory.record_mask = None
+    for b in blocks:
+        b.memory.read_hook = None
     return stats
 
 
@@ -647,7 +661,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         step_chosen[j] |= chosen.any(0)
         return keep
     for j, b in enumerate(blocks):
-        b.memory.grad_gate = functools.partial(gate, j=j)
+        b.memory.read_hook = functools.partial(gate, j=j)
     model.train()
     bar = tqdm(range(total), desc=f"train {cfg.method}", leave=False)
     for step in bar:
@@ -655,13 +669,12 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             queue = length_grouped_batches([len(e) for e in examples], step_size, rng)
         batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
         n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
-        t0, loss_sum, n_tokens = time.perf_counter(), 0.0, 0
+        t0, loss_sum, n_tokens = time.perf_counter(), 0.0, sum(len(examples[i]) for i in batch)
         step_chosen = [torch.zeros(v.shape[0], dtype=torch.bool, device=v.device) for v in values]  # SMF
         for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
             seqs = [examples[i] for i in batch[c:c + forward_batch]]
             ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
-            group = (torch.arange(len(ids), device=device)[:, None] // cfg.micro_batch).expand_as(ids)
-            group = group.masked_fill(mask == 0, -1).flatten()                       # (B*T,) micro-batch, -1 = pad
+            group = token_groups(mask, cfg.micro_batch)                               # (B*T,) micro-batch, -1 = pad
             with autocast(device):
                 logits = model(input_ids=ids, attention_mask=mask).logits               # (B, T, vocab)
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                  # pads never count
@@ -671,7 +684,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
                 raise UserError(f"the loss became {loss.item()} at step {step + 1} — lower --lr or check the data; "
                                 "no checkpoint was written by this run")
             loss.backward()
-            loss_sum, n_tokens = loss_sum + loss.item(), n_tokens + int(mask.sum())
+            loss_sum += loss.item()
         union = [c.nonzero()[:, 0] for c in step_chosen]  # rows chosen by any micro-batch, per memory layer
         union_grads = [v.grad.index_select(0, u) for v, u in zip(values, union)]
         for v in values:
@@ -702,7 +715,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         history.append(record)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
     for b in blocks:
-        b.memory.grad_gate = None
+        b.memory.read_hook = None
     model.eval()
     return history
 
@@ -763,7 +776,7 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
         cache = DynamicCache()
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
                     **cache_kwargs(model, cache))
-        first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(4, 0)        # (4Q, vocab)
+        first = out.logits[:, -1].float().log_softmax(-1)                                # (Q, vocab)
         cache.batch_repeat_interleave(4)
         c_ids, c_mask = pad_batch(options[4 * s:4 * (s + batch_size)], tokenizer.pad_token_id, device=device)
         c_pos = p_pos[:, -1:].repeat_interleave(4, 0) + 1 + torch.arange(c_ids.shape[1], device=device)
@@ -771,7 +784,8 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
         logits = model(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, use_cache=True,
                        **cache_kwargs(model, cache)).logits.float()                        # (4Q, C, vocab)
         rest = logits[:, :-1].log_softmax(-1).gather(-1, c_ids[:, 1:, None])[..., 0]     # (4Q, C - 1)
-        token_lp = torch.cat([first.gather(-1, c_ids[:, :1]), rest], dim=1)            # (4Q, C)
+        first_lp = first.gather(-1, c_ids[:, 0].view(-1, 4)).view(-1, 1)                  # (4Q, 1)
+        token_lp = torch.cat([first_lp, rest], dim=1)                                      # (4Q, C)
         scores += ((token_lp * c_mask).sum(1) / c_mask.sum(1)).tolist()                 # mean over real tokens
     preds = torch.tensor(scores).view(-1, 4).argmax(-1).tolist()
     correct = sum(p == row["cop"] for p, row in zip(preds, rows))
@@ -854,11 +868,9 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
         pos = pos[:, -1:] + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
                        **cache_kwargs(model, cache)).logits
-    texts = []
-    for row in torch.stack(out, 1).tolist():
-        row = row[:row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+    eos = tokenizer.eos_token_id
+    rows = [row[:row.index(eos)] if eos in row else row for row in torch.stack(out, 1).tolist()]
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
 
 def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
@@ -877,29 +889,13 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
             "predictions": preds, "protocol": f"zero-shot greedy, {max_new_tokens} new tokens"}
 
 
-def evaluate(model, tokenizer, probes, args):
-    """Runs the chosen probes on data named by args; returns the results dict written as JSON."""
-    results = {}
-    for probe in probes:
-        t0 = time.time()
-        if probe == "medmcqa":
-            rows = load_medmcqa(args.eval_medmcqa, "validation", args.limit)
-            r = eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter", args.batch_size)
-            line = f"acc {r['acc']:.4f}"
-        elif probe == "wikitext":
-            text = load_wikitext(args.wikitext, args.wikitext_config, args.limit)
-            r = eval_wikitext(model, tokenizer, text, batch_size=max(1, args.batch_size // 2))
-            line = f"ppl {r['ppl']:.4f} over {r['tokens']} tokens"
-        else:
-            r = eval_triviaqa(model, tokenizer, load_triviaqa(args.triviaqa, args.limit), 2 * args.batch_size)
-            line = f"alias-contains {r['alias_contains_acc']:.4f} exact-match {r['exact_match']:.4f}"
-        print(f"{probe:9s} {line}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
-        results[probe] = r
-    return results
-
-
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, eval, bench, table
+
+
+def memory_config(args, mode):
+    return MemoryConfig(tuple(args.memory_layers), mode, args.memory_keys, args.memory_heads, args.memory_key_dim,
+                        args.memory_topk)
 
 
 def changed_rows(before, after):
@@ -908,8 +904,7 @@ def changed_rows(before, after):
 
 def run_train(args, device):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    mem_cfg = MemoryConfig(tuple(args.memory_layers), args.memory_mode, args.memory_keys, args.memory_heads,
-                           args.memory_key_dim, args.memory_topk)
+    mem_cfg = memory_config(args, args.memory_mode)
     meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method,
             "train": dataclasses.asdict(cfg), "seed": cfg.seed}
     parent = args.model
@@ -949,33 +944,31 @@ def run_train(args, device):
             bg_texts = load_background(args.background, cfg.background_examples)
             background = background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
         background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background]
-        values_before = [b.memory.values.detach().clone() for b in memory_blocks(model)]
+        values_before = {k: v.detach().clone() for k, v in memory_state(model).items() if k.endswith(".values")}
     log_path = os.path.join(args.out, "train_log.jsonl")
     history = train(model, tokenizer, texts, cfg, background, device, log_path)
     print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}"
           + (f"; alpha {history[-1]['alpha']}" if history[-1].get("alpha") else ""))
-    rel = lambda p: os.path.relpath(p, args.out) if os.path.exists(p) else p  # parents are found relative to ckpt
+    meta["parent"] = os.path.relpath(parent, args.out) if os.path.exists(parent) else parent  # found from the ckpt
+    tensors, extra = None, None
     if cfg.method == "retrofit":
-        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors=memory_state(model))
+        tensors = memory_state(model)
     elif cfg.method == "smf":
-        tensors = {}
-        layer_ids = [i for i, layer in enumerate(decoder_layers(model)) if isinstance(layer.mlp, MemoryBlock)]
-        for i, block, before in zip(layer_ids, memory_blocks(model), values_before):
-            index = changed_rows(before, block.memory.values.detach())
-            tensors[f"{i}.index"], tensors[f"{i}.rows"] = index, block.memory.values.detach()[index]
+        tensors, state = {}, memory_state(model)
+        for key, before in values_before.items():  # key "<layer>.memory.values"; the patch: changed rows only
+            i, after = key.split(".")[0], state[key].detach()
+            tensors[f"{i}.index"] = index = changed_rows(before, after)
+            tensors[f"{i}.rows"] = after[index]
             if cfg.train_scale:
-                tensors[f"{i}.alpha"] = block.alpha.detach()
+                tensors[f"{i}.alpha"] = state[f"{i}.alpha"]
         stats = {"batches": torch.tensor(background[0].batches)}
         for j, s in enumerate(background):
             stats[f"{j}.df"], stats[f"{j}.reads"] = s.df.cpu(), s.reads.cpu()
-        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors,
-                        extra={"background_stats.safetensors": stats})
+        extra = {"background_stats.safetensors": stats}
     elif cfg.method == "lora":
         tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules() if isinstance(m, LoRALinear)
                    for n in ("lora_A", "lora_B")}
-        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, tensors=tensors)
-    else:
-        save_checkpoint(args.out, {**meta, "parent": rel(parent)}, model=model, tokenizer=tokenizer)
+    save_checkpoint(args.out, meta, tensors, model if cfg.method == "full" else None, tokenizer, extra)
     print(f"saved {meta['kind']} checkpoint to {args.out}")
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
         run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": None,
@@ -984,15 +977,28 @@ def run_train(args, device):
 
 
 def run_eval(args, device):
+    """Evaluates --model on the chosen probes, prints one line per probe, and writes the results JSON."""
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer = load_model(args.model, device, dtype)
     if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
-        add_memory(model, MemoryConfig(tuple(args.memory_layers), args.add_memory, args.memory_keys,
-                                       args.memory_heads, args.memory_key_dim, args.memory_topk))
+        add_memory(model, memory_config(args, args.add_memory))
         model.to(dtype)
-    probes = ["medmcqa", "wikitext", "triviaqa"] if args.probe == "all" else [args.probe]
-    results = evaluate(model, tokenizer, probes, args)
-    results["model"] = args.model
+    results = {"model": args.model}
+    for probe in ["medmcqa", "wikitext", "triviaqa"] if args.probe == "all" else [args.probe]:
+        t0 = time.time()
+        if probe == "medmcqa":
+            rows = load_medmcqa(args.eval_medmcqa, "validation", args.limit)
+            r = eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter", args.batch_size)
+            line = f"acc {r['acc']:.4f}"
+        elif probe == "wikitext":
+            text = load_wikitext(args.wikitext, args.wikitext_config, args.limit)
+            r = eval_wikitext(model, tokenizer, text, batch_size=max(1, args.batch_size // 2))
+            line = f"ppl {r['ppl']:.4f} over {r['tokens']} tokens"
+        else:
+            r = eval_triviaqa(model, tokenizer, load_triviaqa(args.triviaqa, args.limit), 2 * args.batch_size)
+            line = f"alias-contains {r['alias_contains_acc']:.4f} exact-match {r['exact_match']:.4f}"
+        print(f"{probe:9s} {line}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
+        results[probe] = r
     if args.out:
         write_atomic(args.out, json.dumps(results, indent=2))
         print(f"wrote {args.out}")
@@ -1263,10 +1269,9 @@ def check_args(args):
     if getattr(args, "lr", None) is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr} — give a learning rate > 0")
     if args.command == "train":
-        if args.method != "smf" and (args.selector or args.top_t):
-            raise UserError(f"--selector/--top-t only apply to --method smf — drop them for {args.method}")
-        if args.method != "smf" and args.train_scale:
-            raise UserError("--train-scale only applies to --method smf — drop it")
+        if args.method != "smf" and (args.selector or args.top_t or args.train_scale):
+            raise UserError(f"--selector/--top-t/--train-scale only apply to --method smf — drop them for "
+                            f"{args.method}")
         args.selector, args.top_t = args.selector or "kl", 512 if args.top_t is None else args.top_t
         if args.top_t <= 0:
             raise UserError(f"--top-t must be positive, got {args.top_t} — give a number of rows > 0")

@@ -127,18 +127,19 @@ def test_memory_init_follows_spec():
 def test_padded_positions_are_not_recorded(tiny):
     model, tok = with_memory(tiny)
     a, b = [5, 9, 12, 7, 30, 41], [8, 3, 17]
-    ids, mask = smf.pad_batch([a, b], tok.pad_token_id)
     blocks = smf.memory_blocks(model)
-    for blk in blocks:
-        blk.memory.record_mask = mask
+    seen = {j: [] for j in range(len(blocks))}
+    for j, blk in enumerate(blocks):
+        blk.memory.read_hook = lambda rows, j=j: seen[j].append(rows)
+    ids, mask = smf.pad_batch([a, b], tok.pad_token_id)
     model(input_ids=ids, attention_mask=mask)
-    padded_reads = [blk.memory.last_reads for blk in blocks]
-    for blk in blocks:
-        blk.memory.record_mask = torch.ones(1, len(b))
     model(input_ids=torch.tensor([b]))
-    for blk, reads in zip(blocks, padded_reads):
-        assert reads.shape == (len(a) + len(b), 2 * 4)                 # real tokens only, heads * topk each
-        assert torch.equal(reads[len(a):], blk.memory.last_reads)      # b's reads, without its 3 pads
+    n = 8 * 8
+    for j in seen:
+        padded, alone = seen[j]                                          # (2 * 6, 8) and (3, 8) reads
+        counts = smf.count_reads(padded, smf.token_groups(mask, 1), 2, n)
+        assert counts.sum(1).tolist() == [len(a) * 8, len(b) * 8]        # real tokens only, heads * topk each
+        assert torch.equal(counts[1], torch.bincount(alone.flatten(), minlength=n))  # b's reads without its pads
 
 
 def test_additive_alpha_zero_is_base_and_replacement_is_not(tiny):
@@ -512,6 +513,7 @@ def test_model_without_decoder_blocks(tmp_path, capsys):
 @pytest.mark.parametrize("flags, message", [
     (["--method", "lora", "--selector", "kl"], "only apply to --method smf"),
     (["--method", "full", "--top-t", "8"], "only apply to --method smf"),
+    (["--method", "lora", "--train-scale"], "only apply to --method smf"),
     (["--method", "smf", "--top-t", "0"], "--top-t must be positive"),
     (["--method", "smf", "--top-t", "100000"], "--top-t 100000 is larger than the memory — it has 16384 rows"),
     (["--method", "smf", "--selectr", "kl"], "unrecognized arguments"),
@@ -641,3 +643,7 @@ def test_bench_prints_every_row(capsys):
     out = capsys.readouterr().out
     for row in ("full ", "lora ", "smf ", "retrofit ", "memory layer fwd+bwd", "eval batch   1", "eval batch   4"):
         assert row in out
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["full"], ["smf"])}
+    assert float(rows["full"][1]) > 0 and float(rows["smf"][1]) > 0 and rows["smf"][-1].endswith("%")
+    ratio = float(out.split("2048 tokens, torch.float32): ")[1].split()[0])
+    assert 0 < ratio < 1                                                 # memory cheaper than the FFN on a CPU
