@@ -186,8 +186,7 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
 
 def autocast(device):
     """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
-    is_cuda = str(device).startswith("cuda")
-    return torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
+    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
 
 
 def sync(device):
@@ -439,8 +438,7 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         except (OSError, ValueError, RuntimeError) as e:
             raise UserError(f"could not load model '{path_or_id}' ({str(e).splitlines()[0][:150]}) — check the "
                             "path, or download the model while online") from e
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
         return model.eval(), tokenizer
     parent = os.path.join(path_or_id, meta["parent"])  # a relative parent is relative to the checkpoint
     if not os.path.isfile(os.path.join(parent, "config.json")):
@@ -653,7 +651,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     total = math.ceil((cfg.epochs or 3) * math.ceil(len(examples) / step_size))
     total = min(total, cfg.max_steps) if cfg.max_steps else total
     score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
-    queue, history, log = [], [], open(log_path, "w") if log_path else None
+    queue, history, log = [], [], open(log_path, "w", buffering=1) if log_path else None  # line-buffered
 
     def gate(rows, j):  # runs inside memory layer j's forward: pick rows per micro-batch, gate the reads
         keep, chosen = select_reads(rows, group, math.ceil(len(ids) / cfg.micro_batch), background[j], score_fn,
@@ -709,13 +707,14 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             record["rows_updated"] = [len(u) for u in union]
         if log:
             log.write(json.dumps(record) + "\n")
-            log.flush()
         if keep_selected:
             record["selected"] = [u.cpu() for u in union]
         history.append(record)
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
     for b in blocks:
         b.memory.read_hook = None
+    if log:
+        log.close()
     model.eval()
     return history
 
