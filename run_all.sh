@@ -8,8 +8,8 @@ cd "$(dirname "$0")"
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}              # base model: hub id or local folder
 OUT=${OUT:-results}                                     # everything lands here
-SEEDS=${SEEDS:-"0 1 2"}                                 # the paper uses three seeds
-ROWS=${ROWS:-"base retrofit_additive retrofit_replacement smf_replacement_kl smf_replacement_tfidf smf_additive_kl smf_additive_tfidf smf_additive_scale_kl smf_additive_scale_tfidf lora full"}
+SEEDS=${SEEDS-"0 1 2"}                                 # the paper uses three seeds
+ROWS=${ROWS-all}                                        # "all", or some of the names in ALL_ROWS below
 MEDMCQA=${MEDMCQA:-openlifescienceai/medmcqa}           # training data (split train): hub id or local file
 MEDMCQA_EVAL=${MEDMCQA_EVAL:-openlifescienceai/medmcqa} # MedMCQA probe (split validation)
 WIKITEXT=${WIKITEXT:-Salesforce/wikitext}               # WikiText probe (wikitext-103-v1 test)
@@ -28,6 +28,14 @@ TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every 
 SMF_ARGS=${SMF_ARGS:-}                                  # extra flags for the SMF rows (e.g. --optimizer sgd --lr 2)
 PYTHON=${PYTHON:-python}
 
+ALL_ROWS="base retrofit_additive retrofit_replacement smf_replacement_kl smf_replacement_tfidf smf_additive_kl smf_additive_tfidf smf_additive_scale_kl smf_additive_scale_tfidf lora full"
+[ "$ROWS" = all ] && ROWS=$ALL_ROWS
+for row in $ROWS; do
+  case " $ALL_ROWS " in *" $row "*) ;; *) echo "error: unknown row '$row' in ROWS — use names from: $ALL_ROWS" >&2; exit 2 ;; esac
+done
+[ -n "${SEEDS// /}" ] || { echo "error: SEEDS is empty — give one or more seeds, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
+[ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
+
 common=(--device "${DEVICE:-$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}")
 data=(--eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA" --limit "$EVAL_LIMIT"
       --batch-size "$EVAL_BATCH")
@@ -38,12 +46,15 @@ train=(--medmcqa "$MEDMCQA" --background "$BACKGROUND" --micro-batch "$MICRO_BAT
 mkdir -p "$OUT/logs"
 t_all=$(date +%s)
 
-# stage ROW SEED CMD...: skipped when ROW/seedSEED/eval.json exists (written atomically, last)
+# finished ROW SEED: its eval.json exists (written atomically) and holds every probe
+finished() { [ -f "$OUT/$1/seed$2/eval.json" ] && ! grep -q '"unfinished"' "$OUT/$1/seed$2/eval.json"; }
+
+# stage ROW SEED CMD...: skipped when finished
 stage() {
   local row=$1 seed=$2; shift 2
   local dir="$OUT/$row/seed$seed" log="$OUT/logs/${row}_seed$seed.log" t0
   case " $ROWS " in *" $row "*) ;; *) return 0 ;; esac
-  if [ -f "$dir/eval.json" ]; then echo "skip  $row seed $seed (finished)"; return 0; fi
+  if finished "$row" "$seed"; then echo "skip  $row seed $seed (finished)"; return 0; fi
   mkdir -p "$dir"; t0=$(date +%s)
   if ! "$@" >"$log" 2>&1; then
     echo "FAILED stage $row seed $seed — see $log" >&2; tail -n 3 "$log" >&2; exit 1
@@ -85,4 +96,4 @@ for seed in $SEEDS; do
   stage full "$seed" train_row full "$seed" --method full --model "$MODEL"
 done
 echo "all stages finished in $(( $(date +%s) - t_all ))s"
-$PYTHON smf.py table "$OUT" "${common[@]}"
+$PYTHON smf.py table "$OUT"

@@ -10,8 +10,8 @@ accuracy (forgetting). Every number comes from SPEC.md; every section below lift
     python smf.py bench --shape tiny
     python smf.py table results/
 """
-import argparse, contextlib, dataclasses, functools, glob, inspect, io, json, math, os, random, shutil, statistics
-import sys, tempfile, time
+import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, json, math, os, random, shutil
+import re, signal, statistics, sys, time
 from dataclasses import dataclass
 
 import torch
@@ -37,29 +37,30 @@ class MemoryConfig:
 
 
 @dataclass
-class TrainConfig:
-    method: str = "smf"           # retrofit | smf | lora | full
-    lr: float = None              # None: the method's default in METHOD_LR
-    epochs: float = None          # None: 2 for retrofit, 3 otherwise
+class TrainConfig:  # the comments are the `train --help` texts
+    method: str = "smf"           # retrofit (new memory, trained on background text) | smf | lora | full
+    lr: float = None              # peak learning rate; default per method: retrofit 5e-4, smf 5e-4, lora 2e-4,
+                                  # full 5e-5
+    epochs: float = None          # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
-    forward_batch: int = None     # sequences per forward pass (a multiple of micro_batch; None: a whole step).
-                                  # It changes speed and memory only, never the update.
-    max_len: int = 1024           # tokens per sequence, longer ones are truncated
-    warmup: int = 100             # linear warm-up steps, then cosine to zero
-    clip: float = 1.0             # gradient-norm clipping
-    weight_decay: float = 0.0
+    forward_batch: int = None     # sequences per forward pass, a multiple of micro_batch; default a whole step.
+                                  # It changes speed and memory only, never the update
+    max_len: int = 1024           # tokens per training sequence; longer texts are cut there
+    warmup: int = 100             # optimizer steps of linear warm-up, then cosine decay to zero
+    clip: float = 1.0             # largest gradient L2 norm per step (0: no clipping)
+    weight_decay: float = 0.0     # per lr unit: decoupled under AdamW, added to the gradient under SGD
     optimizer: str = "adamw"      # adamw | sgd (Lin et al. use SGD with lr ~2 for SMF)
-    selector: str = "kl"          # smf: kl | tfidf
+    selector: str = "kl"          # smf: how a micro-batch ranks the rows it read, against background text
     top_t: int = 512              # smf: rows updated per memory layer per micro-batch
-    train_scale: bool = False     # smf: also train the per-layer alpha (the "+scale" rows)
-    background_examples: int = 2000  # smf: single-example batches behind the selector's statistics
-    lora_r: int = 16
-    lora_alpha: float = 32.0      # the LoRA update is scaled by lora_alpha / lora_r
-    lora_dropout: float = 0.05    # on the LoRA input only
-    max_steps: int = None         # stop early (the schedule is then laid over max_steps)
-    limit_train: int = None       # use only the first N training examples
-    seed: int = 0
+    train_scale: bool = False     # smf: also train each layer's alpha (the "+scale" rows of the table)
+    background_examples: int = 2000  # smf: background texts (one batch each) behind the selector's statistics
+    lora_r: int = 16              # lora: rank of the update
+    lora_alpha: float = 32.0      # lora: the update is scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05    # lora: dropout probability on the LoRA input only
+    max_steps: int = None         # stop after this many optimizer steps (the schedule is laid over them)
+    limit_train: int = None       # use only the first N training examples; default 60,000 MedMCQA, all OASST1
+    seed: int = 0                 # shuffles the data (and the MedMCQA subset) and seeds every initialisation
 
 
 METHOD_LR = {"retrofit": 5e-4, "smf": 5e-4, "lora": 2e-4, "full": 5e-5}
@@ -90,44 +91,61 @@ def read_rows(source, hub_config=None, split="train"):
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — "
                             "download it first, or pass a local file in the same schema") from e
     path = os.path.expanduser(source)
+    if os.path.isdir(path):
+        raise UserError(f"data source {source} is a folder — give a .jsonl, .json, .parquet or .txt file")
     if not os.path.isfile(path):
         raise UserError(f"data file {source} does not exist — check the path")
     try:
-        if path.endswith(".jsonl"):
-            with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
                 return [json.loads(line) for line in f if line.strip()]
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
+            if path.endswith(".json"):
                 data = json.load(f)
-            return data if isinstance(data, list) else list(data.get("data", data.get("rows", [])))
+                data = data.get("data") if isinstance(data, dict) else data
+                if not isinstance(data, list):
+                    raise UserError(f"data file {source} holds no list of rows — write a JSON list of objects, "
+                                    'or {"data": [...]}')
+                return data
+            if path.endswith(".txt"):
+                return [{"text": line} for line in f.read().split("\n")]
         if path.endswith(".parquet"):
             import pyarrow.parquet as pq
             return pq.read_table(path).to_pylist()
-        if path.endswith(".txt"):
-            with open(path, encoding="utf-8") as f:
-                return [{"text": line} for line in f.read().split("\n")]
     except (ValueError, OSError, ImportError) as e:
         raise UserError(f"data file {source} could not be read ({e}) — is it complete and in that format?") from e
     raise UserError(f"data file {source} has an unknown format — use .jsonl, .json, .parquet or .txt")
 
 
 def check_fields(rows, fields, source):
+    """Every row is an object holding each field in `fields` (name -> type); at least one row is left."""
     for i, row in enumerate(rows):
-        for name in fields:
-            if not isinstance(row, dict) or row.get(name) is None:
+        for name, kind in fields.items():
+            value = row.get(name) if isinstance(row, dict) else None
+            if value is None:
                 raise UserError(f"{source}: row {i} has no '{name}' field — the file must use the hub schema")
+            if not isinstance(value, kind):
+                raise UserError(f"{source}: row {i} has '{name}' of type {type(value).__name__}, not "
+                                f"{kind.__name__} — the file must use the hub schema")
     if not rows:
         raise UserError(f"{source}: no examples left after filtering — check the file and the filters")
 
 
+def answer_index(cop, where):
+    """MedMCQA's `cop` as 0..3 (0 = opa). Files written by other tools may hold "2" or 2.0: read those too."""
+    if not isinstance(cop, bool) and isinstance(cop, (int, float, str)):
+        with contextlib.suppress(ValueError):
+            if float(cop) in (0, 1, 2, 3):
+                return int(float(cop))
+    raise UserError(f"{where} has cop={cop!r} — cop must be an integer 0..3 (0 = opa)")
+
+
 def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
-    """Single-answer MedMCQA rows (the `choice_type == "single"` filter of SPEC.md; kept when the field is
-    absent), shuffled with `seed` when given, the first `limit` kept. `cop` is 0-based (0 = opa)."""
-    rows = [r for r in read_rows(source, None, split) if r.get("choice_type", "single") == "single"]
-    check_fields(rows, ("question", "opa", "opb", "opc", "opd", "cop"), source)
-    for i, r in enumerate(rows):
-        if r["cop"] not in (0, 1, 2, 3):
-            raise UserError(f"{source}: row {i} has cop={r['cop']!r} — cop must be 0..3 (0 = opa)")
+    """Single-answer MedMCQA rows (`choice_type == "single"`; kept when the field is absent), shuffled with
+    `seed` when given, the first `limit` kept."""
+    rows = [r for r in read_rows(source, None, split) if not isinstance(r, dict) or
+            r.get("choice_type", "single") == "single"]
+    check_fields(rows, dict.fromkeys(("question", "opa", "opb", "opc", "opd"), str) | {"cop": object}, source)
+    rows = [{**r, "cop": answer_index(r["cop"], f"{source}: row {i}")} for i, r in enumerate(rows)]
     if seed is not None:
         random.Random(seed).shuffle(rows)
     return rows[:limit]
@@ -145,7 +163,9 @@ def medmcqa_answer(row, option, letter_only=False):
 
 
 def medmcqa_text(row):
-    """One training example: prompt, gold answer, and the explanation line when there is one."""
+    """One training example: prompt, gold answer, and the explanation line when there is one. No EOS is
+    appended anywhere (the published code appends none): an EOS would teach the model to stop early, which
+    moves the TriviaQA probe for a reason that is not forgetting."""
     text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
     return text + f"\nExplanation: {row['exp']}" if (row.get("exp") or "").strip() else text
 
@@ -153,8 +173,8 @@ def medmcqa_text(row):
 def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=1000):
     """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
     rows = read_rows(source, config, "test")
-    check_fields(rows[:1], ("text",), source)
-    lines = [r["text"].strip() for r in rows if (r.get("text") or "").strip()][:limit]
+    check_fields(rows, {"text": str}, source)
+    lines = [r["text"].strip() for r in rows if r["text"].strip()][:limit]
     if not lines:
         raise UserError(f"{source}: no non-empty text lines — check the file")
     return "\n\n".join(lines)
@@ -163,11 +183,14 @@ def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=
 def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     """(question, aliases) pairs from the rc.nocontext validation split; aliases include the answer value."""
     rows = read_rows(source, "rc.nocontext", "validation")[:limit]
-    check_fields(rows, ("question", "answer"), source)
+    check_fields(rows, {"question": str, "answer": dict}, source)
     out = []
     for i, r in enumerate(rows):
-        answer = r["answer"] if isinstance(r["answer"], dict) else {}
-        aliases = list(answer.get("aliases") or []) + ([answer["value"]] if answer.get("value") else [])
+        aliases, value = r["answer"].get("aliases") or [], r["answer"].get("value") or ""
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases) or not isinstance(value, str):
+            raise UserError(f"{source}: row {i} has answer aliases that are not a list of strings — the file must "
+                            "use the hub schema")  # a string would become one alias per character
+        aliases = aliases + [value] if value else aliases
         if not aliases:
             raise UserError(f"{source}: row {i} has no answer aliases — the file must use the hub schema")
         out.append((r["question"], aliases))
@@ -177,11 +200,11 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
 def load_background(source="OpenAssistant/oasst1", limit=None):
     """OASST1 English assistant replies ranked 0 or 1, at least 50 characters: the general-text corpus."""
     rows = read_rows(source, None, "train")
-    check_fields(rows[:1], ("text",), source)
-    keep = [r["text"] for r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") == "assistant"
-            and r.get("rank", 0) in (0, 1) and len(r.get("text") or "") >= 50]
-    check_fields([{"text": t} for t in keep], ("text",), source)
-    return keep[:limit]
+    check_fields(rows, {"text": str}, source)
+    keep = [{"text": r["text"]} for r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") ==
+            "assistant" and r.get("rank", 0) in (0, 1) and len(r["text"]) >= 50]
+    check_fields(keep, {}, source)
+    return [r["text"] for r in keep[:limit]]
 
 
 def autocast(device):
@@ -238,9 +261,13 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def lookup(self, x):  # x (M, dim) -> scores (M, heads, topk), rows (M, heads, topk)
+        """In fp32 even under bf16 autocast or bf16 weights (it costs M*H*2*n_keys*half multiply-adds): in
+        bf16, rounding could let a padding or batch change alter which rows a token reads."""
         k, half = self.topk, self.key_dim // 2
-        q = self.query(x).view(-1, self.heads, 2, half)                       # (M, H, 2, half)
-        sub = torch.einsum("mhcd,hcnd->mhcn", q, self.keys.to(q.dtype))      # (M, H, 2, n_keys)
+        with torch.autocast(x.device.type, enabled=False):
+            q = F.linear(x.float(), self.query.weight.float(), self.query.bias.float())
+            q = q.view(-1, self.heads, 2, half)                                   # (M, H, 2, half)
+            sub = torch.einsum("mhcd,hcnd->mhcn", q, self.keys.float())           # (M, H, 2, n_keys)
         sub_scores, sub_idx = sub.topk(k, dim=-1)                             # (M, H, 2, k)
         pair = sub_scores[:, :, 0, :, None] + sub_scores[:, :, 1, None, :]    # (M, H, k, k)
         scores, best = pair.flatten(2).topk(k, dim=-1)                        # (M, H, k)
@@ -257,7 +284,8 @@ class ProductKeyMemory(nn.Module):
         keep = self.read_hook(rows.detach()) if self.read_hook is not None else None
         if keep is None:
             read = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
-        else:  # same output, but only the reads the hook keeps carry gradient into the value rows
+        else:  # weights*keep + weights*(1-keep) = weights: the same read; but the second bag reads detached
+            # values, so only the kept reads pass gradient to value rows (all still pass it to keys and query)
             keep = keep.to(weights.dtype)                                        # (M, H*k), 1 = may learn
             read = (F.embedding_bag(rows, self.values, per_sample_weights=weights * keep, mode="sum")
                     + F.embedding_bag(rows, self.values.detach(), per_sample_weights=weights * (1 - keep), mode="sum"))
@@ -296,9 +324,14 @@ def add_memory(model, cfg: MemoryConfig):
     layers = decoder_layers(model)
     if cfg.mode not in ("additive", "replacement"):
         raise UserError(f"memory mode '{cfg.mode}' is unknown — use additive or replacement")
+    if len(set(cfg.layers)) != len(cfg.layers):
+        raise UserError(f"memory layers {list(cfg.layers)} name a layer twice — give each layer once")
     for i in cfg.layers:
         if not 0 <= i < len(layers):
             raise UserError(f"memory layer {i} is out of range — the model has layers 0..{len(layers) - 1}")
+        if memory_blocks(layers[i]):
+            raise UserError(f"layer {i} already has memory — start from the base model, or train this "
+                            "checkpoint's memory with --method smf")
     device = next(model.parameters()).device
     for i in cfg.layers:
         memory = ProductKeyMemory(model.config.hidden_size, cfg.n_keys, cfg.heads, cfg.key_dim, cfg.topk)
@@ -377,38 +410,86 @@ def write_atomic(path, text):
         raise UserError(f"cannot write {path} ({e.strerror}: {e.filename}) — choose a writable --out") from e
 
 
+def staging_dir(out, suffix="tmp"):
+    """A sibling of `out` (same file system, so a rename moves it): a new checkpoint and its training log are
+    built there and replace `out` only when complete; `suffix="lock"` names the lock file."""
+    out = os.path.abspath(out)
+    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
+
+
+@contextlib.contextmanager
+def locked(out):
+    """One run at a time per --out: a second run refuses instead of interleaving its files with the first's."""
+    lock = staging_dir(out, "lock")
+    os.makedirs(os.path.dirname(lock), exist_ok=True)
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        pid = int(open(lock).read())
+        os.kill(pid, 0)  # raises if that process is gone: its lock is stale and is taken over below
+        raise UserError(f"another run (process {pid}) is writing {out} — wait for it, or choose another --out")
+    with open(lock, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        os.remove(lock)
+
+
+def check_out(out, start_model, overwrite):
+    """Refuses, before anything runs, an --out whose replacement would destroy a model: the one this run
+    starts from or any parent of it, a folder that is not an smf checkpoint, or (without --overwrite) one."""
+    if os.path.realpath(out) in map(os.path.realpath, checkpoint_chain(start_model)):
+        raise UserError(f"--out {out} is the model this run starts from, or one of its parents — choose a new folder")
+    if not os.path.isdir(out) or not os.listdir(out):
+        return
+    if checkpoint_meta(out) is None or any(os.path.isdir(os.path.join(out, n)) for n in os.listdir(out)):
+        raise UserError(f"--out {out} holds files that are not an smf checkpoint — choose a new or empty folder")
+    if not overwrite:
+        raise UserError(f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new one "
+                        "is complete), or choose a new folder")
+
+
 def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=None):
     """`meta` names the kind (memory | smf | lora | full), the parent and every hyper-parameter. Small kinds
     store `tensors` in weights.safetensors beside a config.json; `full` is a whole HF model folder whose
-    config.json carries the same `smf` entry; `extra` maps more file names to tensors. Files are written in a
-    temporary folder and moved in with config.json last: a folder without config.json never loads, so an
-    interrupted save leaves nothing usable."""
+    config.json carries the same `smf` entry; `extra` maps more file names to tensors. Everything is written
+    in staging_dir(out) (which may already hold the training log) and then swapped in: at every moment `out`
+    holds the old checkpoint or the new one, whole."""
     from safetensors.torch import save_file
+    staged, umask = staging_dir(out), os.umask(0)
+    os.umask(umask)
     try:
-        os.makedirs(out, exist_ok=True)
-        if os.path.exists(os.path.join(out, "config.json")):
-            os.remove(os.path.join(out, "config.json"))
-        tmp = tempfile.mkdtemp(prefix=".tmp", dir=out)
-    except OSError as e:
-        raise UserError(f"cannot write to {out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
-    try:
+        os.makedirs(staged, exist_ok=True)
         if model is not None:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            with open(os.path.join(tmp, "config.json")) as f:
+            model.save_pretrained(staged)
+            tokenizer.save_pretrained(staged)
+            with open(os.path.join(staged, "config.json")) as f:
                 config = json.load(f)
         else:
-            extra = {"weights.safetensors": tensors, **(extra or {})}
-            config = {}
+            extra, config = {"weights.safetensors": tensors, **(extra or {})}, {}
         for name, named_tensors in (extra or {}).items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(tmp, name))
-        config["smf"] = meta
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        for name in sorted(os.listdir(tmp), key=lambda n: n == "config.json"):
-            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(staged, name))
+        with open(os.path.join(staged, "config.json"), "w") as f:
+            json.dump({**config, "smf": meta}, f, indent=2)
+        for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
+            os.chmod(os.path.join(staged, name), 0o666 & ~umask)
+        old, signals = staged + ".old", {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # no Ctrl-C between the two renames
+        try:
+            if os.path.exists(out):
+                os.rename(out, old)
+            try:
+                os.rename(staged, out)
+            except BaseException:
+                if os.path.exists(old):
+                    os.rename(old, out)
+                raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        raise UserError(f"cannot write to {out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
     return out
 
 
@@ -419,6 +500,37 @@ def checkpoint_meta(path):
         return None
     with open(config) as f:
         return json.load(f).get("smf")
+
+
+def parent_of(path, meta):
+    """A checkpoint's parent: relative to the checkpoint first (the folders can move together), else as written."""
+    parent = os.path.join(path, meta["parent"])
+    return parent if os.path.isfile(os.path.join(parent, "config.json")) else meta["parent"]
+
+
+def checkpoint_chain(path):
+    """The local folders a model is built from: `path`, its parent, grandparent, ... (a hub id ends it)."""
+    chain = []
+    while is_local(path) and os.path.isfile(os.path.join(path, "config.json")) and path not in chain:
+        chain.append(path)
+        meta = checkpoint_meta(path)
+        if meta is None or meta["kind"] == "full":
+            break
+        path = parent_of(path, meta)
+    return chain
+
+
+def fingerprint(path):
+    """sha256 of a local model's weight files (None for a hub id). A child checkpoint records its parent's, so
+    loading it onto weights that changed since is an error rather than a silent mix."""
+    if not (is_local(path) and os.path.isdir(path)):
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.endswith((".safetensors", ".bin")) and name != "background_stats.safetensors":
+            with open(os.path.join(path, name), "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
@@ -440,11 +552,13 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
                             "path, or download the model while online") from e
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
         return model.eval(), tokenizer
-    parent = os.path.join(path_or_id, meta["parent"])  # a relative parent is relative to the checkpoint
-    if not os.path.isfile(os.path.join(parent, "config.json")):
-        parent = meta["parent"]
-    if meta["kind"] == "smf" and not os.path.isfile(os.path.join(parent, "config.json")):
-        raise UserError(f"the parent {meta['parent']} of {path_or_id} is missing — restore the retrofit checkpoint")
+    parent = parent_of(path_or_id, meta)
+    if is_local(parent) and not os.path.isfile(os.path.join(parent, "config.json")):
+        raise UserError(f"the parent {meta['parent']} of {path_or_id} is missing — restore it, or train "
+                        f"{path_or_id} again")
+    if meta.get("parent_sha256") not in (None, fingerprint(parent)):
+        raise UserError(f"the parent {meta['parent']} of {path_or_id} has changed since it was trained — restore "
+                        f"that parent, or train {path_or_id} again")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
     try:
@@ -460,7 +574,7 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
                 raise UserError(f"{path_or_id}: the memory tensors do not match its config — train it again")
             for k, t in state.items():
                 t.copy_(tensors[k])
-        elif meta["kind"] == "smf":
+        elif meta["kind"] == "smf":  # a patch: the changed value rows (and alpha) of the parent's memory
             state = memory_state(model)
             for k, t in tensors.items():
                 if k.endswith(".rows"):
@@ -535,6 +649,21 @@ def select_reads(rows, group, n_groups, background, score_fn, top_t):
     return chosen[group.clamp(min=0)[:, None], rows] & (group >= 0)[:, None], chosen
 
 
+def gate_reads(rows, step_chosen, **select):
+    """The read hook SMF installs in a memory layer for one forward pass (its inputs bound by the caller):
+    select_reads, plus the rows any micro-batch chose added to `step_chosen` (N,) for the optimizer."""
+    keep, chosen = select_reads(rows, **select)
+    step_chosen |= chosen.any(0)
+    return keep
+
+
+def add_background_reads(rows, group, n_examples, stats):
+    """The read hook behind background_stats: df counts the examples that read a row, not the reads."""
+    counts = count_reads(rows, group, n_examples, stats.df.shape[0])                   # (examples, N)
+    stats.reads += counts.sum(0).cpu()
+    stats.df += (counts > 0).sum(0).cpu()
+
+
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, device="cpu"):
     """df, total reads and B for each memory layer, from the model in eval mode with one example per batch
@@ -544,17 +673,12 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
     stats = [BackgroundStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), len(texts))
              for _ in blocks]
     model.eval()
-
-    def add_reads(rows, s):  # one group per example: df counts the examples that read a row at least once
-        counts = count_reads(rows, group, len(ids), n)                                       # (examples, N)
-        s.reads += counts.sum(0).cpu()
-        s.df += (counts > 0).sum(0).cpu()
-    for b, s in zip(blocks, stats):
-        b.memory.read_hook = functools.partial(add_reads, s=s)
-    for start in tqdm(range(0, len(texts), batch_size), desc="background stats", leave=False):
+    for start in tqdm(range(0, len(texts), batch_size), desc="background stats"):
         ids, mask = pad_batch([tokenizer(t)["input_ids"][:max_len] for t in texts[start:start + batch_size]],
                               tokenizer.pad_token_id, device=device)
-        group = token_groups(mask, 1)
+        for b, s in zip(blocks, stats):
+            b.memory.read_hook = functools.partial(add_background_reads, group=token_groups(mask, 1),
+                                                   n_examples=len(ids), stats=s)
         with autocast(device):
             model(input_ids=ids, attention_mask=mask)
     for b in blocks:
@@ -603,8 +727,8 @@ class RowSparseAdamW:
         for i, (p, rows, g) in enumerate(zip(self.params, rows_per_param, grads_per_param)):
             g = g.float()
             w = p.index_select(0, rows).float()
-            if self.sgd:
-                p.index_copy_(0, rows, (w - lr * g).to(p.dtype))
+            if self.sgd:  # weight decay as torch.optim.SGD applies it: added to the gradient
+                p.index_copy_(0, rows, (w - lr * (g + self.wd * w)).to(p.dtype))
                 continue
             if self.state[i] is None:
                 self.state[i] = (torch.zeros_like(p, dtype=torch.float), torch.zeros_like(p, dtype=torch.float),
@@ -637,34 +761,31 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
     lr_peak = cfg.lr or METHOD_LR[cfg.method]
     if cfg.optimizer == "sgd":
-        dense_opt = torch.optim.SGD(dense, lr=lr_peak) if dense else None
+        dense_opt = torch.optim.SGD(dense, lr=lr_peak, weight_decay=cfg.weight_decay) if dense else None
     else:
         dense_opt = torch.optim.AdamW(dense, lr=lr_peak, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                       fused=str(device).startswith("cuda")) if dense else None
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd") if smf else None
 
-    eos = [tokenizer.eos_token_id]  # so the model learns where an answer ends
-    examples = [tokenizer(t)["input_ids"][: cfg.max_len - 1] + eos for t in texts[: cfg.limit_train]]
+    # The texts as they are, cut at max_len; no EOS (see medmcqa_text). A text of one token has no target.
+    examples = [e for e in (tokenizer(t)["input_ids"][: cfg.max_len] for t in texts[: cfg.limit_train]) if len(e) > 1]
+    if not examples:
+        raise UserError("no training text has two tokens or more — check the training data")
     rng = random.Random(cfg.seed)
-    step_size = cfg.micro_batch * cfg.grad_accum
-    forward_batch = cfg.forward_batch or step_size
-    total = math.ceil((cfg.epochs or 3) * math.ceil(len(examples) / step_size))
+    seqs_per_step = cfg.micro_batch * cfg.grad_accum
+    forward_batch = cfg.forward_batch or seqs_per_step
+    total = math.ceil((cfg.epochs or 3) * math.ceil(len(examples) / seqs_per_step))
     total = min(total, cfg.max_steps) if cfg.max_steps else total
+    if cfg.warmup >= total:
+        print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {lr_peak:g} and "
+              "this run learns little — lower --warmup or train longer", file=sys.stderr)
     score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
     queue, history, log = [], [], open(log_path, "w", buffering=1) if log_path else None  # line-buffered
-
-    def gate(rows, j):  # runs inside memory layer j's forward: pick rows per micro-batch, gate the reads
-        keep, chosen = select_reads(rows, group, math.ceil(len(ids) / cfg.micro_batch), background[j], score_fn,
-                                    cfg.top_t)
-        step_chosen[j] |= chosen.any(0)
-        return keep
-    for j, b in enumerate(blocks):
-        b.memory.read_hook = functools.partial(gate, j=j)
     model.train()
-    bar = tqdm(range(total), desc=f"train {cfg.method}", leave=False)
+    bar = tqdm(range(total), desc=f"train {cfg.method}")
     for step in bar:
         if not queue:  # a new seeded shuffle at each epoch boundary
-            queue = length_grouped_batches([len(e) for e in examples], step_size, rng)
+            queue = length_grouped_batches([len(e) for e in examples], seqs_per_step, rng)
         batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
         n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
         t0, loss_sum, n_tokens = time.perf_counter(), 0.0, sum(len(examples[i]) for i in batch)
@@ -672,7 +793,11 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
             seqs = [examples[i] for i in batch[c:c + forward_batch]]
             ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
-            group = token_groups(mask, cfg.micro_batch)                               # (B*T,) micro-batch, -1 = pad
+            for j, b in enumerate(blocks):  # this pass's token groups, bound in: the hook runs inside layer j
+                b.memory.read_hook = functools.partial(
+                    gate_reads, step_chosen=step_chosen[j], group=token_groups(mask, cfg.micro_batch),
+                    n_groups=math.ceil(len(ids) / cfg.micro_batch), background=background[j], score_fn=score_fn,
+                    top_t=cfg.top_t)
             with autocast(device):
                 logits = model(input_ids=ids, attention_mask=mask).logits               # (B, T, vocab)
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                  # pads never count
@@ -699,14 +824,15 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             p.grad = None
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
-                  "tokens_per_s": n_tokens / step_time}
+                  "tokens": n_tokens, "tokens_per_s": n_tokens / step_time}
         alphas = [round(b.alpha.item(), 6) for b in memory_blocks(model) if b.alpha is not None]
         if alphas:  # the additive memory's reach scales with alpha: worth watching (SPEC.md sec. 4)
             record["alpha"] = alphas
         if smf:
             record["rows_updated"] = [len(u) for u in union]
-        if log:
-            log.write(json.dumps(record) + "\n")
+        if log:  # JSON has no NaN: a non-finite number is written as null
+            log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
+                                  for k, v in record.items()}) + "\n")
         if keep_selected:
             record["selected"] = [u.cpu() for u in union]
         history.append(record)
@@ -789,6 +915,7 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
     preds = torch.tensor(scores).view(-1, 4).argmax(-1).tolist()
     correct = sum(p == row["cop"] for p, row in zip(preds, rows))
     return {"acc": correct / len(rows), "n": len(rows), "predictions": preds,
+            "scores": [scores[i:i + 4] for i in range(0, len(scores), 4)],
             "protocol": f"zero-shot, mean log-likelihood of {'letter' if letter_only else 'letter + option text'}"}
 
 
@@ -825,7 +952,6 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
 
 def normalize_answer(s):
     """TriviaQA normalisation: lower case, drop articles, keep [a-z0-9 .-], collapse spaces."""
-    import re
     s = re.sub(r"\b(a|an|the)\b", " ", s.lower())
     return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
 
@@ -838,7 +964,6 @@ def alias_contained(prediction, aliases):
 
 def exact_match(prediction, aliases):
     """The stricter metric: the generation up to its first newline, period or comma equals an alias."""
-    import re
     first = normalize_answer(re.split(r"[\n.,]", prediction, maxsplit=1)[0])
     return first != "" and first in {normalize_answer(a) for a in aliases}
 
@@ -897,110 +1022,212 @@ def memory_config(args, mode):
                         args.memory_topk)
 
 
+def chain_memory(path):
+    """The memory settings of the retrofit checkpoint `path` is built on, or None when it has no memory."""
+    metas = [checkpoint_meta(p) for p in checkpoint_chain(path)]
+    return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
+
+
 def changed_rows(before, after):
     return (before != after).any(dim=1).nonzero()[:, 0]
 
 
+PROBES = ("medmcqa", "wikitext", "triviaqa")
+
+
+def load_probes(args, names=PROBES):
+    """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
+    loaders = {"medmcqa": ("eval-medmcqa", lambda: load_medmcqa(args.eval_medmcqa, "validation", args.limit)),
+               "wikitext": ("wikitext", lambda: load_wikitext(args.wikitext, args.wikitext_config, args.limit)),
+               "triviaqa": ("triviaqa", lambda: load_triviaqa(args.triviaqa, args.limit))}
+    data = {}
+    for name in names:
+        flag, load = loaders[name]
+        try:
+            data[name] = load()
+        except UserError as e:
+            raise UserError(f"--{flag}: {e}") from e
+    return data
+
+
+RETROFIT_CARRIES = ("model", "memory_layers", "memory_mode", "memory_keys", "memory_heads", "memory_key_dim",
+                    "memory_topk", "seed", "device", "micro_batch", "grad_accum", "forward_batch", "max_len",
+                    "background", "debug")  # all else follows the retrofit recipe, whatever the SMF run asked
+
+
+def retrofit_first(args, mem_cfg):
+    """The one-liner `train --method smf` from a model without memory retrofits it first into <out>_retrofit
+    with the retrofit recipe, or reuses the retrofit found there if it was made from the same model and memory."""
+    out = args.out.rstrip("/") + "_retrofit"
+    meta = checkpoint_meta(out) if os.path.isdir(out) else None
+    if meta and meta.get("kind") == "memory":
+        path = lambda p: os.path.realpath(p) if is_local(p) else p
+        wanted = {"base model": path(args.model), **json.loads(json.dumps(dataclasses.asdict(mem_cfg)))}
+        found = {"base model": path(parent_of(out, meta)), **meta["memory"]}
+        for key in wanted:
+            if found[key] != wanted[key]:
+                raise UserError(f"the retrofit {out} has {key} {found[key]}, this run asks for {wanted[key]} — move "
+                                "it away to retrofit again, or choose another --out")
+        print(f"reusing the retrofit checkpoint {out}")
+        return out
+    print(f"{args.model} has no memory layers: retrofitting it first into {out}, with the retrofit recipe")
+    retrofit = build_parser().parse_args(["train", "--method", "retrofit", "--out", out])
+    retrofit.__dict__.update({name: getattr(args, name) for name in RETROFIT_CARRIES})
+    check_args(retrofit)
+    run_train(retrofit, args.device)
+    return out
+
+
 def run_train(args, device):
+    """Checks everything it can first (--out, data, probes), trains in a staging folder that also holds the
+    log, swaps the checkpoint in, prints a summary, and evaluates it when --eval-out is given."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    mem_cfg = memory_config(args, args.memory_mode)
-    meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method,
-            "train": dataclasses.asdict(cfg), "seed": cfg.seed}
-    parent = args.model
-    parent_memory = (checkpoint_meta(parent) or {}).get("memory") or dataclasses.asdict(mem_cfg)
-    if cfg.method == "smf" and cfg.top_t > parent_memory["n_keys"] ** 2:
-        raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has {parent_memory['n_keys'] ** 2} rows")
-    if cfg.method == "smf" and (checkpoint_meta(parent) or {}).get("kind") != "memory":
-        retrofit_dir = os.path.join(args.out, "retrofit")  # the one-liner: retrofit first, once
-        if checkpoint_meta(retrofit_dir):
-            print(f"reusing the retrofit checkpoint {retrofit_dir}")
-        else:
-            print(f"{parent} has no memory layers: retrofitting it first into {retrofit_dir}")
-            run_train(argparse.Namespace(**{**vars(args), "method": "retrofit", "out": retrofit_dir, "lr": None,
-                                            "epochs": None, "eval_out": None}), device)
-        parent = retrofit_dir
-    try:  # fail now, not after hours of training
-        os.makedirs(args.out, exist_ok=True)
+    cfg.lr, cfg.epochs = cfg.lr or METHOD_LR[cfg.method], cfg.epochs or (2 if cfg.method == "retrofit" else 3)
+    mem_cfg, start_meta = memory_config(args, args.memory_mode), checkpoint_meta(args.model) or {}
+    check_out(args.out, args.model, args.overwrite)
+    memory = chain_memory(args.model)
+    if memory and cfg.method in ("retrofit", "full"):
+        raise UserError(f"{args.model} already has memory layers — {cfg.method} starts from a model without "
+                        "memory; train this one with --method smf")
+    if cfg.method == "smf" and cfg.top_t > (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2:
+        raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has "
+                        f"{(memory or dataclasses.asdict(mem_cfg))['n_keys'] ** 2} rows")
+    stats_file = args.background_stats or (os.path.join(args.model, "background_stats.safetensors")
+                                           if start_meta.get("kind") == "smf" else None)  # SMF after SMF: reuse
+    if cfg.method == "retrofit":
+        texts = load_background(args.background, cfg.limit_train)
+    else:
+        texts = [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
+    bg_texts = load_background(args.background, cfg.background_examples) if cfg.method == "smf" and not stats_file \
+        else None
+    probes = load_probes(args) if args.eval_out else None
+    parent = retrofit_first(args, mem_cfg) if cfg.method == "smf" and not memory else args.model
+    smf_only, lora_only = ("selector", "top_t", "train_scale", "background_examples"), ("lora_r", "lora_alpha",
+                                                                                           "lora_dropout")
+    skip = {"smf": lora_only, "lora": smf_only}.get(cfg.method, smf_only + lora_only)  # record what applies
+    import transformers
+    meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method, "seed": cfg.seed,
+            "parent": os.path.relpath(parent, args.out) if is_local(parent) else parent,
+            "parent_sha256": fingerprint(parent),
+            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
+            "data": {"train": args.background if cfg.method == "retrofit" else args.medmcqa,
+                     **({"background": stats_file or args.background} if cfg.method == "smf" else {})},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    if cfg.method == "retrofit":
+        meta["memory"] = dataclasses.asdict(mem_cfg)
+    try:
+        with locked(args.out):
+            staged = staging_dir(args.out)  # the log is written beside the new checkpoint and moves in with it
+            shutil.rmtree(staged, ignore_errors=True)
+            os.makedirs(staged)
+            t0 = time.time()
+            try:
+                model, tokenizer, history, tensors, extra = train_and_collect(args, cfg, mem_cfg, parent, texts,
+                                                                              bg_texts, stats_file, staged, device)
+                meta["train"]["total_steps"] = len(history)
+                save_checkpoint(args.out, meta, tensors, model if cfg.method == "full" else None, tokenizer, extra)
+            finally:
+                shutil.rmtree(staged, ignore_errors=True)
     except OSError as e:
         raise UserError(f"cannot write to {args.out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
+    size = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
+    last = history[-1]
+    print(f"\n== {cfg.method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}\n"
+          f"   checkpoint {args.out} ({size / 2 ** 20:.1f} MB, kind {meta['kind']}, parent {meta['parent']})\n"
+          f"   log        {os.path.join(args.out, 'train_log.jsonl')}"
+          + (f"\n   rows updated per layer in the last step {last['rows_updated']}" if "rows_updated" in last else "")
+          + (f"\n   alpha per layer {last['alpha']}" if "alpha" in last else "")
+          + f"\n   evaluate:  python smf.py eval --model {args.out} --probe all")
+    if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
+        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": None,
+                                       "probe": "all"}), device, probes)
+    return model
+
+
+def train_and_collect(args, cfg, mem_cfg, parent, texts, bg_texts, stats_file, staged, device):
+    """Loads the parent, trains it, and returns what the checkpoint stores: for smf a patch of changed rows."""
     torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(parent, device)
     prepare_model(model, cfg.method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
-    if cfg.method == "retrofit":
-        texts = load_background(args.background, cfg.limit_train)
-        cfg.epochs = cfg.epochs or 2
-        meta["memory"] = dataclasses.asdict(mem_cfg)
-    else:
-        texts = [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
-    background = None
+    background, tensors, extra = None, None, None
     if cfg.method == "smf":
-        from safetensors.torch import load_file
-        n_layers = len(memory_blocks(model))
-        if args.background_stats:
-            t = load_file(args.background_stats)
-            background = [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(n_layers)]
-        else:
-            bg_texts = load_background(args.background, cfg.background_examples)
-            background = background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
+        n, blocks = memory_blocks(model)[0].memory.values.shape[0], memory_blocks(model)
+        background = read_background_stats(stats_file, len(blocks), n) if stats_file else \
+            background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
         background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background]
         values_before = {k: v.detach().clone() for k, v in memory_state(model).items() if k.endswith(".values")}
-    log_path = os.path.join(args.out, "train_log.jsonl")
-    history = train(model, tokenizer, texts, cfg, background, device, log_path)
-    print(f"trained {len(history)} steps; final loss {history[-1]['loss']:.4f}"
-          + (f"; alpha {history[-1]['alpha']}" if history[-1].get("alpha") else ""))
-    meta["parent"] = os.path.relpath(parent, args.out) if os.path.exists(parent) else parent  # found from the ckpt
-    tensors, extra = None, None
+    history = train(model, tokenizer, texts, cfg, background, device, os.path.join(staged, "train_log.jsonl"))
     if cfg.method == "retrofit":
         tensors = memory_state(model)
-    elif cfg.method == "smf":
+    elif cfg.method == "smf":  # the patch: changed rows only, and alpha with --train-scale
         tensors, state = {}, memory_state(model)
-        for key, before in values_before.items():  # key "<layer>.memory.values"; the patch: changed rows only
+        for key, before in values_before.items():  # key "<layer>.memory.values"
             i, after = key.split(".")[0], state[key].detach()
             tensors[f"{i}.index"] = index = changed_rows(before, after)
             tensors[f"{i}.rows"] = after[index]
             if cfg.train_scale:
                 tensors[f"{i}.alpha"] = state[f"{i}.alpha"]
-        stats = {"batches": torch.tensor(background[0].batches)}
-        for j, s in enumerate(background):
-            stats[f"{j}.df"], stats[f"{j}.reads"] = s.df.cpu(), s.reads.cpu()
-        extra = {"background_stats.safetensors": stats}
+        extra = {"background_stats.safetensors": write_background_stats(background)}
     elif cfg.method == "lora":
         tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules() if isinstance(m, LoRALinear)
                    for n in ("lora_A", "lora_B")}
-    save_checkpoint(args.out, meta, tensors, model if cfg.method == "full" else None, tokenizer, extra)
-    print(f"saved {meta['kind']} checkpoint to {args.out}")
-    if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
-        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": None,
-                                            "probe": "all"}), device)
-    return model
+    return model, tokenizer, history, tensors, extra
 
 
-def run_eval(args, device):
-    """Evaluates --model on the chosen probes, prints one line per probe, and writes the results JSON."""
+def write_background_stats(background):
+    """The tensors of background_stats.safetensors; read_background_stats below reads them back."""
+    stats = {"batches": torch.tensor(background[0].batches)}
+    for j, s in enumerate(background):
+        stats[f"{j}.df"], stats[f"{j}.reads"] = s.df.cpu(), s.reads.cpu()
+    return stats
+
+
+def read_background_stats(path, n_layers, n_rows):
+    from safetensors.torch import load_file
+    try:
+        t = load_file(path)
+        stats = [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(n_layers)]
+    except Exception as e:
+        raise UserError(f"background statistics {path} could not be read ({type(e).__name__}: {e}) — drop "
+                        "--background-stats to compute them") from e
+    if len(t) != 1 + 2 * n_layers or any(s.df.shape != (n_rows,) or s.reads.shape != (n_rows,) for s in stats):
+        raise UserError(f"background statistics {path} are for another memory (this one has {n_layers} layers of "
+                        f"{n_rows} rows) — drop --background-stats to compute them")
+    return stats
+
+
+def run_eval(args, device, probes=None):
+    """Evaluates --model on the chosen probes, prints one line per probe, and writes the results JSON (with
+    the probes that finished, and `unfinished`, if one fails)."""
+    names = PROBES if args.probe == "all" else (args.probe,)
+    probes = probes or load_probes(args, names)
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer = load_model(args.model, device, dtype)
     if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
         add_memory(model, memory_config(args, args.add_memory))
         model.to(dtype)
     results = {"model": args.model}
-    for probe in ["medmcqa", "wikitext", "triviaqa"] if args.probe == "all" else [args.probe]:
-        t0 = time.time()
-        if probe == "medmcqa":
-            rows = load_medmcqa(args.eval_medmcqa, "validation", args.limit)
-            r = eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter", args.batch_size)
-            line = f"acc {r['acc']:.4f}"
-        elif probe == "wikitext":
-            text = load_wikitext(args.wikitext, args.wikitext_config, args.limit)
-            r = eval_wikitext(model, tokenizer, text, batch_size=max(1, args.batch_size // 2))
-            line = f"ppl {r['ppl']:.4f} over {r['tokens']} tokens"
-        else:
-            r = eval_triviaqa(model, tokenizer, load_triviaqa(args.triviaqa, args.limit), 2 * args.batch_size)
-            line = f"alias-contains {r['alias_contains_acc']:.4f} exact-match {r['exact_match']:.4f}"
-        print(f"{probe:9s} {line}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
-        results[probe] = r
-    if args.out:
-        write_atomic(args.out, json.dumps(results, indent=2))
-        print(f"wrote {args.out}")
+    try:
+        for probe in names:
+            t0 = time.time()
+            if probe == "medmcqa":
+                r = eval_medmcqa(model, tokenizer, probes[probe], args.medmcqa_mode == "letter", args.batch_size)
+                line = f"acc {r['acc']:.4f}"
+            elif probe == "wikitext":
+                r = eval_wikitext(model, tokenizer, probes[probe], batch_size=max(1, args.batch_size // 2))
+                line = f"ppl {r['ppl']:.4f} over {r['tokens']} tokens"
+            else:
+                r = eval_triviaqa(model, tokenizer, probes[probe], 2 * args.batch_size)
+                line = f"alias-contains {r['alias_contains_acc']:.4f} exact-match {r['exact_match']:.4f}"
+            print(f"{probe:9s} {line}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
+            results[probe] = r
+    finally:
+        unfinished = [n for n in names if n not in results]
+        if args.out and len(results) > 1:
+            write_atomic(args.out, json.dumps({**results, **({"unfinished": unfinished} if unfinished else {})},
+                                              indent=2))
+            print(f"wrote {args.out}" + (f" without {', '.join(unfinished)}" if unfinished else ""))
     return results
 
 
@@ -1162,6 +1389,9 @@ def run_table(args, device=None):
         xs = [scale * r[probe][key] for r in (json.load(open(f)) for f in files) if probe in r]
         return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else None
 
+    if not glob.glob(os.path.join(args.results_dir, "*", "seed*", "eval.json")):
+        raise UserError(f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or point at "
+                        "its OUT folder")
     base = [summary("base", *col[1:]) for col in TABLE_COLUMNS]
     markdown = ["| row | n | " + " | ".join(f"{col[0]} | Δ" for col in TABLE_COLUMNS) + " |",
                 "|---" * (2 + 2 * len(TABLE_COLUMNS)) + "|"]
@@ -1187,93 +1417,162 @@ def run_table(args, device=None):
 
 
 class Parser(argparse.ArgumentParser):
+    def __init__(self, **kwargs):  # no abbreviations: `eval --medmcqa` must not silently mean --medmcqa-mode
+        super().__init__(**{"allow_abbrev": False, **kwargs})
+
     def error(self, message):  # a mistyped flag gets the same one-line error as every other mistake
         print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def _get_help_string(self, action):  # show each default unless there is none or the text gives it
+        text = action.help or ""
+        return text if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text else text + " (default: %(default)s)"
+
+
+def config_comments(cls):
+    """{field: the comment beside it in the source}: TrainConfig is the one place a setting is explained."""
+    comments, name = {}, None
+    for line in inspect.getsource(cls).splitlines()[1:]:
+        if match := re.match(r"\s+(\w+): [^#]*# (.*)", line):
+            name, comments[match[1]] = match[1], match[2]
+        elif line.strip().startswith("#") and name:
+            comments[name] += " " + line.strip("# ")
+    return comments
+
+
+CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf")}
+EXAMPLES = """examples:
+  python smf.py eval --model Qwen/Qwen2.5-0.5B-Instruct --probe all --out base.json
+  python smf.py train --method smf --selector kl        # retrofits the base into runs/smf_retrofit first
+  python smf.py train --method retrofit --memory-mode replacement --out runs/retro_repl
+  python smf.py train --method smf --model runs/retro_repl --selector tfidf --out runs/smf_repl_tfidf
+  python smf.py train --method lora --out runs/lora --eval-out runs/lora/eval.json
+  python smf.py bench --shape tiny
+  python smf.py table results/"""
+
+
 def build_parser():
-    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     memory = Parser(add_help=False)
-    memory.add_argument("--memory-layers", type=int, nargs="+", default=[6, 12, 18])
-    for name, default in (("keys", 128), ("heads", 4), ("key-dim", 256), ("topk", 16)):  # N = keys**2 rows
-        memory.add_argument(f"--memory-{name}", type=int, default=default)
-    data = Parser(add_help=False)
-    data.add_argument("--eval-medmcqa", "--medmcqa-eval", dest="eval_medmcqa", default="openlifescienceai/medmcqa")
-    data.add_argument("--wikitext", default="Salesforce/wikitext", help="hub id, or a local .txt/.jsonl/.parquet")
-    data.add_argument("--wikitext-config", default="wikitext-103-v1", choices=["wikitext-103-v1", "wikitext-2-raw-v1"])
-    data.add_argument("--triviaqa", default="mandarjoshi/trivia_qa")
-    data.add_argument("--medmcqa-mode", default="answer", choices=["answer", "letter"])
-    data.add_argument("--limit", type=int, default=1000, help="examples (lines for WikiText) per probe")
-    data.add_argument("--batch-size", type=int, default=16)
+    m = memory.add_argument_group("memory layers (a new memory: retrofit, or eval --add-memory)")
+    m.add_argument("--memory-layers", type=int, nargs="+", default=[6, 12, 18], help="0-based decoder layers")
+    m.add_argument("--memory-keys", type=int, default=128, help="sub-keys per half; the memory has keys**2 rows")
+    m.add_argument("--memory-heads", type=int, default=4, help="lookup heads, each with its own sub-keys")
+    m.add_argument("--memory-key-dim", type=int, default=256, help="query width per head (two halves)")
+    m.add_argument("--memory-topk", type=int, default=16, help="rows read per head per token")
 
-    e = sub.add_parser("eval", parents=[common, memory, data], help="evaluate a model on the probes")
-    e.add_argument("--model", default=DEFAULT_MODEL)
-    e.add_argument("--probe", default="all", choices=["medmcqa", "wikitext", "triviaqa", "all"])
-    e.add_argument("--medmcqa", dest="eval_medmcqa", help="local MedMCQA validation file (same as --eval-medmcqa)")
+    def probe_sources(parser, title):
+        g = parser.add_argument_group(title)
+        g.add_argument("--eval-medmcqa", default="openlifescienceai/medmcqa", help="MedMCQA probe (validation split)"
+                       ": hub id or local .jsonl/.json/.parquet")
+        g.add_argument("--wikitext", default="Salesforce/wikitext", help="WikiText probe (test split): hub id or "
+                       "local .txt/.jsonl/.json/.parquet")
+        g.add_argument("--wikitext-config", default="wikitext-103-v1", choices=["wikitext-103-v1",
+                       "wikitext-2-raw-v1"], help="hub config of --wikitext")
+        g.add_argument("--triviaqa", default="mandarjoshi/trivia_qa", help="TriviaQA probe (rc.nocontext "
+                       "validation): hub id or local file")
+        g.add_argument("--medmcqa-mode", default="answer", choices=["answer", "letter"],
+                       help="score ' L. option text' (the paper's) or the letter alone")
+        g.add_argument("--limit", type=int, default=1000, help="examples per probe (lines of WikiText)")
+        g.add_argument("--batch-size", type=int, default=16, help="MedMCQA questions per forward pass (TriviaQA: "
+                       "twice that, WikiText windows: half)")
+        return g
+
+    e = sub.add_parser("eval", parents=[common, memory], help="evaluate a model on the probes",
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
+    e.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint")
+    e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"])
     e.add_argument("--out", help="write the results as JSON here")
     e.add_argument("--add-memory", choices=["additive", "replacement"], help="add untrained memory first")
+    probe_sources(e, "probes")
 
-    t = sub.add_parser("train", parents=[common, memory, data], help="retrofit, smf, lora or full finetuning")
-    t.add_argument("--method", default="smf", choices=["retrofit", "smf", "lora", "full"])
-    t.add_argument("--model", default=DEFAULT_MODEL, help="base model, or a retrofit checkpoint for smf")
-    t.add_argument("--out", default=None, help="checkpoint folder (default runs/<method>)")
-    t.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"])
-    t.add_argument("--medmcqa", default="openlifescienceai/medmcqa", help="training data: hub id or local file")
-    t.add_argument("--background", default="OpenAssistant/oasst1", help="background corpus: hub id or local file")
-    t.add_argument("--background-stats", help="reuse the background_stats.safetensors of an earlier smf run")
-    t.add_argument("--selector", choices=["kl", "tfidf"])
-    t.add_argument("--top-t", type=int)
-    t.add_argument("--train-scale", action="store_true", help="smf: also train alpha")
-    t.add_argument("--background-examples", type=int, default=2000)
-    t.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
-    for name, typ in (("lr", float), ("epochs", float), ("max-steps", int), ("limit-train", int),
-                      ("forward-batch", int)):
-        t.add_argument(f"--{name}", type=typ)
-    for name, typ, default in (("micro-batch", int, 4), ("grad-accum", int, 4), ("max-len", int, 1024),
-                               ("warmup", int, 100), ("clip", float, 1.0), ("weight-decay", float, 0.0),
-                               ("lora-r", int, 16), ("lora-alpha", float, 32.0), ("lora-dropout", float, 0.05),
-                               ("seed", int, 0)):
-        t.add_argument(f"--{name}", type=typ, default=default)
-    t.add_argument("--eval-out", help="after training, evaluate the checkpoint (all probes) into this JSON")
+    t = sub.add_parser("train", parents=[common, memory], help="retrofit, smf, lora or full finetuning",
+                       formatter_class=HelpFormatter, epilog=EXAMPLES)
+    t.add_argument("--model", default=DEFAULT_MODEL, help="start from: a base model (hub id or folder), a retrofit "
+                   "or an smf checkpoint (smf)")
+    t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
+    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
+                   "is complete")
+    t.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"],
+                   help="mlp(x) + alpha*memory(x), or memory(x) instead of the FFN")
+    t.add_argument("--medmcqa", default="openlifescienceai/medmcqa", help="training data (train split): hub id or "
+                   "local file")
+    t.add_argument("--background", default="OpenAssistant/oasst1", help="background text: the retrofit's "
+                   "training data and the selectors' reference; hub id or local file")
+    t.add_argument("--background-stats", help="smf: reuse the background_stats.safetensors of an earlier smf run")
+    recipe, comments = t.add_argument_group("recipe (the paper's by default)"), config_comments(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):  # default None here: check_args sees what was given, then fills in
+        text = comments[f.name] + ("" if f.default is None or f.default is False else f" (default: {f.default})")
+        if f.type is bool:
+            recipe.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=text)
+        else:
+            recipe.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, choices=CHOICES.get(f.name), help=text)
+    probe_sources(t, "evaluation after training (only with --eval-out)").add_argument(
+        "--eval-out", help="after training, evaluate the checkpoint on all probes into this JSON")
 
-    b = sub.add_parser("bench", parents=[common], help="training and evaluation speed on a random-weight model")
+    b = sub.add_parser("bench", parents=[common], help="training and evaluation speed on a random-weight model",
+                       formatter_class=HelpFormatter)
     b.add_argument("--shape", default="tiny", choices=list(SHAPES))
     b.add_argument("--model", help="bench this model (hub id or folder) instead of a named shape")
     b.add_argument("--random-init", action="store_true", help="with --model: its architecture, random weights")
-    b.add_argument("--batch-size", type=int, default=None, help="default: 16 on a GPU, 4 on a CPU")
-    b.add_argument("--seq-len", type=int, default=None, help="default: 512 on a GPU, 256 on a CPU")
-    b.add_argument("--steps", type=int, default=5)
-    b.add_argument("--eval-n", type=int, default=32, help="questions for the eval throughput rows (0: skip them)")
-    b.add_argument("--eval-batch-size", type=int, default=16)
+    b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 on a CPU")
+    b.add_argument("--seq-len", type=int, help="tokens per sequence; default 512 on a GPU, 256 on a CPU")
+    b.add_argument("--steps", type=int, default=5, help="timed optimizer steps per method")
+    b.add_argument("--eval-n", type=int, default=32, help="questions per eval throughput row (0: skip them)")
+    b.add_argument("--eval-batch-size", type=int, default=16, help="the batched eval row's batch size")
 
-    tb = sub.add_parser("table", parents=[common], help="the results table from a run_all.sh folder")
-    tb.add_argument("results_dir")
+    tb = sub.add_parser("table", help="the results table of a run_all.sh folder", formatter_class=HelpFormatter)
+    tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
+    tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 
+RANGES = [  # (flags, test, what a good value is)
+    ("lr epochs lora_alpha", lambda v: 0 < v < math.inf, "> 0 and finite"),
+    ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t batch_size limit "
+     "memory_keys memory_heads memory_topk steps seq_len eval_batch_size", lambda v: v > 0, "> 0"),
+    ("clip weight_decay warmup eval_n", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_len", lambda v: v >= 2, ">= 2 (a text needs two tokens to have a target)"),
+    ("memory_key_dim", lambda v: v > 0 and v % 2 == 0, "even and > 0 (it is split in two halves)")]
+
+
 def check_args(args):
-    """Every bad value a user can give, caught before any model is loaded."""
-    positive = ["batch_size", "limit", "micro_batch", "grad_accum", "max_len", "max_steps", "limit_train", "epochs",
-                "background_examples", "lora_r", "forward_batch", "memory_keys", "memory_heads", "memory_topk",
-                "steps", "seq_len"]
-    for name in positive:
-        if getattr(args, name, None) is not None and getattr(args, name) <= 0:
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} must be positive, got {getattr(args, name)} — give a value > 0")
-    if getattr(args, "lr", None) is not None and args.lr <= 0:
-        raise UserError(f"--lr must be positive, got {args.lr} — give a learning rate > 0")
+    """Every bad value a user can give, caught before any model or data is loaded."""
+    for names, ok, need in RANGES:
+        for name in names.split():
+            if getattr(args, name, None) is not None and not ok(getattr(args, name)):
+                raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range — give a value "
+                                f"{need}")
+    if getattr(args, "memory_topk", 0) > getattr(args, "memory_keys", 1 << 30):
+        raise UserError(f"--memory-topk {args.memory_topk} exceeds --memory-keys {args.memory_keys} — lower it")
+    if len(set(getattr(args, "memory_layers", []))) != len(getattr(args, "memory_layers", [])):
+        raise UserError(f"--memory-layers {args.memory_layers} names a layer twice — give each layer once")
+    if args.command != "table":
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            raise UserError(f"--device {args.device} is not a device — use cpu, cuda or cuda:N") from e
+        n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+        if device.type == "cuda" and (n_gpus == 0 or (device.index or 0) >= n_gpus):
+            raise UserError(f"--device {args.device}: this torch sees {n_gpus} CUDA GPU(s) — use --device cpu, or a "
+                            "CUDA build of torch on a machine with a GPU")
+        if device.type not in ("cpu", "cuda"):
+            raise UserError(f"--device {args.device} is not supported — use cpu or cuda")
     if args.command == "train":
-        if args.method != "smf" and (args.selector or args.top_t or args.train_scale):
-            raise UserError(f"--selector/--top-t/--train-scale only apply to --method smf — drop them for "
-                            f"{args.method}")
-        args.selector, args.top_t = args.selector or "kl", 512 if args.top_t is None else args.top_t
-        if args.top_t <= 0:
-            raise UserError(f"--top-t must be positive, got {args.top_t} — give a number of rows > 0")
+        given = [f"--{n.replace('_', '-')}" for n in ("selector", "top_t", "train_scale", "background_stats")
+                 if getattr(args, n) is not None]
+        if args.method and args.method != "smf" and given:
+            raise UserError(f"{'/'.join(given)} only apply to --method smf — drop them for {args.method}")
+        for f in dataclasses.fields(TrainConfig):
+            if getattr(args, f.name) is None:
+                setattr(args, f.name, f.default)
         args.out = args.out or os.path.join("runs", args.method)
         if args.forward_batch and args.forward_batch % args.micro_batch:
             raise UserError(f"--forward-batch {args.forward_batch} is not a multiple of --micro-batch "
@@ -1281,23 +1580,24 @@ def check_args(args):
     if args.command == "bench":
         cuda = str(args.device).startswith("cuda")
         args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
-    if getattr(args, "memory_topk", None) and args.memory_topk > args.memory_keys:
-        raise UserError(f"--memory-topk {args.memory_topk} exceeds --memory-keys {args.memory_keys} — lower it")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command](args, args.device)
-    except UserError as e:
-        if args.debug:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command](args,
+                                                                                                 getattr(args, "device", "cpu"))
     except KeyboardInterrupt:
         print("error: interrupted — finished checkpoints and results are intact; rerun to continue", file=sys.stderr)
         sys.exit(130)
+    except Exception as e:  # the one-line promise holds for the unforeseen too
+        if args.debug:
+            raise
+        message = str(e) if isinstance(e, UserError) else (f"unexpected {type(e).__name__}: {str(e).strip()[:300]} — "
+                                                            "rerun with --debug for the traceback")
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        sys.exit(2 if isinstance(e, UserError) else 1)
 
 
 if __name__ == "__main__":
