@@ -1,5 +1,5 @@
 """Tests for smf.py: a tiny Qwen2 and synthetic data in the hub schemas, all built here, nothing downloaded."""
-import json, math, os, random, subprocess, sys, time
+import functools, json, math, os, random, subprocess, sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -696,3 +696,356 @@ def test_bench_prints_every_row(capsys):
     assert float(rows["full"][1]) > 0 and float(rows["smf"][1]) > 0 and rows["smf"][-1].endswith("%")
     ratio = float(out.split("2048 tokens, torch.float32): ")[1].split()[0])
     assert 0 < ratio < 1                                                 # memory cheaper than the FFN on a CPU
+
+
+# ----------------------------------------------------------------------------------------------- properties against
+# independent, naive references (each was checked by making its bug by hand and watching it fail)
+
+def test_get_lr_at_named_steps():
+    lr = lambda step: smf.get_lr(step, total=1000, peak=1e-3, warmup=100)
+    assert lr(0) == pytest.approx(1e-5) and lr(49) == pytest.approx(5e-4)              # linear warm-up
+    assert lr(99) == pytest.approx(1e-3) and lr(100) == pytest.approx(1e-3)             # peak
+    assert lr(550) == pytest.approx(5e-4)                                               # half-way down the cosine
+    assert lr(325) == pytest.approx(1e-3 * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr(1000) == pytest.approx(0.0, abs=1e-12) and 0 < lr(999) < 1e-8                 # the end
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_row_sparse_optimizer_equals_torch_per_row(optimizer):
+    """Each row moves as torch's optimizer would move it alone, over only the steps it was chosen."""
+    torch.manual_seed(0)
+    weight = torch.randn(6, 3)
+    sparse = smf.RowSparseAdamW([weight], weight_decay=0.1, sgd=optimizer == "sgd")
+    reference = [torch.nn.Parameter(weight[r].clone()) for r in range(6)]
+    make = (lambda p: torch.optim.AdamW([p], lr=1.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)) \
+        if optimizer == "adamw" else (lambda p: torch.optim.SGD([p], lr=1.0, weight_decay=0.1))
+    per_row = [make(p) for p in reference]
+    chosen = [[0, 2], [2, 3, 5], [0], [1, 2, 5], [2]]                  # row 4 is never chosen
+    for step, rows in enumerate(chosen):
+        lr = 0.01 * (step + 1)                                          # a changing learning rate
+        grads = torch.randn(len(rows), 3)
+        sparse.step([torch.tensor(rows)], [grads], lr)
+        for g, r in zip(grads, rows):
+            reference[r].grad = g.clone()
+            per_row[r].param_groups[0]["lr"] = lr
+            per_row[r].step()
+    for r in range(6):
+        assert torch.allclose(weight[r], reference[r].detach(), atol=1e-6), r
+
+
+def test_read_gate_blocks_value_gradients_of_reads_it_drops():
+    torch.manual_seed(0)
+    mem = smf.ProductKeyMemory(dim=16, n_keys=8, heads=2, key_dim=8, topk=3)
+    x = torch.randn(1, 10, 16)
+    plain = mem(x)
+    (plain * torch.arange(16.0)).sum().backward()
+    plain_grad, mem.values.grad = mem.values.grad.clone(), None
+    rows = mem.lookup(x[0])[1].flatten(1)                               # (10 tokens, 6 reads)
+    mem.read_hook = lambda r: torch.arange(10)[:, None].expand_as(r) < 4  # only the first 4 tokens' reads learn
+    gated = mem(x)
+    assert torch.allclose(gated, plain, atol=1e-6)                      # the output does not change
+    (gated * torch.arange(16.0)).sum().backward()
+    kept, dropped = set(rows[:4].flatten().tolist()), set(rows[4:].flatten().tolist())
+    only_dropped = sorted(dropped - kept)
+    assert only_dropped and mem.values.grad[only_dropped].abs().max() == 0
+    only_kept = sorted(kept - dropped)
+    assert only_kept and torch.allclose(mem.values.grad[only_kept], plain_grad[only_kept], atol=1e-6)
+    assert mem.values.grad[[r for r in range(64) if r not in kept]].abs().max() == 0
+
+
+def test_lookup_chooses_rows_in_fp32_even_in_bf16():
+    """A bf16 memory reads the rows an fp32 computation on the same (bf16-rounded) weights and input picks."""
+    torch.manual_seed(0)
+    mem32 = smf.ProductKeyMemory(dim=64, n_keys=32, heads=4, key_dim=32, topk=8)
+    mem16 = smf.ProductKeyMemory(dim=64, n_keys=32, heads=4, key_dim=32, topk=8).to(torch.bfloat16)
+    mem16.load_state_dict(mem32.state_dict())
+    mem32.load_state_dict({k: v.float() for k, v in mem16.state_dict().items()})
+    x = torch.randn(2000, 64).to(torch.bfloat16)
+    assert torch.equal(mem16.lookup(x)[1], mem32.lookup(x.float())[1])
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(mem32.lookup(x.float())[1], mem32.lookup(x.float())[1].clone())
+        assert torch.equal(mem32.lookup(x.float())[1], mem16.lookup(x)[1])
+
+
+def test_lora_forward_is_the_formula_and_dropout_sees_the_input():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 4)
+    lora = smf.LoRALinear(base, r=2, alpha=5.0, dropout=0.0)
+    torch.nn.init.normal_(lora.lora_A), torch.nn.init.normal_(lora.lora_B)
+    x = torch.randn(3, 6)
+    assert torch.allclose(lora(x), base(x) + (5.0 / 2) * x @ lora.lora_A.T @ lora.lora_B.T, atol=1e-6)
+    seen = []
+    lora.dropout = type("Recorder", (torch.nn.Module,), {"forward": lambda self, t: seen.append(t.shape) or t})()
+    lora(x)
+    assert seen == [x.shape]                                          # on the input (6 wide), not the output (4)
+    assert torch.allclose(lora.merged()(x), lora(x), atol=1e-6)
+
+
+def test_retrofit_trains_every_memory_tensor_and_alpha(tiny):
+    model, tok = load(tiny)
+    smf.prepare_model(model, "retrofit", TINY_MEM)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    texts = smf.load_background(tiny["background"])
+    smf.train(model, tok, texts, smf.TrainConfig(method="retrofit", lr=1e-2, warmup=0, max_steps=1))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    memory = {n for n in before if ".memory." in n or n.endswith(".alpha")}
+    assert moved == memory and len(memory) == 2 * 9    # keys, query w/b, values, w1 w/b, w2 w/b, alpha; per layer
+
+
+def test_background_stats_equal_a_brute_force_count(tiny):
+    model, tok = with_memory(tiny)
+    texts = smf.load_background(tiny["background"], 9)
+    stats = smf.background_stats(model, tok, texts, batch_size=4)
+    blocks = smf.memory_blocks(model)
+    df, reads = [torch.zeros(64, dtype=torch.long) for _ in blocks], [torch.zeros(64, dtype=torch.long) for _ in blocks]
+    for text in texts:                                                  # one forward per text, no padding
+        seen = {}
+        for j, b in enumerate(blocks):
+            b.memory.read_hook = lambda rows, j=j: seen.setdefault(j, rows)
+        model(input_ids=torch.tensor([tok(text)["input_ids"]]))
+        for j in range(len(blocks)):
+            reads[j] += torch.bincount(seen[j].flatten(), minlength=64)
+            df[j][seen[j].unique()] += 1
+    for j, s in enumerate(stats):
+        assert s.batches == 9 and torch.equal(s.reads, reads[j]) and torch.equal(s.df, df[j])
+        assert (s.df < s.reads).any()                                   # df and reads really differ here
+
+
+def test_training_sequences_are_the_texts_cut_at_max_len(tiny):
+    """The first step's loss equals a naive one: each text tokenized alone, cut at max_len, no EOS, no pads."""
+    model, tok = load(tiny)
+    reference, _ = load(tiny)
+    smf.prepare_model(model, "full")
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")][:16]
+    inputs = []
+    model.register_forward_pre_hook(lambda m, a, kw: inputs.append((kw["input_ids"], kw["attention_mask"])),
+                                    with_kwargs=True)
+    hist = smf.train(model, tok, texts, smf.TrainConfig(method="full", max_len=20, warmup=0, max_steps=1,
+                                                        micro_batch=4, grad_accum=4, forward_batch=4))
+    seqs = [tok(t)["input_ids"][:20] for t in texts]
+    assert sorted(ids[m.bool()].tolist() for batch, mask in inputs for ids, m in zip(batch, mask)) == sorted(seqs)
+    nll = sum(F.cross_entropy(logits(reference, torch.tensor([s]))[0, :-1], torch.tensor(s[1:]), reduction="sum")
+              for s in seqs)
+    assert hist[0]["loss"] == pytest.approx(nll.item() / sum(len(s) - 1 for s in seqs), rel=1e-5)
+    assert all(s[-1] != tok.eos_token_id for s in seqs) and max(map(len, seqs)) == 20
+
+
+@pytest.mark.parametrize("method", ["full", "smf"])
+def test_clipping_moves_the_weights_by_exactly_the_clip(tiny, method):
+    model, tok = with_memory(tiny, "replacement") if method == "smf" else load(tiny)
+    smf.prepare_model(model, method)
+    before = [p.detach().clone() for p in model.parameters()]
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
+    bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 8)) if method == "smf" else None
+    cfg = smf.TrainConfig(method=method, optimizer="sgd", lr=1.0, clip=1e-3, warmup=0, max_steps=1, top_t=8)
+    hist = smf.train(model, tok, texts, cfg, bg)
+    step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+    assert step == pytest.approx(1e-3, rel=1e-3) and hist[0]["grad_norm"] > 1e-2      # the norm before clipping
+
+
+def test_a_different_seed_gives_a_different_batch_order(tiny, tmp_path):
+    first_loss = {}
+    for seed in (1, 1, 2):   # full finetuning of a dropout-free model: only the batch order depends on the seed
+        out = tmp_path / f"s{seed}"
+        run(*train_args(tiny, out, "full", "--model", tiny["model"], "--max-steps", "1", "--seed", seed,
+                        "--overwrite", "--micro-batch", "2", "--grad-accum", "1"))
+        loss = json.loads(open(out / "train_log.jsonl").readline())["loss"]
+        assert first_loss.setdefault(seed, loss) == loss
+    assert first_loss[1] != first_loss[2]
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records the position_ids and attention_mask of every call."""
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+        def forward(**kw):
+            self.calls.append((kw.get("input_ids"), kw.get("position_ids"), kw.get("attention_mask")))
+            return model(**kw)
+        self.forward = functools.wraps(model.forward)(forward)          # keeps the signature (the cache's name)
+
+    def check_positions(self):
+        """Every real token sits at its position in its own unpadded sequence; no call lacks a mask."""
+        for ids, pos, mask in self.calls:
+            assert mask is not None and pos is not None
+            expected = (mask.cumsum(-1) - 1)[:, -ids.shape[1]:]           # the inputs are the last tokens of mask
+            real = mask[:, -ids.shape[1]:].bool()
+            assert torch.equal(pos[real], expected[real])
+
+
+@pytest.mark.parametrize("letter_only", [False, True])
+def test_medmcqa_scores_equal_a_naive_computation(tiny, letter_only):
+    model, tok = load(tiny)
+    rows = smf.load_medmcqa(tiny["medmcqa"], limit=7)
+    recorder = Recorder(model)
+    r = smf.eval_medmcqa(recorder, tok, rows, letter_only=letter_only, batch_size=3)
+    recorder.check_positions()
+    lengths = set()
+    for row, scores in zip(rows, r["scores"]):
+        prompt = tok(smf.medmcqa_prompt(row))["input_ids"]
+        for option in range(4):   # unbatched, uncached, unpadded: one forward of prompt + answer
+            ids = tok(smf.medmcqa_prompt(row) + smf.medmcqa_answer(row, option, letter_only))["input_ids"]
+            lp = logits(model, torch.tensor([ids]))[0].log_softmax(-1)
+            mean = sum(lp[t - 1, ids[t]].item() for t in range(len(prompt), len(ids))) / (len(ids) - len(prompt))
+            assert scores[option] == pytest.approx(mean, abs=1e-4)
+            lengths.add(len(ids) - len(prompt))
+    assert len(lengths) > (0 if letter_only else 2)                  # options of different lengths
+    assert r["predictions"] == [max(range(4), key=s.__getitem__) for s in r["scores"]]
+
+
+def test_greedy_generation_equals_an_uncached_loop(tiny):
+    model, tok = load(tiny)
+    qa = smf.load_triviaqa(tiny["triviaqa"], limit=8)
+    recorder = Recorder(model)
+    preds = smf.eval_triviaqa(recorder, tok, qa, batch_size=4, max_new_tokens=12)["predictions"]
+    recorder.check_positions()
+    for (question, _), pred in zip(qa, preds):
+        ids = tok(f"Question: {question}\nAnswer:")["input_ids"]
+        new = []
+        for _ in range(12):                                              # a full forward per new token
+            nxt = logits(model, torch.tensor([ids + new]))[0, -1].argmax().item()
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+        assert pred == tok.decode(new, skip_special_tokens=True)
+    assert len(set(preds)) > 1
+
+
+# ----------------------------------------------------------------------------------------------- runs a researcher
+# can trust: every run right or refused, no checkpoint lost
+
+SHORT = ["--max-steps", "2", "--limit-train", "16", "--lr", "1e-2"]
+
+
+def test_smf_continues_from_an_smf_checkpoint_and_memory_is_never_nested(tiny, tmp_path, capsys):
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    first = run(*train_args(tiny, tmp_path / "s1", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT))
+    assert "retrofitting" not in capsys.readouterr().out
+    second = run(*train_args(tiny, tmp_path / "s2", "smf", "--model", tmp_path / "s1", "--top-t", "4", *SHORT,
+                             "--seed", "5"))
+    assert "retrofitting" not in capsys.readouterr().out and not (tmp_path / "s2_retrofit").exists()
+    assert len(smf.memory_blocks(second)) == 2 and all(not smf.memory_blocks(b.memory) for b in smf.memory_blocks(second))
+    meta = smf.checkpoint_meta(str(tmp_path / "s2"))
+    assert meta["kind"] == "smf" and meta["parent"] == "../s1"
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 8, 9, 7]])
+    loaded, _ = smf.load_model(str(tmp_path / "s2"))
+    assert torch.equal(logits(loaded, ids), logits(second.eval(), ids))
+    assert not torch.equal(logits(loaded, ids), logits(first.eval(), ids))
+    assert "already has memory" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit", "--model", tmp_path / "s1"))
+    assert "already has memory" in error_of(capsys, *train_args(tiny, tmp_path / "x", "full", "--model", tmp_path / "r"))
+    assert "already has memory" in error_of(capsys, "eval", "--model", tmp_path / "r", "--add-memory", "additive",
+                                            "--probe", "wikitext", "--wikitext", tiny["wikitext"], *MEM)
+
+
+def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_path, capsys):
+    run(*train_args(tiny, tmp_path / "r", "retrofit", "--limit-train", "16"))
+    run(*train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", "--limit-train", "16"))
+    run(*train_args(tiny, tmp_path / "l", "lora", "--model", tiny["model"], "--limit-train", "16", "--epochs", "1"))
+    retrofit, smf_meta, lora = (smf.checkpoint_meta(str(tmp_path / n)) for n in "rsl")
+    assert (retrofit["train"]["lr"], retrofit["train"]["epochs"], retrofit["train"]["total_steps"]) == (5e-4, 2, 2)
+    assert (smf_meta["train"]["lr"], smf_meta["train"]["epochs"], smf_meta["train"]["total_steps"]) == (5e-4, 3, 3)
+    assert (lora["train"]["lr"], lora["train"]["epochs"], lora["train"]["total_steps"]) == (2e-4, 1, 1)
+    assert lora["train"]["warmup"] == 0 and "selector" not in lora["train"] and "top_t" not in lora["train"]
+    assert "lora_r" not in smf_meta["train"] and smf_meta["train"]["selector"] == "kl"
+    assert smf_meta["data"] == {"train": tiny["medmcqa"], "background": tiny["background"]}
+    assert retrofit["data"]["train"] == tiny["background"] and set(lora["versions"]) == {"torch", "transformers"}
+    assert smf_meta["parent_sha256"] == smf.fingerprint(str(tmp_path / "r"))
+    smf.load_model(str(tmp_path / "s"))
+    run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--overwrite",
+                    "--seed", "9"))
+    err = error_of(capsys, "eval", "--model", tmp_path / "s", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
+    assert "has changed since it was trained" in err
+
+
+def test_out_never_destroys_a_model(tiny, tmp_path, capsys):
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    run(*train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT))
+    snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    before = snapshot()
+    base = str(tmp_path / "base")
+    os.symlink(tiny["model"], base)
+    cases = [("smf", "r", "r", "is the model this run starts from"), ("smf", "s", "r", "is the model this run starts"),
+             ("smf", "s", "s", "is the model"), ("lora", base, base, "is the model"),
+             ("lora", tiny["model"], "s", "already holds a checkpoint — pass --overwrite"),
+             ("retrofit", tiny["model"], tmp_path, "holds files that are not an smf checkpoint")]
+    for method, model, out, message in cases:
+        extra = ["--top-t", "4"] if method == "smf" else []
+        assert message in error_of(capsys, *train_args(tiny, tmp_path / out, method, "--model", tmp_path / model,
+                                                       *extra, *SHORT, *["--overwrite"] * ("overwrite" not in message)))
+    assert snapshot() == before
+    smf.load_model(str(tmp_path / "s"))
+
+
+def test_a_second_run_into_the_same_out_is_refused(tiny, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    lock = tmp_path / ".ckpt.lock"
+    lock.write_text(str(os.getppid()))                                  # a live process holds it
+    err = error_of(capsys, *train_args(tiny, out, "lora", "--model", tiny["model"], *SHORT))
+    assert f"another run (process {os.getppid()}) is writing" in err and not out.exists()
+    lock.write_text("999999999")                                         # a dead one: the lock is stale
+    run(*train_args(tiny, out, "lora", "--model", tiny["model"], *SHORT))
+    assert not lock.exists() and smf.checkpoint_meta(str(out))["kind"] == "lora"
+
+
+def test_saved_files_have_normal_permissions_and_the_log_is_json(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    run(*train_args(tiny, out, "smf", "--model", tiny["model"], "--top-t", "4", *SHORT, "--lr", "1e30", "--clip", "0",
+                    "--max-steps", "1"))
+    (tmp_path / "plain").write_text("")
+    (tmp_path / "folder").mkdir()
+    mode = os.stat(tmp_path / "plain").st_mode & 0o777
+    for name in os.listdir(out):
+        assert os.stat(out / name).st_mode & 0o777 == mode, name
+    assert os.stat(out).st_mode & 0o777 == os.stat(tmp_path / "folder").st_mode & 0o777
+    for line in open(out / "train_log.jsonl"):
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in the log"))
+
+
+def test_a_run_that_cannot_learn_says_so(tiny, tmp_path, capsys):
+    run(*train_args(tiny, tmp_path / "l", "lora", "--model", tiny["model"], "--max-steps", "2", "--warmup", "100"))
+    err = capsys.readouterr().err
+    assert "warning: warm-up (100 steps) >= all 2 steps" in err
+    run(*train_args(tiny, tmp_path / "m", "lora", "--model", tiny["model"], "--max-steps", "2", "--warmup", "1"))
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_sources_are_checked_before_training(tiny, tmp_path, capsys):
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    run(*train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT))
+    stats = tmp_path / "s" / "background_stats.safetensors"
+    other = train_args(tiny, tmp_path / "x", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT,
+                       "--background-stats")
+    from safetensors.torch import load_file, save_file
+    t = load_file(stats)
+    save_file({**t, "0.df": t["0.df"][:10]}, tmp_path / "bad.safetensors")
+    assert "are for another memory" in error_of(capsys, *other, tmp_path / "bad.safetensors")
+    assert "could not be read" in error_of(capsys, *other, tmp_path / "nope.safetensors")
+    err = error_of(capsys, *train_args(tiny, tmp_path / "l", "lora", "--model", tiny["model"], *SHORT, "--eval-out",
+                                       tmp_path / "e.json", "--eval-medmcqa", tiny["medmcqa"], "--wikitext",
+                                       tiny["wikitext"], "--triviaqa", tmp_path / "missing.jsonl"))
+    assert err.startswith("error: --triviaqa: data file") and "does not exist" in err
+    assert not (tmp_path / "l").exists() and "train lora" not in capsys.readouterr().err     # nothing trained
+
+
+def test_eval_all_keeps_the_probes_that_finished(tiny, tmp_path, capsys, monkeypatch):
+    def broken(*a, **kw):
+        raise RuntimeError("CUDA out of memory\nsecond line")
+    monkeypatch.setattr(smf, "eval_triviaqa", broken)
+    out = tmp_path / "e.json"
+    err = error_of(capsys, "eval", "--model", tiny["model"], "--eval-medmcqa", tiny["medmcqa"], "--wikitext",
+                   tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4", "--out", out)
+    assert err == ("error: unexpected RuntimeError: CUDA out of memory second line — rerun with --debug for the "
+                   "traceback")
+    r = json.load(open(out))
+    assert r["unfinished"] == ["triviaqa"] and r["medmcqa"]["n"] == 4 and r["wikitext"]["tokens"] > 0
+
+
+def test_table_and_run_all_refuse_what_they_cannot_use(tiny, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert "holds no <row>/seed<S>/eval.json" in error_of(capsys, "table", tmp_path / "empty")
+    assert os.listdir(tmp_path / "empty") == []
+    for env, message in (({"ROWS": "base lora_typo"}, "unknown row 'lora_typo'"), ({"SEEDS": " "}, "SEEDS is empty")):
+        p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                           env={**smoke_env(tiny, tmp_path / "res"), **env})
+        assert p.returncode != 0 and message in p.stderr and not (tmp_path / "res").exists()
