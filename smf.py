@@ -1092,26 +1092,27 @@ def run_train(args, device):
     if cfg.method == "smf" and cfg.top_t > (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2:
         raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has "
                         f"{(memory or dataclasses.asdict(mem_cfg))['n_keys'] ** 2} rows")
-    stats_file = args.background_stats or (os.path.join(args.model, "background_stats.safetensors")
-                                           if start_meta.get("kind") == "smf" else None)  # SMF after SMF: reuse
     if cfg.method == "retrofit":
         texts = load_background(args.background, cfg.limit_train)
     else:
         texts = [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
-    bg_texts = load_background(args.background, cfg.background_examples) if cfg.method == "smf" and not stats_file \
-        else None
     probes = load_probes(args) if args.eval_out else None
     parent = retrofit_first(args, mem_cfg) if cfg.method == "smf" and not memory else args.model
+    stats_file = args.background_stats or next((f for f in [os.path.join(parent, "background_stats.safetensors")]
+                                                if cfg.method == "smf" and os.path.isfile(f)), None)  # the parent's
+    bg_texts = load_background(args.background, cfg.background_examples) if cfg.method == "retrofit" or (
+        cfg.method == "smf" and not stats_file) else None
     smf_only, lora_only = ("selector", "top_t", "train_scale", "background_examples"), ("lora_r", "lora_alpha",
                                                                                            "lora_dropout")
-    skip = {"smf": lora_only, "lora": smf_only}.get(cfg.method, smf_only + lora_only)  # record what applies
+    skip = {"smf": lora_only, "lora": smf_only, "retrofit": smf_only[:3] + lora_only}.get(cfg.method, smf_only +
+                                                                                           lora_only)  # what applies
     import transformers
     meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method, "seed": cfg.seed,
             "parent": os.path.relpath(parent, args.out) if is_local(parent) else parent,
             "parent_sha256": fingerprint(parent),
             "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
             "data": {"train": args.background if cfg.method == "retrofit" else args.medmcqa,
-                     **({"background": stats_file or args.background} if cfg.method == "smf" else {})},
+                     **({"background": stats_file or args.background} if cfg.method in ("retrofit", "smf") else {})},
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     if cfg.method == "retrofit":
         meta["memory"] = dataclasses.asdict(mem_cfg)
@@ -1158,8 +1159,10 @@ def train_and_collect(args, cfg, mem_cfg, parent, texts, bg_texts, stats_file, s
         background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background]
         values_before = {k: v.detach().clone() for k, v in memory_state(model).items() if k.endswith(".values")}
     history = train(model, tokenizer, texts, cfg, background, device, os.path.join(staged, "train_log.jsonl"))
-    if cfg.method == "retrofit":
+    if cfg.method == "retrofit":  # its background statistics too: every SMF run from it shares them
         tensors = memory_state(model)
+        extra = {"background_stats.safetensors": write_background_stats(
+            background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device))}
     elif cfg.method == "smf":  # the patch: changed rows only, and alpha with --train-scale
         tensors, state = {}, memory_state(model)
         for key, before in values_before.items():  # key "<layer>.memory.values"

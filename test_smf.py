@@ -948,7 +948,10 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert (lora["train"]["lr"], lora["train"]["epochs"], lora["train"]["total_steps"]) == (2e-4, 1, 1)
     assert lora["train"]["warmup"] == 0 and "selector" not in lora["train"] and "top_t" not in lora["train"]
     assert "lora_r" not in smf_meta["train"] and smf_meta["train"]["selector"] == "kl"
-    assert smf_meta["data"] == {"train": tiny["medmcqa"], "background": tiny["background"]}
+    stats = str(tmp_path / "r" / "background_stats.safetensors")     # made by the retrofit, shared by its SMF runs
+    assert smf_meta["data"] == {"train": tiny["medmcqa"], "background": stats}
+    assert retrofit["data"]["background"] == tiny["background"]
+    assert open(stats, "rb").read() == open(tmp_path / "s" / "background_stats.safetensors", "rb").read()
     assert retrofit["data"]["train"] == tiny["background"] and set(lora["versions"]) == {"torch", "transformers"}
     assert smf_meta["parent_sha256"] == smf.fingerprint(str(tmp_path / "r"))
     smf.load_model(str(tmp_path / "s"))
