@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# Reproduces every row of the results table (SPEC.md sec. 2) on one GPU, for each seed, then prints the table.
-# Every stage writes under $OUT/<row>/seed<S>/; a stage whose eval.json exists is skipped, so a rerun after a
-# crash or a killed job continues where it stopped. Override any setting below from the environment, e.g.
-#   SEEDS="0" ROWS="base lora" bash run_all.sh
+# Reproduces every row of the results table, for each seed, then prints the table. A stage is one row of one
+# seed (e.g. smf_additive_kl/seed0); it writes under $OUT/<row>/seed<S>/ and is finished when its eval.json holds
+# every probe, so a rerun after a crash or a killed job skips finished stages and continues.
+#   bash run_all.sh --list               the stages, one per line, each after the stage it needs
+#   SEEDS=0 ROWS="base lora" bash run_all.sh
+#   GPUS="0 1 2 3" bash run_all.sh       stages in parallel, one per GPU, each as soon as its retrofit is done
+#   STAGE=smf_additive_kl/seed0 bash run_all.sh    one stage (its retrofit must be finished): for a scheduler
+# Override any setting below from the environment.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}              # base model: hub id or local folder
 OUT=${OUT:-results}                                     # everything lands here
-SEEDS=${SEEDS-"0 1 2"}                                 # the paper uses three seeds
+SEEDS=${SEEDS-"0 1 2"}                                  # the paper uses three seeds
 ROWS=${ROWS-all}                                        # "all", or some of the names in ALL_ROWS below
+GPUS=${GPUS:-}                                          # slots run in parallel: GPU ids, or "cpu"; empty: one at a time
+STAGE=${STAGE:-}                                        # run only this stage (see --list)
 MEDMCQA=${MEDMCQA:-openlifescienceai/medmcqa}           # training data (split train): hub id or local file
 MEDMCQA_EVAL=${MEDMCQA_EVAL:-openlifescienceai/medmcqa} # MedMCQA probe (split validation)
 WIKITEXT=${WIKITEXT:-Salesforce/wikitext}               # WikiText probe (wikitext-103-v1 test)
@@ -23,7 +29,7 @@ MICRO_BATCH=${MICRO_BATCH:-4}                           # x GRAD_ACCUM = effecti
 GRAD_ACCUM=${GRAD_ACCUM:-4}
 FORWARD_BATCH=${FORWARD_BATCH:-}                        # sequences per forward pass; empty: a whole step (16)
 EVAL_BATCH=${EVAL_BATCH:-16}                            # MedMCQA questions per forward (TriviaQA: twice that)
-DEVICE=${DEVICE:-}                                      # empty: cuda when available
+DEVICE=${DEVICE:-}                                      # without GPUS: the device; empty: cuda when available
 TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command
 SMF_ARGS=${SMF_ARGS:-}                                  # extra flags for the SMF rows (e.g. --optimizer sgd --lr 2)
 PYTHON=${PYTHON:-python}
@@ -36,64 +42,123 @@ done
 [ -n "${SEEDS// /}" ] || { echo "error: SEEDS is empty — give one or more seeds, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
 [ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
 
-common=(--device "${DEVICE:-$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}")
-data=(--eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA" --limit "$EVAL_LIMIT"
-      --batch-size "$EVAL_BATCH")
-train=(--medmcqa "$MEDMCQA" --background "$BACKGROUND" --micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
-       --background-examples "$BACKGROUND_EXAMPLES" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
-       ${FORWARD_BATCH:+--forward-batch "$FORWARD_BATCH"}
-       ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
-mkdir -p "$OUT/logs"
-t_all=$(date +%s)
-
-# finished ROW SEED: its eval.json exists (written atomically) and holds every probe
-finished() { [ -f "$OUT/$1/seed$2/eval.json" ] && ! grep -q '"unfinished"' "$OUT/$1/seed$2/eval.json"; }
-
-# stage ROW SEED CMD...: skipped when finished
-stage() {
-  local row=$1 seed=$2; shift 2
-  local dir="$OUT/$row/seed$seed" log="$OUT/logs/${row}_seed$seed.log" t0
-  case " $ROWS " in *" $row "*) ;; *) return 0 ;; esac
-  if finished "$row" "$seed"; then echo "skip  $row seed $seed (finished)"; return 0; fi
-  mkdir -p "$dir"; t0=$(date +%s)
-  if ! "$@" >"$log" 2>&1; then
-    echo "FAILED stage $row seed $seed — see $log" >&2; tail -n 3 "$log" >&2; exit 1
-  fi
-  echo "done  $row seed $seed in $(( $(date +%s) - t0 ))s"
+# needs STAGE: the stage it starts from (an SMF row needs its retrofit), or "-"
+needs() {
+  local row=${1%/seed*} seed=${1#*/seed}
+  case $row in
+    smf_replacement_*) echo "retrofit_replacement/seed$seed" ;;
+    smf_additive*) echo "retrofit_additive/seed$seed" ;;
+    *) echo - ;;
+  esac
 }
 
-# train ROW SEED [FLAGS...]: trains into ROW/seedSEED/model and evaluates it; an existing checkpoint is only evaluated
-train_row() {
-  local row=$1 seed=$2; shift 2
-  local dir="$OUT/$row/seed$seed"
-  if [ -f "$dir/model/config.json" ]; then
-    $PYTHON smf.py eval --model "$dir/model" "${common[@]}" "${data[@]}" --out "$dir/eval.json"
-  else
-    $PYTHON smf.py train --out "$dir/model" --seed "$seed" "$@" "${common[@]}" "${train[@]}" "${data[@]}" \
-      --eval-out "$dir/eval.json"
-  fi
-}
-
-# smf ROW SEED MODE [FLAGS...]: sparse finetuning from the retrofit of MODE; TF-IDF reuses the KL run's statistics
-smf_row() {
-  local row=$1 seed=$2 mode=$3; shift 3
-  local parent="$OUT/retrofit_$mode/seed$seed/model" stats="$OUT/${row%_tfidf}_kl/seed$seed/model/background_stats.safetensors"
-  [ -f "$parent/config.json" ] || { echo "missing retrofit checkpoint $parent — run its row first" >&2; return 1; }
-  train_row "$row" "$seed" --method smf --model "$parent" "$@" $SMF_ARGS $([ -f "$stats" ] && echo --background-stats "$stats")
-}
-
+# the requested stages, in an order that respects every dependency (rows in ALL_ROWS order, seed by seed)
+STAGES=()
 for seed in $SEEDS; do
-  stage base "$seed" $PYTHON smf.py eval --model "$MODEL" "${common[@]}" "${data[@]}" --out "$OUT/base/seed$seed/eval.json"
-  for mode in additive replacement; do
-    stage "retrofit_$mode" "$seed" train_row "retrofit_$mode" "$seed" --method retrofit --model "$MODEL" --memory-mode "$mode"
+  for row in $ALL_ROWS; do
+    case " $ROWS " in *" $row "*) STAGES+=("$row/seed$seed") ;; esac
   done
-  for sel in kl tfidf; do
-    stage "smf_replacement_$sel" "$seed" smf_row "smf_replacement_$sel" "$seed" replacement --selector "$sel"
-    stage "smf_additive_$sel" "$seed" smf_row "smf_additive_$sel" "$seed" additive --selector "$sel"
-    stage "smf_additive_scale_$sel" "$seed" smf_row "smf_additive_scale_$sel" "$seed" additive --selector "$sel" --train-scale
+done
+if [ "${1:-}" = --list ]; then
+  for s in "${STAGES[@]}"; do [ "$(needs "$s")" = - ] && echo "$s" || echo "$s  after $(needs "$s")"; done
+  exit 0
+fi
+
+finished() { [ -f "$OUT/$1/eval.json" ] && ! grep -q '"unfinished"' "$OUT/$1/eval.json"; }
+
+# run_stage STAGE DEVICE: trains (unless its checkpoint exists) and evaluates one stage; output to its log
+run_stage() {
+  local row=${1%/seed*} seed=${1#*/seed} device=$2 dir="$OUT/$1"
+  local data=(--device "$device" --eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
+              --limit "$EVAL_LIMIT" --batch-size "$EVAL_BATCH")
+  local train=(--medmcqa "$MEDMCQA" --background "$BACKGROUND" --micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
+               --background-examples "$BACKGROUND_EXAMPLES" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
+               ${FORWARD_BATCH:+--forward-batch "$FORWARD_BATCH"} ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
+  local how=()
+  case $row in
+    base) $PYTHON smf.py eval --model "$MODEL" "${data[@]}" --out "$dir/eval.json"; return ;;
+    retrofit_*) how=(--method retrofit --model "$MODEL" --memory-mode "${row#retrofit_}") ;;
+    smf_*) local sel=${row##*_} parent="$OUT/$(needs "$1")/model"  # the retrofit's background statistics are reused
+           how=(--method smf --model "$parent" --selector "$sel" $SMF_ARGS)
+           case $row in *_scale_*) how+=(--train-scale) ;; esac ;;
+    lora|full) how=(--method "$row" --model "$MODEL") ;;
+  esac
+  if [ -f "$dir/model/config.json" ]; then   # trained before, its evaluation did not finish
+    $PYTHON smf.py eval --model "$dir/model" "${data[@]}" --out "$dir/eval.json"
+  else
+    $PYTHON smf.py train --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}" "${data[@]}" --eval-out "$dir/eval.json"
+  fi
+}
+
+# start STAGE SLOT: runs the stage in the background on a slot ("cpu", or a GPU id seen alone through
+# CUDA_VISIBLE_DEVICES); sets $started to its pid
+start() {
+  local log="$OUT/logs/${1/\//_}.log"
+  mkdir -p "$OUT/$1" "$OUT/logs"
+  echo "start ${1%/seed*} seed ${1#*/seed} on $2 at $(date +%T)"
+  if [ "$2" = cpu ]; then run_stage "$1" cpu >"$log" 2>&1 &
+  elif [ "$2" = default ]; then run_stage "$1" "$DEVICE" >"$log" 2>&1 &
+  else CUDA_VISIBLE_DEVICES=$2 run_stage "$1" cuda >"$log" 2>&1 &
+  fi
+  started=$!
+}
+
+[ -n "$DEVICE" ] || DEVICE=$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array
+  case " ${STAGES[*]} " in *" $STAGE "*) ;; *) echo "error: unknown stage '$STAGE' — see bash run_all.sh --list" >&2; exit 2 ;; esac
+  dep=$(needs "$STAGE")
+  if [ "$dep" != - ] && ! finished "$dep"; then
+    echo "error: stage $STAGE needs $dep, which has not finished — run STAGE=$dep first" >&2; exit 2
+  fi
+  finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
+  mkdir -p "$OUT/$STAGE" "$OUT/logs"
+  run_stage "$STAGE" "$DEVICE"
+  exit
+fi
+
+# The scheduler: each free slot takes the first stage whose dependency has finished. A failing stage stops new
+# starts; the running ones finish; then the script exits naming it.
+read -ra SLOTS <<< "${GPUS:-default}"
+declare -A pid_on=() stage_on=() t0_on=()
+todo=()
+for s in "${STAGES[@]}"; do
+  if finished "$s"; then echo "skip  ${s%/seed*} seed ${s#*/seed} (finished)"; else todo+=("$s"); fi
+done
+t_all=$(date +%s) failed=""
+while :; do
+  for slot in "${!SLOTS[@]}"; do   # reap the stages that ended
+    pid=${pid_on[$slot]:-}
+    [ -n "$pid" ] && ! kill -0 "$pid" 2>/dev/null || continue
+    s=${stage_on[$slot]} rc=0
+    wait "$pid" || rc=$?
+    unset "pid_on[$slot]"
+    if [ $rc -eq 0 ] && finished "$s"; then
+      echo "done  ${s%/seed*} seed ${s#*/seed} in $(( $(date +%s) - t0_on[$slot] ))s on ${SLOTS[$slot]}"
+    else
+      echo "FAILED stage ${s%/seed*} seed ${s#*/seed} — see $OUT/logs/${s/\//_}.log" >&2
+      tail -n 3 "$OUT/logs/${s/\//_}.log" >&2
+      failed="$failed $s"
+    fi
   done
-  stage lora "$seed" train_row lora "$seed" --method lora --model "$MODEL"
-  stage full "$seed" train_row full "$seed" --method full --model "$MODEL"
+  if [ -z "$failed" ]; then   # start what can start
+    for slot in "${!SLOTS[@]}"; do
+      [ -z "${pid_on[$slot]:-}" ] || continue
+      for i in "${!todo[@]}"; do
+        dep=$(needs "${todo[$i]}")
+        [ "$dep" = - ] || finished "$dep" || continue
+        start "${todo[$i]}" "${SLOTS[$slot]}"
+        pid_on[$slot]=$started stage_on[$slot]=${todo[$i]} t0_on[$slot]=$(date +%s)
+        unset "todo[$i]"; todo=("${todo[@]}")
+        break
+      done
+    done
+  fi
+  if [ ${#pid_on[@]} -eq 0 ]; then
+    [ -n "$failed" ] && { echo "stopped after the failure of:$failed (finished stages are kept; rerun to continue)" >&2; exit 1; }
+    [ ${#todo[@]} -eq 0 ] && break
+    echo "error: ${todo[*]} need stages that are neither finished nor in ROWS/SEEDS — add them" >&2; exit 2
+  fi
+  sleep 0.5
 done
 echo "all stages finished in $(( $(date +%s) - t_all ))s"
 $PYTHON smf.py table "$OUT"

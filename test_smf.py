@@ -674,6 +674,36 @@ def test_run_all_smoke(tiny, tmp_path):
     again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
     assert again.returncode == 0 and again.stdout.count("skip ") == 11 and "done " not in again.stdout
 
+    # two parallel slots: the same table, and stages that ran at the same time
+    env = {**smoke_env(tiny, tmp_path / "parallel"), "GPUS": "cpu cpu"}
+    parallel = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert open(tmp_path / "parallel" / "table.csv").read() == open(out / "table.csv").read()
+    running, most = 0, 0
+    for line in parallel.stdout.splitlines():
+        running += line.startswith("start ") - line.startswith("done ")
+        most = max(most, running)
+    assert most == 2 and parallel.stdout.count("done ") == 11
+
+
+def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
+    env = {**smoke_env(tiny, tmp_path / "res"), "SEEDS": "0 1"}
+    listed = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--list"], env=env, capture_output=True,
+                            text=True).stdout.splitlines()
+    assert len(listed) == 22 and listed[0] == "base/seed0"
+    for i, line in enumerate(listed):
+        if "  after " in line:
+            assert line.split("  after ")[1] in [l.split()[0] for l in listed[:i]]
+    assert "smf_additive_scale_tfidf/seed1  after retrofit_additive/seed1" in listed
+    one = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                         env={**env, "STAGE": "smf_additive_kl/seed1"})
+    assert one.returncode != 0 and one.stderr.strip().splitlines() == [
+        "error: stage smf_additive_kl/seed1 needs retrofit_additive/seed1, which has not finished — run "
+        "STAGE=retrofit_additive/seed1 first"]
+    one = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                         env={**env, "STAGE": "base/seed1"})
+    assert one.returncode == 0 and json.load(open(tmp_path / "res" / "base" / "seed1" / "eval.json"))["medmcqa"]
+
 
 def test_run_all_stops_at_a_failing_stage_and_resumes(tiny, tmp_path):
     env = {**smoke_env(tiny, tmp_path / "results"), "ROWS": "base lora", "TRIVIAQA": str(tmp_path / "missing.jsonl")}
