@@ -3,7 +3,7 @@
 Adds product-key memory layers to a Hugging Face causal LM, finetunes only the few memory value rows a
 batch reads most (ranked by a KL or TF-IDF selector against background text), and compares that with
 LoRA and full finetuning on three probes: MedMCQA accuracy (learning), WikiText perplexity and TriviaQA
-accuracy (forgetting). Every number comes from SPEC.md; every section below lifts out with its imports.
+accuracy (forgetting), with the paper's numbers as defaults; every section below lifts out with its imports.
 
     python smf.py eval  --model Qwen/Qwen2.5-0.5B-Instruct --probe all
     python smf.py train --method smf --selector kl
@@ -826,7 +826,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                   "tokens": n_tokens, "tokens_per_s": n_tokens / step_time}
         alphas = [round(b.alpha.item(), 6) for b in memory_blocks(model) if b.alpha is not None]
-        if alphas:  # the additive memory's reach scales with alpha: worth watching (SPEC.md sec. 4)
+        if alphas:  # the additive memory's reach, and its values' gradient, scale with alpha: worth watching
             record["alpha"] = alphas
         if smf:
             record["rows_updated"] = [len(u) for u in union]
