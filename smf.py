@@ -901,7 +901,7 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
         cache = DynamicCache()
         out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
                     **cache_kwargs(model, cache))
-        first = out.logits[:, -1].float().log_softmax(-1)                                # (Q, vocab)
+        after_prompt = out.logits[:, -1].float().log_softmax(-1)                         # (Q, vocab)
         cache.batch_repeat_interleave(4)
         c_ids, c_mask = pad_batch(options[4 * s:4 * (s + batch_size)], tokenizer.pad_token_id, device=device)
         c_pos = p_pos[:, -1:].repeat_interleave(4, 0) + 1 + torch.arange(c_ids.shape[1], device=device)
@@ -909,7 +909,7 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
         logits = model(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, use_cache=True,
                        **cache_kwargs(model, cache)).logits.float()                        # (4Q, C, vocab)
         rest = logits[:, :-1].log_softmax(-1).gather(-1, c_ids[:, 1:, None])[..., 0]     # (4Q, C - 1)
-        first_lp = first.gather(-1, c_ids[:, 0].view(-1, 4)).view(-1, 1)                  # (4Q, 1)
+        first_lp = after_prompt.gather(-1, c_ids[:, 0].view(-1, 4)).view(-1, 1)           # (4Q, 1)
         token_lp = torch.cat([first_lp, rest], dim=1)                                      # (4Q, C)
         scores += ((token_lp * c_mask).sum(1) / c_mask.sum(1)).tolist()                 # mean over real tokens
     preds = torch.tensor(scores).view(-1, 4).argmax(-1).tolist()
@@ -938,13 +938,13 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
     for b in tqdm(range(0, len(spans), batch_size), desc="wikitext", leave=False):
         chunk = spans[b:b + batch_size]  # left padding puts every window's scored tokens at the end
         x, mask = pad_batch([ids[s:e] for s, e, _ in chunk], tokenizer.pad_token_id, left=True, device=device)
-        keep = max(e - first for _, e, first in chunk) + 1  # logits only where a scored token is predicted
+        n_logits = max(e - scored_from for _, e, scored_from in chunk) + 1  # only where a scored token is predicted
         logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=keep).logits[:, :-1].float()                       # (B, keep - 1, vocab)
-        token_lp = logits.gather(-1, x[:, 1 - keep:, None])[..., 0] - logits.logsumexp(-1)
-        for i, (s, e, first) in enumerate(chunk):
-            nll -= token_lp[i, first - e:].double().sum().item()
-            count += e - first
+                       logits_to_keep=n_logits).logits[:, :-1].float()                   # (B, n_logits - 1, vocab)
+        token_lp = logits.gather(-1, x[:, 1 - n_logits:, None])[..., 0] - logits.logsumexp(-1)
+        for i, (s, e, scored_from) in enumerate(chunk):
+            nll -= token_lp[i, scored_from - e:].double().sum().item()
+            count += e - scored_from
     assert count == len(ids) - 1
     return {"ppl": math.exp(nll / count), "tokens": count,
             "protocol": f"token perplexity, window {window}, stride {stride}"}
@@ -964,8 +964,8 @@ def alias_contained(prediction, aliases):
 
 def exact_match(prediction, aliases):
     """The stricter metric: the generation up to its first newline, period or comma equals an alias."""
-    first = normalize_answer(re.split(r"[\n.,]", prediction, maxsplit=1)[0])
-    return first != "" and first in {normalize_answer(a) for a in aliases}
+    answer = normalize_answer(re.split(r"[\n.,]", prediction, maxsplit=1)[0])
+    return answer != "" and answer in {normalize_answer(a) for a in aliases}
 
 
 @torch.no_grad()
@@ -1308,7 +1308,7 @@ def run_bench(args, device):
         if is_cuda:
             torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            hist = train(model, _ByteTok(), examples, cfg, background, device)[2:]  # 2 warm-up steps
+            hist = train(model, IdsTokenizer(), examples, cfg, background, device)[2:]  # 2 warm-up steps
         step_s = sum(h["step_time"] for h in hist) / len(hist)
         tok_s = args.batch_size * args.seq_len / step_s
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, on a CPU
@@ -1364,7 +1364,7 @@ def run_bench(args, device):
               f"WikiText {len(tokenizer(text)['input_ids']) / wt:10.0f} tokens/s")
 
 
-class _ByteTok:
+class IdsTokenizer:
     """Stands in for a tokenizer when `bench` trains on random token ids (the ids are given as `texts`)."""
     eos_token_id, pad_token_id = 0, 0
     def __call__(self, ids):
@@ -1431,7 +1431,8 @@ class Parser(argparse.ArgumentParser):
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # show each default unless there is none or the text gives it
         text = action.help or ""
-        return text if any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text else text + " (default: %(default)s)"
+        no_default = any(action.default is v for v in (None, False, argparse.SUPPRESS))
+        return text if no_default or "default" in text else text + " (default: %(default)s)"
 
 
 def config_comments(cls):
@@ -1589,8 +1590,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command](args,
-                                                                                                 getattr(args, "device", "cpu"))
+        command = {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command]
+        command(args, getattr(args, "device", "cpu"))
     except KeyboardInterrupt:
         print("error: interrupted — finished checkpoints and results are intact; rerun to continue", file=sys.stderr)
         sys.exit(130)
