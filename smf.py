@@ -423,7 +423,8 @@ def locked(out):
     lock = staging_dir(out, "lock")
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        pid = int(open(lock).read())
+        with open(lock) as f:
+            pid = int(f.read())
         os.kill(pid, 0)  # raises if that process is gone: its lock is stale and is taken over below
         raise UserError(f"another run (process {pid}) is writing {out} — wait for it, or choose another --out")
     with open(lock, "w") as f:
@@ -1083,29 +1084,29 @@ def run_train(args, device):
     log, swaps the checkpoint in, prints a summary, and evaluates it when --eval-out is given."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.lr, cfg.epochs = cfg.lr or METHOD_LR[cfg.method], cfg.epochs or (2 if cfg.method == "retrofit" else 3)
-    mem_cfg, start_meta = memory_config(args, args.memory_mode), checkpoint_meta(args.model) or {}
+    mem_cfg = memory_config(args, args.memory_mode)
     check_out(args.out, args.model, args.overwrite)
     memory = chain_memory(args.model)
     if memory and cfg.method in ("retrofit", "full"):
         raise UserError(f"{args.model} already has memory layers — {cfg.method} starts from a model without "
                         "memory; train this one with --method smf")
-    if cfg.method == "smf" and cfg.top_t > (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2:
-        raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has "
-                        f"{(memory or dataclasses.asdict(mem_cfg))['n_keys'] ** 2} rows")
+    n_rows = (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2
+    if cfg.method == "smf" and cfg.top_t > n_rows:
+        raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has {n_rows} rows")
     if cfg.method == "retrofit":
         texts = load_background(args.background, cfg.limit_train)
     else:
         texts = [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
     probes = load_probes(args) if args.eval_out else None
     parent = retrofit_first(args, mem_cfg) if cfg.method == "smf" and not memory else args.model
-    stats_file = args.background_stats or next((f for f in [os.path.join(parent, "background_stats.safetensors")]
-                                                if cfg.method == "smf" and os.path.isfile(f)), None)  # the parent's
+    parent_stats = os.path.join(parent, "background_stats.safetensors")  # made by the retrofit, passed down
+    reuse = cfg.method == "smf" and os.path.isfile(parent_stats)
+    stats_file = args.background_stats or (parent_stats if reuse else None)
     bg_texts = load_background(args.background, cfg.background_examples) if cfg.method == "retrofit" or (
         cfg.method == "smf" and not stats_file) else None
-    smf_only, lora_only = ("selector", "top_t", "train_scale", "background_examples"), ("lora_r", "lora_alpha",
-                                                                                           "lora_dropout")
-    skip = {"smf": lora_only, "lora": smf_only, "retrofit": smf_only[:3] + lora_only}.get(cfg.method, smf_only +
-                                                                                           lora_only)  # what applies
+    selection, lora = ("selector", "top_t", "train_scale"), ("lora_r", "lora_alpha", "lora_dropout")
+    skip = {"retrofit": selection + lora, "smf": lora, "lora": selection + ("background_examples",)}.get(
+        cfg.method, selection + lora + ("background_examples",))  # record only the settings that apply
     import transformers
     meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method, "seed": cfg.seed,
             "parent": os.path.relpath(parent, args.out) if is_local(parent) else parent,
