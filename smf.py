@@ -896,7 +896,7 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
             options.append(ids[len(prompt):])
         prompts.append(prompt)
     scores = []
-    for s in tqdm(range(0, len(rows), batch_size), desc="medmcqa", leave=False):
+    for s in tqdm(range(0, len(rows), batch_size), desc="medmcqa"):
         p_ids, p_mask = pad_batch(prompts[s:s + batch_size], tokenizer.pad_token_id, left=True, device=device)
         p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)                                     # (Q, P)
         cache = DynamicCache()
@@ -936,7 +936,7 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
             break
         start += stride
     nll, count = 0.0, 0
-    for b in tqdm(range(0, len(spans), batch_size), desc="wikitext", leave=False):
+    for b in tqdm(range(0, len(spans), batch_size), desc="wikitext"):
         chunk = spans[b:b + batch_size]  # left padding puts every window's scored tokens at the end
         x, mask = pad_batch([ids[s:e] for s, e, _ in chunk], tokenizer.pad_token_id, left=True, device=device)
         n_logits = max(e - scored_from for _, e, scored_from in chunk) + 1  # only where a scored token is predicted
@@ -1004,7 +1004,7 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
     prompts = [f"Question: {q}\nAnswer:" for q, _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     preds = [None] * len(rows)
-    for b in tqdm(range(0, len(rows), batch_size), desc="triviaqa", leave=False):
+    for b in tqdm(range(0, len(rows), batch_size), desc="triviaqa"):
         idx = order[b:b + batch_size]
         for i, text in zip(idx, greedy_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
             preds[i] = text
