@@ -24,7 +24,6 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # -----------------------------------------------------------------------------------------------------------
 # Config
 
-
 @dataclass
 class MemoryConfig:
     layers: tuple = (6, 12, 18)   # 0-based decoder layers that get their own memory
@@ -34,7 +33,6 @@ class MemoryConfig:
     key_dim: int = 256            # query/key width, split into two halves of key_dim // 2
     topk: int = 16                # candidates per half, and rows read per head after re-ranking
     alpha_init: float = 0.01      # additive mode only: the learned per-layer scale starts here
-
 
 @dataclass
 class TrainConfig:  # the comments are the `train --help` texts
@@ -62,24 +60,19 @@ class TrainConfig:  # the comments are the `train --help` texts
     limit_train: int = None       # use only the first N training examples; default 60,000 MedMCQA, all OASST1
     seed: int = 0                 # shuffles the data (and the MedMCQA subset) and seeds every initialisation
 
-
 METHOD_LR = {"retrofit": 5e-4, "smf": 5e-4, "lora": 2e-4, "full": 5e-5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 class UserError(Exception):
     """A problem the user caused and can fix; the CLI prints it as one line `error: what — how to fix`."""
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Data: every source is a hub id by default or a local .jsonl/.json/.parquet/.txt file in the hub's schema
 
-
 def is_local(path):
     """A path on this machine (it exists, or is spelled like one) rather than a hub id."""
-    return os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith((".jsonl", ".json", ".parquet",
-                                                                                       ".txt")) or path.count("/") > 1
-
+    return (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
+            or path.endswith((".jsonl", ".json", ".parquet", ".txt")))
 
 def read_rows(source, hub_config=None, split="train"):
     """Rows of a data source as a list of dicts. Local files are read here; hub ids go through `datasets`."""
@@ -88,60 +81,50 @@ def read_rows(source, hub_config=None, split="train"):
             import datasets  # imported here so that `eval`/`bench` run where `datasets` is not installed
             return list(datasets.load_dataset(source, hub_config, split=split))
         except Exception as e:
-            raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — "
-                            "download it first, or pass a local file in the same schema") from e
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        raise UserError(f"data source {source} is a folder — give a .jsonl, .json, .parquet or .txt file")
+            raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, or pass "
+                            "a local file in the same schema") from e
+    path, kind = os.path.expanduser(source), source.rsplit(".", 1)[-1]
     if not os.path.isfile(path):
-        raise UserError(f"data file {source} does not exist — check the path")
+        raise UserError(f"data source {source} is a folder — give a .jsonl, .json, .parquet or .txt file"
+                        if os.path.isdir(path) else f"data file {source} does not exist — check the path")
+    if kind not in ("jsonl", "json", "parquet", "txt"):
+        raise UserError(f"data file {source} has an unknown format — use .jsonl, .json, .parquet or .txt")
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.endswith(".jsonl"):
-                return [json.loads(line) for line in f if line.strip()]
-            if path.endswith(".json"):
-                data = json.load(f)
-                data = data.get("data") if isinstance(data, dict) else data
-                if not isinstance(data, list):
-                    raise UserError(f"data file {source} holds no list of rows — write a JSON list of objects, "
-                                    'or {"data": [...]}')
-                return data
-            if path.endswith(".txt"):
-                return [{"text": line} for line in f.read().split("\n")]
-        if path.endswith(".parquet"):
+        if kind == "parquet":
             import pyarrow.parquet as pq
             return pq.read_table(path).to_pylist()
+        with open(path, encoding="utf-8") as f:
+            if kind == "txt":
+                return [{"text": line} for line in f.read().split("\n")]
+            data = [json.loads(line) for line in f if line.strip()] if kind == "jsonl" else json.load(f)
     except (ValueError, OSError, ImportError) as e:
         raise UserError(f"data file {source} could not be read ({e}) — is it complete and in that format?") from e
-    raise UserError(f"data file {source} has an unknown format — use .jsonl, .json, .parquet or .txt")
-
+    data = data.get("data") if isinstance(data, dict) else data
+    if not isinstance(data, list):
+        raise UserError(f'data file {source} holds no list of rows — write a JSON list of objects, or {{"data": [...]}}')
+    return data
 
 def check_fields(rows, fields, source):
     """Every row is an object holding each field in `fields` (name -> type); at least one row is left."""
     for i, row in enumerate(rows):
         for name, kind in fields.items():
             value = row.get(name) if isinstance(row, dict) else None
-            if value is None:
-                raise UserError(f"{source}: row {i} has no '{name}' field — the file must use the hub schema")
-            if not isinstance(value, kind):
-                raise UserError(f"{source}: row {i} has '{name}' of type {type(value).__name__}, not "
-                                f"{kind.__name__} — the file must use the hub schema")
+            if not isinstance(value, kind) or value is None:
+                found = "no such field" if value is None else f"type {type(value).__name__}"
+                raise UserError(f"{source}: row {i} has no '{name}' field of type {kind.__name__} ({found}) — the "
+                                "file must use the hub schema")
     if not rows:
         raise UserError(f"{source}: no examples left after filtering — check the file and the filters")
 
-
 def answer_index(cop, where):
     """MedMCQA's `cop` as 0..3 (0 = opa). Files written by other tools may hold "2" or 2.0: read those too."""
-    if not isinstance(cop, bool) and isinstance(cop, (int, float, str)):
-        with contextlib.suppress(ValueError):
-            if float(cop) in (0, 1, 2, 3):
-                return int(float(cop))
+    with contextlib.suppress(ValueError, TypeError):
+        if not isinstance(cop, bool) and float(cop) in (0, 1, 2, 3):
+            return int(float(cop))
     raise UserError(f"{where} has cop={cop!r} — cop must be an integer 0..3 (0 = opa)")
 
-
 def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
-    """Single-answer MedMCQA rows (`choice_type == "single"`; kept when the field is absent), shuffled with
-    `seed` when given, the first `limit` kept."""
+    """Single-answer rows (`choice_type == "single"`, kept when absent), shuffled with `seed`, the first `limit`."""
     rows = [r for r in read_rows(source, None, split) if not isinstance(r, dict) or
             r.get("choice_type", "single") == "single"]
     check_fields(rows, dict.fromkeys(("question", "opa", "opb", "opc", "opd"), str) | {"cop": object}, source)
@@ -150,35 +133,27 @@ def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=N
         random.Random(seed).shuffle(rows)
     return rows[:limit]
 
-
 def medmcqa_prompt(row):
     """The training text up to and including `Answer:`; the model must continue it with ` {L}. {option}`."""
     return (f"Medical exam question:\nQuestion: {row['question']}\nA. {row['opa']}\nB. {row['opb']}\n"
             f"C. {row['opc']}\nD. {row['opd']}\nAnswer:")
 
-
 def medmcqa_answer(row, option, letter_only=False):
-    letter = "ABCD"[option]
-    return f" {letter}" if letter_only else f" {letter}. {row['op' + 'abcd'[option]]}"
-
+    return f" {'ABCD'[option]}" + ("" if letter_only else f". {row['op' + 'abcd'[option]]}")
 
 def medmcqa_text(row):
     """One training example: prompt, gold answer, and the explanation line when there is one. No EOS is
-    appended anywhere (the published code appends none): an EOS would teach the model to stop early, which
-    moves the TriviaQA probe for a reason that is not forgetting."""
+    appended (the published code appends none): it would teach the model to stop early, which moves the
+    TriviaQA probe for a reason that is not forgetting."""
     text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
     return text + f"\nExplanation: {row['exp']}" if (row.get("exp") or "").strip() else text
-
 
 def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=1000):
     """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
     rows = read_rows(source, config, "test")
     check_fields(rows, {"text": str}, source)
-    lines = [r["text"].strip() for r in rows if r["text"].strip()][:limit]
-    if not lines:
-        raise UserError(f"{source}: no non-empty text lines — check the file")
+    check_fields(lines := [r["text"].strip() for r in rows if r["text"].strip()][:limit], {}, source)
     return "\n\n".join(lines)
-
 
 def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     """(question, aliases) pairs from the rc.nocontext validation split; aliases include the answer value."""
@@ -187,36 +162,30 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     out = []
     for i, r in enumerate(rows):
         aliases, value = r["answer"].get("aliases") or [], r["answer"].get("value") or ""
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases) or not isinstance(value, str):
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases + [value]):
             raise UserError(f"{source}: row {i} has answer aliases that are not a list of strings — the file must "
                             "use the hub schema")  # a string would become one alias per character
-        aliases = aliases + [value] if value else aliases
-        if not aliases:
+        if not (aliases := aliases + [value] if value else aliases):
             raise UserError(f"{source}: row {i} has no answer aliases — the file must use the hub schema")
         out.append((r["question"], aliases))
     return out
-
 
 def load_background(source="OpenAssistant/oasst1", limit=None):
     """OASST1 English assistant replies ranked 0 or 1, at least 50 characters: the general-text corpus."""
     rows = read_rows(source, None, "train")
     check_fields(rows, {"text": str}, source)
-    keep = [{"text": r["text"]} for r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") ==
-            "assistant" and r.get("rank", 0) in (0, 1) and len(r["text"]) >= 50]
-    check_fields(keep, {}, source)
-    return [r["text"] for r in keep[:limit]]
-
+    check_fields(texts := [r["text"] for r in rows if r.get("lang", "en") == "en" and len(r["text"]) >= 50 and
+                           r.get("role", "assistant") == "assistant" and r.get("rank", 0) in (0, 1)], {}, source)
+    return texts[:limit]
 
 def autocast(device):
     """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
     return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
 
-
 def sync(device):
     """Waits for the GPU so that wall-clock timings are true; returns None so `sync(d) or t` reads as t."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
-
 
 def pad_batch(seqs, pad_id, left=False, device="cpu"):
     """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
@@ -228,10 +197,8 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
         ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
     return ids.to(device), mask.to(device)
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
-
 
 class ProductKeyMemory(nn.Module):
     """N = n_keys**2 value rows, looked up without scoring all N: each head splits its query in two halves,
@@ -292,10 +259,8 @@ class ProductKeyMemory(nn.Module):
         out = self.w2(read.to(xf.dtype) * F.silu(self.w1(xf)))
         return out.view(x.shape)
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Attaching memory or LoRA to a Hugging Face model whose decoder blocks are model.model.layers[i].mlp
-
 
 class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood and sees the same input (after the post-attention norm)."""
@@ -310,14 +275,12 @@ class MemoryBlock(nn.Module):
         out = self.memory(x)
         return out if self.mlp is None else self.mlp(x) + self.alpha * out
 
-
 def decoder_layers(model):
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
         raise UserError(f"{type(model).__name__} has no model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-"
                         "style causal LM")
     return layers
-
 
 def add_memory(model, cfg: MemoryConfig):
     """Puts a fresh fp32 ProductKeyMemory beside (or instead of) the FFN at each of cfg.layers."""
@@ -338,17 +301,14 @@ def add_memory(model, cfg: MemoryConfig):
         layers[i].mlp = MemoryBlock(layers[i].mlp, memory, cfg.mode, cfg.alpha_init).to(device)
     return memory_blocks(model)
 
-
 def memory_blocks(model):
     return [m for m in model.modules() if isinstance(m, MemoryBlock)]
-
 
 def memory_state(model):
     """Memory tensors keyed by `layer.name`, for the small memory checkpoints."""
     layers = decoder_layers(model)
     return {f"{i}.{name}": t for i, layer in enumerate(layers) if isinstance(layer.mlp, MemoryBlock)
             for name, t in layer.mlp.named_parameters() if not name.startswith("mlp.")}
-
 
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B A dropout(x), with A kaiming-uniform and B zero, so at init y = base(x)."""
@@ -374,7 +334,6 @@ class LoRALinear(nn.Module):
             merged.bias.copy_(self.base.bias)
         return merged
 
-
 def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
     """Wraps every nn.Linear whose attribute name is in `targets`; returns {module path: LoRALinear}."""
     wrapped = {}
@@ -385,7 +344,6 @@ def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
                 wrapped[f"{path}.{name}"] = getattr(parent, name)
     return wrapped
 
-
 def merge_lora(model):
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -393,34 +351,28 @@ def merge_lora(model):
                 setattr(parent, name, child.merged())
     return model
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoints: small files on top of a parent model, written atomically, read back by load_model
 
-
 def write_atomic(path, text):
     """Writes a results file under a temporary name, then renames it: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(tmp, "w") as f:
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(f.name, path)
     except OSError as e:
         raise UserError(f"cannot write {path} ({e.strerror}: {e.filename}) — choose a writable --out") from e
 
-
-def staging_dir(out, suffix="tmp"):
-    """A sibling of `out` (same file system, so a rename moves it): a new checkpoint and its training log are
-    built there and replace `out` only when complete; `suffix="lock"` names the lock file."""
-    out = os.path.abspath(out)
-    return os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.{suffix}")
-
+def sibling(out, suffix):
+    """`.<name>.<suffix>` beside `out`, on its file system so that a rename moves it: "tmp" is where a new
+    checkpoint and its training log are built until complete, "lock" the lock of a run writing `out`."""
+    return os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.{suffix}")
 
 @contextlib.contextmanager
 def locked(out):
     """One run at a time per --out: a second run refuses instead of interleaving its files with the first's."""
-    lock = staging_dir(out, "lock")
+    lock = sibling(out, "lock")
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         with open(lock) as f:
@@ -434,46 +386,38 @@ def locked(out):
     finally:
         os.remove(lock)
 
-
 def check_out(out, start_model, overwrite):
     """Refuses, before anything runs, an --out whose replacement would destroy a model: the one this run
     starts from or any parent of it, a folder that is not an smf checkpoint, or (without --overwrite) one."""
     if os.path.realpath(out) in map(os.path.realpath, checkpoint_chain(start_model)):
         raise UserError(f"--out {out} is the model this run starts from, or one of its parents — choose a new folder")
-    if not os.path.isdir(out) or not os.listdir(out):
-        return
-    if checkpoint_meta(out) is None or any(os.path.isdir(os.path.join(out, n)) for n in os.listdir(out)):
-        raise UserError(f"--out {out} holds files that are not an smf checkpoint — choose a new or empty folder")
-    if not overwrite:
-        raise UserError(f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new one "
-                        "is complete), or choose a new folder")
-
+    if os.path.isdir(out) and os.listdir(out):
+        if checkpoint_meta(out) is None or any(os.path.isdir(os.path.join(out, n)) for n in os.listdir(out)):
+            raise UserError(f"--out {out} holds files that are not an smf checkpoint — choose a new or empty folder")
+        if not overwrite:
+            raise UserError(f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new "
+                            "one is complete), or choose a new folder")
 
 def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=None):
-    """`meta` names the kind (memory | smf | lora | full), the parent and every hyper-parameter. Small kinds
-    store `tensors` in weights.safetensors beside a config.json; `full` is a whole HF model folder whose
-    config.json carries the same `smf` entry; `extra` maps more file names to tensors. Everything is written
-    in staging_dir(out) (which may already hold the training log) and then swapped in: at every moment `out`
-    holds the old checkpoint or the new one, whole."""
+    """`meta` names the kind (memory | smf | lora | full), the parent and every setting. Small kinds store
+    `tensors` in weights.safetensors beside a config.json; `full` is a whole HF folder whose config.json has
+    the same `smf` entry; `extra` maps more file names to tensors. All is written in sibling(out, "tmp") (which
+    may hold the training log already), then swapped in: `out` always holds the old or the new one, whole."""
     from safetensors.torch import save_file
-    staged, umask = staging_dir(out), os.umask(0)
+    staged, old, umask, signals = sibling(out, "tmp"), sibling(out, "old"), os.umask(0), {signal.SIGINT, signal.SIGTERM}
     os.umask(umask)
     try:
         os.makedirs(staged, exist_ok=True)
         if model is not None:
             model.save_pretrained(staged)
             tokenizer.save_pretrained(staged)
-            with open(os.path.join(staged, "config.json")) as f:
-                config = json.load(f)
-        else:
-            extra, config = {"weights.safetensors": tensors, **(extra or {})}, {}
-        for name, named_tensors in (extra or {}).items():
+        for name, named_tensors in (({"weights.safetensors": tensors} if model is None else {}) | (extra or {})).items():
             save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(staged, name))
+        config = json.load(open(os.path.join(staged, "config.json"))) if model is not None else {}
         with open(os.path.join(staged, "config.json"), "w") as f:
             json.dump({**config, "smf": meta}, f, indent=2)
         for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
             os.chmod(os.path.join(staged, name), 0o666 & ~umask)
-        old, signals = staged + ".old", {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # no Ctrl-C between the two renames
         try:
             if os.path.exists(out):
@@ -491,35 +435,26 @@ def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=N
         raise UserError(f"cannot write to {out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
     finally:
         shutil.rmtree(staged, ignore_errors=True)
-    return out
-
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
     config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return None
-    with open(config) as f:
-        return json.load(f).get("smf")
-
+    return json.load(open(config)).get("smf") if os.path.isfile(config) else None
 
 def parent_of(path, meta):
     """A checkpoint's parent: relative to the checkpoint first (the folders can move together), else as written."""
     parent = os.path.join(path, meta["parent"])
     return parent if os.path.isfile(os.path.join(parent, "config.json")) else meta["parent"]
 
-
 def checkpoint_chain(path):
     """The local folders a model is built from: `path`, its parent, grandparent, ... (a hub id ends it)."""
     chain = []
     while is_local(path) and os.path.isfile(os.path.join(path, "config.json")) and path not in chain:
         chain.append(path)
-        meta = checkpoint_meta(path)
-        if meta is None or meta["kind"] == "full":
+        if (meta := checkpoint_meta(path)) is None or meta["kind"] == "full":
             break
         path = parent_of(path, meta)
     return chain
-
 
 def fingerprint(path):
     """sha256 of a local model's weight files (None for a hub id). A child checkpoint records its parent's, so
@@ -533,49 +468,55 @@ def fingerprint(path):
                 digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
 
+def smf_patch(before, model, train_scale):
+    """What an SMF checkpoint stores: per memory layer the value rows that changed (`<i>.index`, `<i>.rows`),
+    and alpha with train_scale. `before` maps "<i>.memory.values" to the parent's values; load_model applies it."""
+    patch, state = {}, memory_state(model)
+    for key, old in before.items():
+        i, new = key.split(".")[0], state[key].detach()
+        patch[f"{i}.index"] = index = (old != new).any(dim=1).nonzero()[:, 0]
+        patch[f"{i}.rows"] = new[index]
+        if train_scale:
+            patch[f"{i}.alpha"] = state[f"{i}.alpha"]
+    return patch
 
 def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes (parents loaded first)."""
-    local = is_local(path_or_id)
-    if local and not os.path.isdir(path_or_id):
-        raise UserError(f"model path {path_or_id} does not exist — check the path or give a hub id")
-    if local and not os.path.isfile(os.path.join(path_or_id, "config.json")):
-        raise UserError(f"{path_or_id} is neither a Hugging Face model nor an smf checkpoint (no config.json) — "
-                        "point --model at the folder holding config.json")
-    meta = checkpoint_meta(path_or_id) if local else None
-    if meta is None or meta["kind"] == "full":
+    local, name = is_local(path_or_id), path_or_id
+    if local and not os.path.isfile(os.path.join(name, "config.json")):
+        raise UserError(f"{name} is neither a Hugging Face model nor an smf checkpoint (no config.json) — point "
+                        "--model at the folder holding config.json" if os.path.isdir(name) else
+                        f"model path {name} does not exist — check the path or give a hub id")
+    if (meta := checkpoint_meta(name) if local else None) is None or meta["kind"] == "full":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path_or_id)
-            model = AutoModelForCausalLM.from_pretrained(path_or_id, dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"could not load model '{path_or_id}' ({str(e).splitlines()[0][:150]}) — check the "
-                            "path, or download the model while online") from e
+            raise UserError(f"could not load model '{name}' ({str(e).splitlines()[0][:150]}) — check the path, or "
+                            "download the model while online") from e
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
         return model.eval(), tokenizer
-    parent = parent_of(path_or_id, meta)
-    if is_local(parent) and not os.path.isfile(os.path.join(parent, "config.json")):
-        raise UserError(f"the parent {meta['parent']} of {path_or_id} is missing — restore it, or train "
-                        f"{path_or_id} again")
+    if is_local(parent := parent_of(name, meta)) and not os.path.isfile(os.path.join(parent, "config.json")):
+        raise UserError(f"the parent {meta['parent']} of {name} is missing — restore it, or train {name} again")
     if meta.get("parent_sha256") not in (None, fingerprint(parent)):
-        raise UserError(f"the parent {meta['parent']} of {path_or_id} has changed since it was trained — restore "
-                        f"that parent, or train {path_or_id} again")
+        raise UserError(f"the parent {meta['parent']} of {name} has changed since it was trained — restore that "
+                        f"parent, or train {name} again")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
     try:
-        tensors = load_file(os.path.join(path_or_id, "weights.safetensors"), device=str(device))
+        tensors = load_file(os.path.join(name, "weights.safetensors"), device=str(device))
     except Exception as e:
-        raise UserError(f"{path_or_id}/weights.safetensors is missing or damaged ({type(e).__name__}) — "
-                        "train the checkpoint again") from e
+        raise UserError(f"{name}/weights.safetensors is missing or damaged ({type(e).__name__}) — train the "
+                        "checkpoint again") from e
     with torch.no_grad():
         if meta["kind"] == "memory":
             add_memory(model, MemoryConfig(**{**meta["memory"], "layers": tuple(meta["memory"]["layers"])}))
-            state = memory_state(model)
-            if set(state) != set(tensors):
-                raise UserError(f"{path_or_id}: the memory tensors do not match its config — train it again")
+            if set(state := memory_state(model)) != set(tensors):
+                raise UserError(f"{name}: the memory tensors do not match its config — train it again")
             for k, t in state.items():
                 t.copy_(tensors[k])
-        elif meta["kind"] == "smf":  # a patch: the changed value rows (and alpha) of the parent's memory
+        elif meta["kind"] == "smf":  # the patch smf_patch wrote: changed value rows (and alpha) of the parent
             state = memory_state(model)
             for k, t in tensors.items():
                 if k.endswith(".rows"):
@@ -583,17 +524,13 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
                 elif k.endswith(".alpha"):
                     state[k].copy_(t)
         elif meta["kind"] == "lora":
-            lora = add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0)
-            for path, module in lora.items():
-                module.lora_A.copy_(tensors[path + ".lora_A"])
-                module.lora_B.copy_(tensors[path + ".lora_B"])
+            for path, module in add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0).items():
+                module.lora_A.copy_(tensors[path + ".lora_A"]), module.lora_B.copy_(tensors[path + ".lora_B"])
             merge_lora(model)
     return model.to(dtype).eval(), tokenizer
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Row selection (per memory layer): which value rows a micro-batch may update
-
 
 @dataclass
 class BackgroundStats:
@@ -601,20 +538,17 @@ class BackgroundStats:
     reads: torch.Tensor   # (N,) total background reads of row i
     batches: int          # B, the number of background batches
 
-
 def tfidf_scores(counts, background: BackgroundStats):
     """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches.
     counts (N,) for one micro-batch, or (G, N) for G of them."""
     tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     return tf * torch.log((background.batches + 1) / (background.df.double() + 1))
 
-
 def kl_scores(counts, background: BackgroundStats):
     """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads)."""
     p = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     q = (background.reads.double() + 1) / (background.reads.double() + 1).sum()
     return torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
-
 
 def select_rows(scores, counts, top_t):
     """Boolean mask of the top_t accessed rows by score, ties broken by lower row index; unaccessed rows are
@@ -623,13 +557,11 @@ def select_rows(scores, counts, top_t):
     best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_t]  # stable: index order
     return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
 
-
 def token_groups(mask, group_size):
     """(B*T,) the group of each token (sequence index // group_size), -1 for pads: micro-batches in training,
     single examples for the background statistics."""
     group = torch.arange(mask.shape[0], device=mask.device)[:, None] // group_size
     return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
-
 
 def count_reads(rows, group, n_groups, n_rows):
     """(n_groups, n_rows) how often the tokens of each group read each row; pads (group -1) never count."""
@@ -637,7 +569,6 @@ def count_reads(rows, group, n_groups, n_rows):
     key = group.clamp(min=0)[:, None] * n_rows + rows
     counts = torch.bincount(key.flatten(), weights=real.flatten().float(), minlength=n_groups * n_rows)
     return counts.view(n_groups, n_rows).long()
-
 
 @torch.no_grad()
 def select_reads(rows, group, n_groups, background, score_fn, top_t):
@@ -649,7 +580,6 @@ def select_reads(rows, group, n_groups, background, score_fn, top_t):
     chosen = select_rows(score_fn(counts, background), counts, top_t)
     return chosen[group.clamp(min=0)[:, None], rows] & (group >= 0)[:, None], chosen
 
-
 def gate_reads(rows, step_chosen, **select):
     """The read hook SMF installs in a memory layer for one forward pass (its inputs bound by the caller):
     select_reads, plus the rows any micro-batch chose added to `step_chosen` (N,) for the optimizer."""
@@ -657,13 +587,11 @@ def gate_reads(rows, step_chosen, **select):
     step_chosen |= chosen.any(0)
     return keep
 
-
 def add_background_reads(rows, group, n_examples, stats):
     """The read hook behind background_stats: df counts the examples that read a row, not the reads."""
     counts = count_reads(rows, group, n_examples, stats.df.shape[0])                   # (examples, N)
     stats.reads += counts.sum(0).cpu()
     stats.df += (counts > 0).sum(0).cpu()
-
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, device="cpu"):
@@ -686,10 +614,27 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
         b.memory.read_hook = None
     return stats
 
+def stats_tensors(stats):
+    """The content of background_stats.safetensors; read_background_stats reads it back."""
+    return {"batches": torch.tensor(stats[0].batches)} | {f"{j}.{k}": getattr(s, k).cpu() for j, s in
+                                                          enumerate(stats) for k in ("df", "reads")}
+
+def read_background_stats(path, model):
+    from safetensors.torch import load_file
+    n_layers, n_rows = len(memory_blocks(model)), memory_blocks(model)[0].memory.values.shape[0]
+    try:
+        t = load_file(path)
+        stats = [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(n_layers)]
+    except Exception as e:
+        raise UserError(f"background statistics {path} could not be read ({type(e).__name__}: {e}) — drop "
+                        "--background-stats to compute them") from e
+    if len(t) != 1 + 2 * n_layers or any(s.df.shape != (n_rows,) or s.reads.shape != (n_rows,) for s in stats):
+        raise UserError(f"background statistics {path} are for another memory (this one has {n_layers} layers of "
+                        f"{n_rows} rows) — drop --background-stats to compute them")
+    return stats
 
 # -----------------------------------------------------------------------------------------------------------
 # Training: one plain loop for every method
-
 
 def get_lr(step, total, peak, warmup):
     """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
@@ -697,7 +642,6 @@ def get_lr(step, total, peak, warmup):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
 
 def length_grouped_batches(lengths, batch, rng):
     """Shuffled batches of similar lengths, so padding wastes little: sort within random chunks of 64
@@ -711,7 +655,6 @@ def length_grouped_batches(lengths, batch, rng):
         batches += [part[i:i + batch] for i in range(0, len(part), batch)]
     rng.shuffle(batches)
     return batches
-
 
 class RowSparseAdamW:
     """AdamW (or SGD) that updates only the given rows of 2-D parameters. The moments and step count of a row
@@ -742,7 +685,6 @@ class RowSparseAdamW:
             update = (m_r / (1 - b1 ** t_r)[:, None]) / ((v_r / (1 - b2 ** t_r)[:, None]).sqrt() + self.eps)
             p.index_copy_(0, rows, (w * (1 - lr * self.wd) - lr * update).to(p.dtype))
 
-
 def clip_grads(grads, max_norm):
     """Scales the gradients in place so that their joint L2 norm is at most max_norm (0: no clipping)."""
     norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -750,7 +692,6 @@ def clip_grads(grads, max_norm):
         for g in grads:
             g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return float(norm)
-
 
 def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cpu", log_path=None,
           keep_selected=False):
@@ -767,6 +708,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         dense_opt = torch.optim.AdamW(dense, lr=lr_peak, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
                                       fused=str(device).startswith("cuda")) if dense else None
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd") if smf else None
+    background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
 
     # The texts as they are, cut at max_len; no EOS (see medmcqa_text). A text of one token has no target.
     examples = [e for e in (tokenizer(t)["input_ids"][: cfg.max_len] for t in texts[: cfg.limit_train]) if len(e) > 1]
@@ -845,7 +787,6 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     model.eval()
     return history
 
-
 def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
     """Adds what the method trains and freezes the rest: retrofit = every memory tensor; smf = the value
     tables (+ alpha with train_scale); lora = A and B; full = everything. On a GPU the frozen weights are
@@ -870,15 +811,12 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
         p.data = p.data.float() if p.requires_grad or not str(device).startswith("cuda") else p.data.bfloat16()
     return model
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
-
 
 def cache_kwargs(model, cache):
     """The KV-cache argument under its name in this transformers version (`cache` from 5.2x, else `past_key_values`)."""
     return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
 
 @torch.no_grad()
 def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
@@ -919,7 +857,6 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
             "scores": [scores[i:i + 4] for i in range(0, len(scores), 4)],
             "protocol": f"zero-shot, mean log-likelihood of {'letter' if letter_only else 'letter + option text'}"}
 
-
 @torch.no_grad()
 def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8):
     """Token perplexity with a sliding window: each window starts `stride` after the last and scores only the
@@ -950,24 +887,20 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
     return {"ppl": math.exp(nll / count), "tokens": count,
             "protocol": f"token perplexity, window {window}, stride {stride}"}
 
-
 def normalize_answer(s):
     """TriviaQA normalisation: lower case, drop articles, keep [a-z0-9 .-], collapse spaces."""
     s = re.sub(r"\b(a|an|the)\b", " ", s.lower())
     return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
-
 
 def alias_contained(prediction, aliases):
     """The paper's metric: some normalised alias occurs inside the normalised generation."""
     pred = normalize_answer(prediction)
     return any(a and a in pred for a in map(normalize_answer, aliases))
 
-
 def exact_match(prediction, aliases):
     """The stricter metric: the generation up to its first newline, period or comma equals an alias."""
     answer = normalize_answer(re.split(r"[\n.,]", prediction, maxsplit=1)[0])
     return answer != "" and answer in {normalize_answer(a) for a in aliases}
-
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
@@ -997,7 +930,6 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
     rows = [row[:row.index(eos)] if eos in row else row for row in torch.stack(out, 1).tolist()]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
-
 def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
     """Alias-containment accuracy (the paper's) and exact match, both from one greedy generation per question.
     Questions are batched by prompt length to waste little padding; answers do not depend on the batching."""
@@ -1013,62 +945,43 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
     return {"alias_contains_acc": sum(contained) / len(rows), "exact_match": sum(exact) / len(rows), "n": len(rows),
             "predictions": preds, "protocol": f"zero-shot greedy, {max_new_tokens} new tokens"}
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, eval, bench, table
 
+PROBES = ("medmcqa", "wikitext", "triviaqa")
+RETROFIT_CARRIES = ("model", "memory_layers", "memory_mode", "memory_keys", "memory_heads", "memory_key_dim",
+                    "memory_topk", "seed", "device", "micro_batch", "grad_accum", "forward_batch", "max_len",
+                    "background", "debug")  # all else follows the retrofit recipe, whatever the SMF run asked
 
 def memory_config(args, mode):
     return MemoryConfig(tuple(args.memory_layers), mode, args.memory_keys, args.memory_heads, args.memory_key_dim,
                         args.memory_topk)
 
-
-def chain_memory(path):
-    """The memory settings of the retrofit checkpoint `path` is built on, or None when it has no memory."""
-    metas = [checkpoint_meta(p) for p in checkpoint_chain(path)]
-    return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
-
-
-def changed_rows(before, after):
-    return (before != after).any(dim=1).nonzero()[:, 0]
-
-
-PROBES = ("medmcqa", "wikitext", "triviaqa")
-
-
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
-    loaders = {"medmcqa": ("eval-medmcqa", lambda: load_medmcqa(args.eval_medmcqa, "validation", args.limit)),
-               "wikitext": ("wikitext", lambda: load_wikitext(args.wikitext, args.wikitext_config, args.limit)),
-               "triviaqa": ("triviaqa", lambda: load_triviaqa(args.triviaqa, args.limit))}
+    loaders = {"medmcqa": ("eval-medmcqa", load_medmcqa, (args.eval_medmcqa, "validation", args.limit)),
+               "wikitext": ("wikitext", load_wikitext, (args.wikitext, args.wikitext_config, args.limit)),
+               "triviaqa": ("triviaqa", load_triviaqa, (args.triviaqa, args.limit))}
     data = {}
     for name in names:
-        flag, load = loaders[name]
+        flag, load, source = loaders[name]
         try:
-            data[name] = load()
+            data[name] = load(*source)
         except UserError as e:
             raise UserError(f"--{flag}: {e}") from e
     return data
 
-
-RETROFIT_CARRIES = ("model", "memory_layers", "memory_mode", "memory_keys", "memory_heads", "memory_key_dim",
-                    "memory_topk", "seed", "device", "micro_batch", "grad_accum", "forward_batch", "max_len",
-                    "background", "debug")  # all else follows the retrofit recipe, whatever the SMF run asked
-
-
 def retrofit_first(args, mem_cfg):
     """The one-liner `train --method smf` from a model without memory retrofits it first into <out>_retrofit
-    with the retrofit recipe, or reuses the retrofit found there if it was made from the same model and memory."""
+    with the retrofit recipe, or reuses the retrofit there if it was made from the same model and memory."""
     out = args.out.rstrip("/") + "_retrofit"
-    meta = checkpoint_meta(out) if os.path.isdir(out) else None
-    if meta and meta.get("kind") == "memory":
+    if os.path.isdir(out) and (meta := checkpoint_meta(out) or {}).get("kind") == "memory":
         path = lambda p: os.path.realpath(p) if is_local(p) else p
         wanted = {"base model": path(args.model), **json.loads(json.dumps(dataclasses.asdict(mem_cfg)))}
         found = {"base model": path(parent_of(out, meta)), **meta["memory"]}
-        for key in wanted:
-            if found[key] != wanted[key]:
-                raise UserError(f"the retrofit {out} has {key} {found[key]}, this run asks for {wanted[key]} — move "
-                                "it away to retrofit again, or choose another --out")
+        for key in (key for key in wanted if found[key] != wanted[key]):
+            raise UserError(f"the retrofit {out} has {key} {found[key]}, this run asks for {wanted[key]} — move it "
+                            "away to retrofit again, or choose another --out")
         print(f"reusing the retrofit checkpoint {out}")
         return out
     print(f"{args.model} has no memory layers: retrofitting it first into {out}, with the retrofit recipe")
@@ -1078,63 +991,72 @@ def retrofit_first(args, mem_cfg):
     run_train(retrofit, args.device)
     return out
 
-
 def run_train(args, device):
-    """Checks everything it can first (--out, data, probes), trains in a staging folder that also holds the
-    log, swaps the checkpoint in, prints a summary, and evaluates it when --eval-out is given."""
+    """Checks all it can first (--out, memory, data, probes), trains in a staging folder that holds the log too,
+    swaps the checkpoint in, prints a summary, and evaluates the checkpoint when --eval-out is given."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.lr, cfg.epochs = cfg.lr or METHOD_LR[cfg.method], cfg.epochs or (2 if cfg.method == "retrofit" else 3)
-    mem_cfg = memory_config(args, args.memory_mode)
+    mem_cfg, method = memory_config(args, args.memory_mode), cfg.method
     check_out(args.out, args.model, args.overwrite)
-    memory = chain_memory(args.model)
-    if memory and cfg.method in ("retrofit", "full"):
-        raise UserError(f"{args.model} already has memory layers — {cfg.method} starts from a model without "
-                        "memory; train this one with --method smf")
-    n_rows = (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2
-    if cfg.method == "smf" and cfg.top_t > n_rows:
+    memory = next((m["memory"] for m in map(checkpoint_meta, checkpoint_chain(args.model)) if m and m["kind"] ==
+                   "memory"), None)  # the settings of the retrofit the model is built on, if any
+    if memory and method in ("retrofit", "full"):
+        raise UserError(f"{args.model} already has memory layers — {method} starts from a model without memory; "
+                        "train this one with --method smf")
+    if method == "smf" and cfg.top_t > (n_rows := (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2):
         raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has {n_rows} rows")
-    if cfg.method == "retrofit":
-        texts = load_background(args.background, cfg.limit_train)
-    else:
-        texts = [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
+    texts = load_background(args.background, cfg.limit_train) if method == "retrofit" else \
+        [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
     probes = load_probes(args) if args.eval_out else None
-    parent = retrofit_first(args, mem_cfg) if cfg.method == "smf" and not memory else args.model
+    parent = retrofit_first(args, mem_cfg) if method == "smf" and not memory else args.model
     parent_stats = os.path.join(parent, "background_stats.safetensors")  # made by the retrofit, passed down
-    reuse = cfg.method == "smf" and os.path.isfile(parent_stats)
-    stats_file = args.background_stats or (parent_stats if reuse else None)
-    bg_texts = load_background(args.background, cfg.background_examples) if cfg.method == "retrofit" or (
-        cfg.method == "smf" and not stats_file) else None
+    stats_file = args.background_stats or (parent_stats if method == "smf" and os.path.isfile(parent_stats) else None)
+    bg_texts = load_background(args.background, cfg.background_examples) if method == "retrofit" or (
+        method == "smf" and not stats_file) else None
     selection, lora = ("selector", "top_t", "train_scale"), ("lora_r", "lora_alpha", "lora_dropout")
     skip = {"retrofit": selection + lora, "smf": lora, "lora": selection + ("background_examples",)}.get(
-        cfg.method, selection + lora + ("background_examples",))  # record only the settings that apply
+        method, selection + lora + ("background_examples",))  # record only the settings that apply
     import transformers
-    meta = {"kind": {"retrofit": "memory"}.get(cfg.method, cfg.method), "method": cfg.method, "seed": cfg.seed,
+    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
             "parent": os.path.relpath(parent, args.out) if is_local(parent) else parent,
-            "parent_sha256": fingerprint(parent),
-            "train": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip},
-            "data": {"train": args.background if cfg.method == "retrofit" else args.medmcqa,
-                     **({"background": stats_file or args.background} if cfg.method in ("retrofit", "smf") else {})},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
-    if cfg.method == "retrofit":
-        meta["memory"] = dataclasses.asdict(mem_cfg)
+            "parent_sha256": fingerprint(parent), "train": {k: v for k, v in vars(cfg).items() if k not in skip},
+            "data": {"train": args.background if method == "retrofit" else args.medmcqa,
+                     **({"background": stats_file or args.background} if method in ("retrofit", "smf") else {})},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            **({"memory": dataclasses.asdict(mem_cfg)} if method == "retrofit" else {})}
     try:
         with locked(args.out):
-            staged = staging_dir(args.out)  # the log is written beside the new checkpoint and moves in with it
+            staged, t0 = sibling(args.out, "tmp"), time.time()  # the log is written beside the new checkpoint
             shutil.rmtree(staged, ignore_errors=True)
             os.makedirs(staged)
-            t0 = time.time()
             try:
-                model, tokenizer, history, tensors, extra = train_and_collect(args, cfg, mem_cfg, parent, texts,
-                                                                              bg_texts, stats_file, staged, device)
-                meta["train"]["total_steps"] = len(history)
-                save_checkpoint(args.out, meta, tensors, model if cfg.method == "full" else None, tokenizer, extra)
+                torch.manual_seed(cfg.seed)
+                model, tokenizer = load_model(parent, device)
+                prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale,
+                              device)
+                if method == "smf":
+                    stats = read_background_stats(stats_file, model) if stats_file else \
+                        background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
+                    before = {k: v.detach().clone() for k, v in memory_state(model).items() if k.endswith(".values")}
+                history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
+                                os.path.join(staged, "train_log.jsonl"))
+                meta["train"]["total_steps"], tensors = len(history), None
+                if method == "retrofit":  # and its background statistics: every SMF run from it shares them
+                    tensors, stats = memory_state(model), background_stats(model, tokenizer, bg_texts, cfg.max_len,
+                                                                           device=device)
+                elif method == "smf":
+                    tensors = smf_patch(before, model, cfg.train_scale)
+                elif method == "lora":
+                    tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules()
+                               if isinstance(m, LoRALinear) for n in ("lora_A", "lora_B")}
+                extra = {"background_stats.safetensors": stats_tensors(stats)} if method in ("retrofit", "smf") else None
+                save_checkpoint(args.out, meta, tensors, model if method == "full" else None, tokenizer, extra)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
     except OSError as e:
         raise UserError(f"cannot write to {args.out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
-    size = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out))
-    last = history[-1]
-    print(f"\n== {cfg.method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
+    size, last = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)), history[-1]
+    print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
           f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}\n"
           f"   checkpoint {args.out} ({size / 2 ** 20:.1f} MB, kind {meta['kind']}, parent {meta['parent']})\n"
           f"   log        {os.path.join(args.out, 'train_log.jsonl')}"
@@ -1146,115 +1068,53 @@ def run_train(args, device):
                                        "probe": "all"}), device, probes)
     return model
 
-
-def train_and_collect(args, cfg, mem_cfg, parent, texts, bg_texts, stats_file, staged, device):
-    """Loads the parent, trains it, and returns what the checkpoint stores: for smf a patch of changed rows."""
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = load_model(parent, device)
-    prepare_model(model, cfg.method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
-    background, tensors, extra = None, None, None
-    if cfg.method == "smf":
-        n, blocks = memory_blocks(model)[0].memory.values.shape[0], memory_blocks(model)
-        background = read_background_stats(stats_file, len(blocks), n) if stats_file else \
-            background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
-        background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background]
-        values_before = {k: v.detach().clone() for k, v in memory_state(model).items() if k.endswith(".values")}
-    history = train(model, tokenizer, texts, cfg, background, device, os.path.join(staged, "train_log.jsonl"))
-    if cfg.method == "retrofit":  # its background statistics too: every SMF run from it shares them
-        tensors = memory_state(model)
-        extra = {"background_stats.safetensors": write_background_stats(
-            background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device))}
-    elif cfg.method == "smf":  # the patch: changed rows only, and alpha with --train-scale
-        tensors, state = {}, memory_state(model)
-        for key, before in values_before.items():  # key "<layer>.memory.values"
-            i, after = key.split(".")[0], state[key].detach()
-            tensors[f"{i}.index"] = index = changed_rows(before, after)
-            tensors[f"{i}.rows"] = after[index]
-            if cfg.train_scale:
-                tensors[f"{i}.alpha"] = state[f"{i}.alpha"]
-        extra = {"background_stats.safetensors": write_background_stats(background)}
-    elif cfg.method == "lora":
-        tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules() if isinstance(m, LoRALinear)
-                   for n in ("lora_A", "lora_B")}
-    return model, tokenizer, history, tensors, extra
-
-
-def write_background_stats(background):
-    """The tensors of background_stats.safetensors; read_background_stats below reads them back."""
-    stats = {"batches": torch.tensor(background[0].batches)}
-    for j, s in enumerate(background):
-        stats[f"{j}.df"], stats[f"{j}.reads"] = s.df.cpu(), s.reads.cpu()
-    return stats
-
-
-def read_background_stats(path, n_layers, n_rows):
-    from safetensors.torch import load_file
-    try:
-        t = load_file(path)
-        stats = [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(n_layers)]
-    except Exception as e:
-        raise UserError(f"background statistics {path} could not be read ({type(e).__name__}: {e}) — drop "
-                        "--background-stats to compute them") from e
-    if len(t) != 1 + 2 * n_layers or any(s.df.shape != (n_rows,) or s.reads.shape != (n_rows,) for s in stats):
-        raise UserError(f"background statistics {path} are for another memory (this one has {n_layers} layers of "
-                        f"{n_rows} rows) — drop --background-stats to compute them")
-    return stats
-
-
 def run_eval(args, device, probes=None):
     """Evaluates --model on the chosen probes, prints one line per probe, and writes the results JSON (with
     the probes that finished, and `unfinished`, if one fails)."""
     names = PROBES if args.probe == "all" else (args.probe,)
-    probes = probes or load_probes(args, names)
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    probes, dtype = probes or load_probes(args, names), torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer = load_model(args.model, device, dtype)
     if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
         add_memory(model, memory_config(args, args.add_memory))
         model.to(dtype)
+    evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter",
+                                                     args.batch_size),
+                "wikitext": lambda text: eval_wikitext(model, tokenizer, text, batch_size=max(1, args.batch_size // 2)),
+                "triviaqa": lambda rows: eval_triviaqa(model, tokenizer, rows, 2 * args.batch_size)}
     results = {"model": args.model}
     try:
         for probe in names:
-            t0 = time.time()
-            if probe == "medmcqa":
-                r = eval_medmcqa(model, tokenizer, probes[probe], args.medmcqa_mode == "letter", args.batch_size)
-                line = f"acc {r['acc']:.4f}"
-            elif probe == "wikitext":
-                r = eval_wikitext(model, tokenizer, probes[probe], batch_size=max(1, args.batch_size // 2))
-                line = f"ppl {r['ppl']:.4f} over {r['tokens']} tokens"
-            else:
-                r = eval_triviaqa(model, tokenizer, probes[probe], 2 * args.batch_size)
-                line = f"alias-contains {r['alias_contains_acc']:.4f} exact-match {r['exact_match']:.4f}"
-            print(f"{probe:9s} {line}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
+            t0, r = time.time(), evaluate[probe](probes[probe])
+            metrics = " ".join(f"{k} {r[k]:.4f}" for k in ("acc", "ppl", "alias_contains_acc", "exact_match") if k in r)
+            print(f"{probe:9s} {metrics}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
             results[probe] = r
     finally:
         unfinished = [n for n in names if n not in results]
         if args.out and len(results) > 1:
-            write_atomic(args.out, json.dumps({**results, **({"unfinished": unfinished} if unfinished else {})},
-                                              indent=2))
+            write_atomic(args.out, json.dumps(results | ({"unfinished": unfinished} if unfinished else {}), indent=2))
             print(f"wrote {args.out}" + (f" without {', '.join(unfinished)}" if unfinished else ""))
     return results
-
 
 SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions, and a small one
     "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-}
-
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
 
 def toy_tokenizer(texts, vocab_size=512):
     """A byte-level BPE trained on `texts` with Qwen's special tokens: for tests and `bench`, no download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>",
+                            "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
+class IdsTokenizer:
+    """Stands in for a tokenizer when `bench` trains on made-up token ids (given as the `texts`)."""
+    eos_token_id = pad_token_id = 0
+    __call__ = staticmethod(lambda ids: {"input_ids": list(ids)})
 
 def timed(fn, device, repeats=3):
     """Seconds per call of fn, after one warm-up call."""
@@ -1264,113 +1124,85 @@ def timed(fn, device, repeats=3):
         fn()
     return (sync(device) or time.perf_counter() - t0) / repeats
 
-
 def run_bench(args, device):
     """Training steps of every method on random tokens, the memory layer against the FFN, and eval speed."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
     import resource
-    is_cuda = str(device).startswith("cuda")
-    if args.model:
-        model_config = AutoConfig.from_pretrained(args.model)
-    else:
-        model_config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, args.seq_len))
+    cuda, B, T = str(device).startswith("cuda"), args.batch_size, args.seq_len
+    config = AutoConfig.from_pretrained(args.model) if args.model else Qwen2Config(**SHAPES[args.shape],
+                                                                                   max_position_embeddings=max(4096, T))
 
     def make_model():  # the named weights with --model (unless --random-init), else random ones
         if args.model and not args.random_init:
             return load_model(args.model, device)[0]
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(model_config)
-    L, d = model_config.num_hidden_layers, model_config.hidden_size
-    mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # 6, 12, 18 of 24
-    peak_flops = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-    gpu = torch.cuda.get_device_name() if is_cuda else "cpu"
-    peak = next((v for k, v in peak_flops.items() if k in gpu), None)
-    print(f"bench: {args.shape if not args.model else args.model} ({L} layers, hidden {d}) on {gpu}; "
-          f"batch {args.batch_size} x {args.seq_len} tokens, {args.steps} timed steps")
+            return AutoModelForCausalLM.from_config(config)
+    L, d = config.num_hidden_layers, config.hidden_size
+    mem_cfg, n = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4}))), 128 ** 2   # layers 6, 12, 18 of 24
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in gpu), None)
+    flops_per_token = 6 * sum(p.numel() for p in make_model().parameters()) + 12 * L * d * T  # plain transformer
     g = torch.Generator().manual_seed(0)
-    examples = [torch.randint(0, model_config.vocab_size, (args.seq_len,), generator=g).tolist()
-                for _ in range(args.batch_size * (args.steps + 2))]
-    print(f"{'method':10s} {'tokens/s':>10s} {'ms/step':>9s} {'peak mem':>10s} {'MFU':>6s} {'select':>7s}")
-    tokens_per_s = {}
-    n_params = sum(p.numel() for p in make_model().parameters())  # of the plain transformer, for MFU:
-    flops_per_token = 6 * n_params + 12 * L * d * args.seq_len     # 6 per parameter per token, plus attention
+    examples = [torch.randint(0, config.vocab_size, (T,), generator=g).tolist() for _ in range(B * (args.steps + 2))]
+    background = [BackgroundStats(torch.randint(0, 50, (n,), device=device), torch.randint(0, 500, (n,), device=device),
+                                  2000) for _ in mem_cfg.layers]
+    micro, tokens_per_s = math.gcd(4, B), {}  # SMF's micro-batches of 4, all in one forward pass
+    print(f"bench: {args.model or args.shape} ({L} layers, hidden {d}) on {gpu}; batch {B} x {T} tokens, {args.steps} "
+          f"timed steps\n{'method':10s} {'tokens/s':>10s} {'ms/step':>9s} {'peak mem':>10s} {'MFU':>6s} {'select':>7s}")
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
         model = make_model()
         if method == "smf" and not memory_blocks(model):
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
-        n = mem_cfg.n_keys ** 2
-        background = [BackgroundStats(torch.randint(0, 50, (n,), device=device),
-                                      torch.randint(0, 500, (n,), device=device), 2000) for _ in mem_cfg.layers]
-        micro = math.gcd(4, args.batch_size)  # SMF's micro-batches of 4, all in one forward pass
-        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=args.batch_size // micro, max_len=args.seq_len,
-                          max_steps=args.steps + 2, warmup=1)
-        if is_cuda:
+        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=B // micro, max_len=T, max_steps=args.steps + 2,
+                          warmup=1)
+        if cuda:
             torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            hist = train(model, IdsTokenizer(), examples, cfg, background, device)[2:]  # 2 warm-up steps
+            hist = train(model, IdsTokenizer(), examples, cfg, background, device)[2:]  # after 2 warm-up steps
         step_s = sum(h["step_time"] for h in hist) / len(hist)
-        tok_s = args.batch_size * args.seq_len / step_s
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the process's peak, on a CPU
-        mem = (torch.cuda.max_memory_allocated() if is_cuda else rss) / 2 ** 30
-        mfu = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "    -"
+        tokens_per_s[method] = tok_s = B * T / step_s
+        peak_mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        mfu, select = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "-", "-"
         if method == "smf":  # the selectors' own cost, timed apart so that training runs without host syncs
-            M, S = args.batch_size * args.seq_len, mem_cfg.heads * mem_cfg.topk
-            rows_read = torch.randint(0, n, (M, S), device=device)
-            group = torch.arange(M, device=device) // (micro * args.seq_len)
-            t_select = timed(lambda: select_reads(rows_read, group, cfg.grad_accum, background[0], kl_scores, 512),
-                             device)
-            select = len(mem_cfg.layers) * t_select / step_s
-        tokens_per_s[method] = tok_s
-        print(f"{method:10s} {tok_s:10.0f} {1000 * step_s:9.1f} {mem:8.2f}GB {mfu:>6s} "
-              + (f"{100 * select:6.1f}%" if method == "smf" else "      -"))
+            rows = torch.randint(0, n, (B * T, mem_cfg.heads * mem_cfg.topk), device=device)
+            group = torch.arange(B * T, device=device) // (micro * T)
+            t = timed(lambda: select_reads(rows, group, cfg.grad_accum, background[0], kl_scores, 512), device)
+            select = f"{100 * len(mem_cfg.layers) * t / step_s:.1f}%"
+        print(f"{method:10s} {tok_s:10.0f} {1000 * step_s:9.1f} {peak_mem / 2 ** 30:8.2f}GB {mfu:>6s} {select:>7s}")
         del model
     print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
 
     # one memory layer against the SwiGLU FFN beside it, at the real width (hidden 896, N = 16,384)
-    dt = torch.bfloat16 if is_cuda else torch.float32
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     ffn_in, ffn_out = nn.Linear(896, 2 * 4864, bias=False).to(device), nn.Linear(4864, 896, bias=False).to(device)
-    memory = ProductKeyMemory(896).to(device)
+    memory, swiglu = ProductKeyMemory(896).to(device), lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:])
+
     def fwd_bwd(f):
         with autocast(device):
             y = f(x)
         y.float().sum().backward()
-    swiglu = lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:])
     t_ffn, t_mem = timed(lambda: fwd_bwd(swiglu), device), timed(lambda: fwd_bwd(memory), device)
-    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens, {dt}): "
-          f"{t_mem / t_ffn:.2f} ({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
-
+    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens, "
+          f"{torch.bfloat16 if cuda else torch.float32}): {t_mem / t_ffn:.2f} ({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
     if not args.eval_n:
         return
     # evaluation throughput on synthetic prompts, batch size 1 against the default
-    words = "the of patient acute nerve blood which cell drug most common cause treatment".split()
-    rng = random.Random(0)
+    rng, words = random.Random(0), "the of patient acute nerve blood which cell drug most common cause treatment".split()
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    tokenizer = (AutoTokenizer.from_pretrained(args.model) if args.model
-                 else toy_tokenizer([sentence(50) for _ in range(200)], 400))
+    tokenizer = AutoTokenizer.from_pretrained(args.model) if args.model else toy_tokenizer([sentence(50)] * 200, 400)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = make_model().eval().to(dt)
-    mcq = [{"question": sentence(20), "opa": sentence(4), "opb": sentence(4), "opc": sentence(4), "opd": sentence(4),
-            "cop": 0} for _ in range(args.eval_n)]
-    tqa = [(sentence(12), ["x"]) for _ in range(args.eval_n)]
-    text = sentence(args.eval_n * 60)
+    model = make_model().eval().to(torch.bfloat16 if cuda else torch.float32)
+    mcq = [{"question": sentence(20), **{f"op{c}": sentence(4) for c in "abcd"}, "cop": 0} for _ in range(args.eval_n)]
+    tqa, text = [(sentence(12), ["x"]) for _ in range(args.eval_n)], sentence(args.eval_n * 60)
     for bs in (1, args.eval_batch_size):
         with contextlib.redirect_stderr(io.StringIO()):
             mq = args.eval_n / timed(lambda: eval_medmcqa(model, tokenizer, mcq, batch_size=bs), device, 1)
             tq = args.eval_n / timed(lambda: eval_triviaqa(model, tokenizer, tqa, batch_size=bs), device, 1)
-            wt = timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs), device, 1)
-        print(f"eval batch {bs:3d}: MedMCQA {mq:8.1f} q/s   TriviaQA {tq:8.1f} q/s   "
-              f"WikiText {len(tokenizer(text)['input_ids']) / wt:10.0f} tokens/s")
-
-
-class IdsTokenizer:
-    """Stands in for a tokenizer when `bench` trains on random token ids (the ids are given as `texts`)."""
-    eos_token_id, pad_token_id = 0, 0
-    def __call__(self, ids):
-        return {"input_ids": list(ids)}
-
+            wt = len(tokenizer(text)["input_ids"]) / timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs),
+                                                           device, 1)
+        print(f"eval batch {bs:3d}: MedMCQA {mq:8.1f} q/s   TriviaQA {tq:8.1f} q/s   WikiText {wt:10.0f} tokens/s")
 
 TABLE_ROWS = [  # (row name, results folder)
     ("Base", "base"), ("Retrofit (additive)", "retrofit_additive"), ("Retrofit (replacement)", "retrofit_replacement"),
@@ -1379,46 +1211,37 @@ TABLE_ROWS = [  # (row name, results folder)
     ("SMF additive +scale KL", "smf_additive_scale_kl"), ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf"),
     ("LoRA", "lora"), ("Full finetuning", "full")]
 TABLE_COLUMNS = [("MedMCQA acc", "medmcqa", "acc", 100), ("WikiText ppl", "wikitext", "ppl", 1),
-                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100),
-                 ("TriviaQA EM", "triviaqa", "exact_match", 100)]
-
+                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100), ("TriviaQA EM", "triviaqa", "exact_match", 100)]
 
 def run_table(args, device=None):
     """Mean ± sample std over the seeds found in RESULTS_DIR/<row>/seed*/eval.json, and the change vs Base."""
-    if not os.path.isdir(args.results_dir):
-        raise UserError(f"results folder {args.results_dir} does not exist — run run_all.sh first")
-
-    def summary(folder, probe, key, scale):  # (mean, sample std, n) over the seeds, or None
-        files = sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*", "eval.json")))
-        xs = [scale * r[probe][key] for r in (json.load(open(f)) for f in files) if probe in r]
-        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else None
-
-    if not glob.glob(os.path.join(args.results_dir, "*", "seed*", "eval.json")):
+    results = {folder: [json.load(open(f)) for f in sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*",
+                                                                                    "eval.json")))]
+               for _, folder in TABLE_ROWS}
+    if not any(results.values()):
         raise UserError(f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or point at "
                         "its OUT folder")
-    base = [summary("base", *col[1:]) for col in TABLE_COLUMNS]
-    markdown = ["| row | n | " + " | ".join(f"{col[0]} | Δ" for col in TABLE_COLUMNS) + " |",
-                "|---" * (2 + 2 * len(TABLE_COLUMNS)) + "|"]
-    csv_lines = [",".join(["row", "n"] + [f"{col[0]} {s}" for col in TABLE_COLUMNS for s in ("mean", "std", "delta")])]
+
+    def summary(folder, probe, key, scale):  # (mean, sample std, n) over the seeds, or None
+        xs = [scale * r[probe][key] for r in results[folder] if probe in r]
+        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else None
+    markdown = ["| row | n | " + " | ".join(f"{col[0]} | Δ" for col in TABLE_COLUMNS) + " |", "|---" * 10 + "|"]
+    csv = [",".join(["row", "n"] + [f"{col[0]} {s}" for col in TABLE_COLUMNS for s in ("mean", "std", "delta")])]
     for name, folder in TABLE_ROWS:
         cells, numbers, n = [], [], 0
-        for col, b in zip(TABLE_COLUMNS, base):
-            s = summary(folder, *col[1:])
-            delta = s[0] - b[0] if s and b else None
-            n = s[2] if s else n
+        for col in TABLE_COLUMNS:
+            s, b = summary(folder, *col[1:]), summary("base", *col[1:])
+            delta, n = s[0] - b[0] if s and b else None, s[2] if s else n
             cells += [f"{s[0]:.2f} ± {s[1]:.2f}" if s else "missing", "" if delta is None else f"{delta:+.2f}"]
-            numbers += [f"{s[0]:.4f}", f"{s[1]:.4f}"] if s else ["", ""]
-            numbers.append("" if delta is None else f"{delta:.4f}")
+            numbers += ([f"{s[0]:.4f}", f"{s[1]:.4f}"] if s else ["", ""]) + ["" if delta is None else f"{delta:.4f}"]
         markdown.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
-        csv_lines.append(",".join([name, str(n)] + numbers))
+        csv.append(",".join([name, str(n)] + numbers))
     write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(markdown) + "\n")
-    write_atomic(os.path.join(args.results_dir, "table.csv"), "\n".join(csv_lines) + "\n")
+    write_atomic(os.path.join(args.results_dir, "table.csv"), "\n".join(csv) + "\n")
     print("\n".join(markdown))
-
 
 # -----------------------------------------------------------------------------------------------------------
 # CLI
-
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):  # no abbreviations: `eval --medmcqa` must not silently mean --medmcqa-mode
@@ -1428,13 +1251,11 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
         sys.exit(2)
 
-
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action):  # show each default unless there is none or the text gives it
         text = action.help or ""
         no_default = any(action.default is v for v in (None, False, argparse.SUPPRESS))
         return text if no_default or "default" in text else text + " (default: %(default)s)"
-
 
 def config_comments(cls):
     """{field: the comment beside it in the source}: TrainConfig is the one place a setting is explained."""
@@ -1446,7 +1267,6 @@ def config_comments(cls):
             comments[name] += " " + line.strip("# ")
     return comments
 
-
 CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf")}
 EXAMPLES = """examples:
   python smf.py eval --model Qwen/Qwen2.5-0.5B-Instruct --probe all --out base.json
@@ -1456,7 +1276,6 @@ EXAMPLES = """examples:
   python smf.py train --method lora --out runs/lora --eval-out runs/lora/eval.json
   python smf.py bench --shape tiny
   python smf.py table results/"""
-
 
 def build_parser():
     p = Parser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
@@ -1537,7 +1356,6 @@ def build_parser():
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
-
 RANGES = [  # (flags, test, what a good value is)
     ("lr epochs lora_alpha", lambda v: 0 < v < math.inf, "> 0 and finite"),
     ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t batch_size limit "
@@ -1546,7 +1364,6 @@ RANGES = [  # (flags, test, what a good value is)
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_len", lambda v: v >= 2, ">= 2 (a text needs two tokens to have a target)"),
     ("memory_key_dim", lambda v: v > 0 and v % 2 == 0, "even and > 0 (it is split in two halves)")]
-
 
 def check_args(args):
     """Every bad value a user can give, caught before any model or data is loaded."""
@@ -1586,7 +1403,6 @@ def check_args(args):
         cuda = str(args.device).startswith("cuda")
         args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
 
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -1603,7 +1419,6 @@ def main(argv=None):
                                                             "rerun with --debug for the traceback")
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
-
 
 if __name__ == "__main__":
     main()

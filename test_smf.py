@@ -327,6 +327,9 @@ def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6, forward_batch=No
     return model, hist
 
 
+def changed_rows(before, after):
+    return (before != after).any(dim=1).nonzero()[:, 0]
+
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 def test_smf_updates_exactly_the_selected_rows(tiny, optimizer):
     init, _ = with_memory(tiny)
@@ -339,9 +342,9 @@ def test_smf_updates_exactly_the_selected_rows(tiny, optimizer):
     for j in range(2):
         sel1, sel2 = hist[0]["selected"][j], hist[1]["selected"][j]
         assert 0 < len(sel1) < 64 and 0 < len(sel2) < 64                          # a real subset of the rows
-        assert torch.equal(smf.changed_rows(v0[j], v1[j]), sel1)
-        assert torch.equal(smf.changed_rows(v1[j], v2[j]), sel2)
-        assert torch.equal(smf.changed_rows(v0[j], v2[j]), torch.unique(torch.cat([sel1, sel2])))
+        assert torch.equal(changed_rows(v0[j], v1[j]), sel1)
+        assert torch.equal(changed_rows(v1[j], v2[j]), sel2)
+        assert torch.equal(changed_rows(v0[j], v2[j]), torch.unique(torch.cat([sel1, sel2])))
         only1 = sel1[~torch.isin(sel1, sel2)]
         assert len(only1) > 0 and torch.equal(v1[j][only1], v2[j][only1])         # no drift through stale moments
         assert hist[1]["rows_updated"][j] == len(sel2)
@@ -572,7 +575,7 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     assert smf.load_medmcqa(write_jsonl(tmp_path / "s.jsonl", [{**good, "cop": "2"}])) == as_int
     assert smf.load_medmcqa(write_jsonl(tmp_path / "f.jsonl", [{**good, "cop": 2.0}])) == as_int
     assert as_int[0]["cop"] == 2 and type(as_int[0]["cop"]) is int
-    assert "'question' of type int, not str" in probe("medmcqa", write_jsonl(tmp_path / "q.jsonl", [{**good, "question": 7}]))
+    assert "no 'question' field of type str (type int)" in probe("medmcqa", write_jsonl(tmp_path / "q.jsonl", [{**good, "question": 7}]))
     assert "no examples left" in probe("medmcqa", write_jsonl(tmp_path / "multi.jsonl", [{**good, "choice_type": "multi"}]))
     (tmp_path / "broken.jsonl").write_text('{"question": "x", "opa"')
     assert "could not be read" in probe("medmcqa", tmp_path / "broken.jsonl")
@@ -585,7 +588,7 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     one_string = [{"question": "q?", "answer": {"aliases": "Paris", "value": "Paris"}}]  # not per-character aliases
     assert "not a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
     assert "'text'" in probe("wikitext", write_jsonl(tmp_path / "wiki.jsonl", [{"body": "x"}]))
-    assert "'text' of type list" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
+    assert "no 'text' field of type str (type list)" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
     assert "'text'" in error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"),
                                 "--background", write_jsonl(tmp_path / "bg.jsonl", [{"role": "assistant"}]))
 
