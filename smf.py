@@ -101,7 +101,8 @@ def read_rows(source, hub_config=None, split="train"):
         raise UserError(f"data file {source} could not be read ({e}) — is it complete and in that format?") from e
     data = data.get("data") if isinstance(data, dict) else data
     if not isinstance(data, list):
-        raise UserError(f'data file {source} holds no list of rows — write a JSON list of objects, or {{"data": [...]}}')
+        raise UserError(f"data file {source} holds no list of rows — write a JSON list of objects, or "
+                        '{"data": [...]}')
     return data
 
 def check_fields(rows, fields, source):
@@ -152,7 +153,8 @@ def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=
     """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
     rows = read_rows(source, config, "test")
     check_fields(rows, {"text": str}, source)
-    check_fields(lines := [r["text"].strip() for r in rows if r["text"].strip()][:limit], {}, source)
+    lines = [r["text"].strip() for r in rows if r["text"].strip()][:limit]
+    check_fields(lines, {}, source)  # at least one line
     return "\n\n".join(lines)
 
 def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
@@ -165,7 +167,8 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases + [value]):
             raise UserError(f"{source}: row {i} has answer aliases that are not a list of strings — the file must "
                             "use the hub schema")  # a string would become one alias per character
-        if not (aliases := aliases + [value] if value else aliases):
+        aliases = aliases + [value] if value else aliases
+        if not aliases:
             raise UserError(f"{source}: row {i} has no answer aliases — the file must use the hub schema")
         out.append((r["question"], aliases))
     return out
@@ -174,8 +177,9 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
     """OASST1 English assistant replies ranked 0 or 1, at least 50 characters: the general-text corpus."""
     rows = read_rows(source, None, "train")
     check_fields(rows, {"text": str}, source)
-    check_fields(texts := [r["text"] for r in rows if r.get("lang", "en") == "en" and len(r["text"]) >= 50 and
-                           r.get("role", "assistant") == "assistant" and r.get("rank", 0) in (0, 1)], {}, source)
+    texts = [r["text"] for r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") == "assistant"
+             and r.get("rank", 0) in (0, 1) and len(r["text"]) >= 50]
+    check_fields(texts, {}, source)  # at least one text
     return texts[:limit]
 
 def autocast(device):
@@ -411,7 +415,8 @@ def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=N
         if model is not None:
             model.save_pretrained(staged)
             tokenizer.save_pretrained(staged)
-        for name, named_tensors in (({"weights.safetensors": tensors} if model is None else {}) | (extra or {})).items():
+        files = ({"weights.safetensors": tensors} if model is None else {}) | (extra or {})
+        for name, named_tensors in files.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(staged, name))
         config = json.load(open(os.path.join(staged, "config.json"))) if model is not None else {}
         with open(os.path.join(staged, "config.json"), "w") as f:
@@ -487,7 +492,8 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         raise UserError(f"{name} is neither a Hugging Face model nor an smf checkpoint (no config.json) — point "
                         "--model at the folder holding config.json" if os.path.isdir(name) else
                         f"model path {name} does not exist — check the path or give a hub id")
-    if (meta := checkpoint_meta(name) if local else None) is None or meta["kind"] == "full":
+    meta = checkpoint_meta(name) if local else None
+    if meta is None or meta["kind"] == "full":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
@@ -497,7 +503,8 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
                             "download the model while online") from e
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
         return model.eval(), tokenizer
-    if is_local(parent := parent_of(name, meta)) and not os.path.isfile(os.path.join(parent, "config.json")):
+    parent = parent_of(name, meta)
+    if is_local(parent) and not os.path.isfile(os.path.join(parent, "config.json")):
         raise UserError(f"the parent {meta['parent']} of {name} is missing — restore it, or train {name} again")
     if meta.get("parent_sha256") not in (None, fingerprint(parent)):
         raise UserError(f"the parent {meta['parent']} of {name} has changed since it was trained — restore that "
@@ -979,9 +986,10 @@ def retrofit_first(args, mem_cfg):
         path = lambda p: os.path.realpath(p) if is_local(p) else p
         wanted = {"base model": path(args.model), **json.loads(json.dumps(dataclasses.asdict(mem_cfg)))}
         found = {"base model": path(parent_of(out, meta)), **meta["memory"]}
-        for key in (key for key in wanted if found[key] != wanted[key]):
-            raise UserError(f"the retrofit {out} has {key} {found[key]}, this run asks for {wanted[key]} — move it "
-                            "away to retrofit again, or choose another --out")
+        for key in wanted:
+            if found[key] != wanted[key]:
+                    raise UserError(f"the retrofit {out} has {key} {found[key]}, this run asks for {wanted[key]} — "
+                                    "move it away to retrofit again, or choose another --out")
         print(f"reusing the retrofit checkpoint {out}")
         return out
     print(f"{args.model} has no memory layers: retrofitting it first into {out}, with the retrofit recipe")
@@ -1003,7 +1011,8 @@ def run_train(args, device):
     if memory and method in ("retrofit", "full"):
         raise UserError(f"{args.model} already has memory layers — {method} starts from a model without memory; "
                         "train this one with --method smf")
-    if method == "smf" and cfg.top_t > (n_rows := (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2):
+    n_rows = (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2
+    if method == "smf" and cfg.top_t > n_rows:
         raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has {n_rows} rows")
     texts = load_background(args.background, cfg.limit_train) if method == "retrofit" else \
         [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
@@ -1049,7 +1058,8 @@ def run_train(args, device):
                 elif method == "lora":
                     tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules()
                                if isinstance(m, LoRALinear) for n in ("lora_A", "lora_B")}
-                extra = {"background_stats.safetensors": stats_tensors(stats)} if method in ("retrofit", "smf") else None
+                has_stats = method in ("retrofit", "smf")
+                extra = {"background_stats.safetensors": stats_tensors(stats)} if has_stats else None
                 save_checkpoint(args.out, meta, tensors, model if method == "full" else None, tokenizer, extra)
             finally:
                 shutil.rmtree(staged, ignore_errors=True)
@@ -1072,7 +1082,8 @@ def run_eval(args, device, probes=None):
     """Evaluates --model on the chosen probes, prints one line per probe, and writes the results JSON (with
     the probes that finished, and `unfinished`, if one fails)."""
     names = PROBES if args.probe == "all" else (args.probe,)
-    probes, dtype = probes or load_probes(args, names), torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    probes = probes or load_probes(args, names)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer = load_model(args.model, device, dtype)
     if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
         add_memory(model, memory_config(args, args.add_memory))
@@ -1163,7 +1174,8 @@ def run_bench(args, device):
             hist = train(model, IdsTokenizer(), examples, cfg, background, device)[2:]  # after 2 warm-up steps
         step_s = sum(h["step_time"] for h in hist) / len(hist)
         tokens_per_s[method] = tok_s = B * T / step_s
-        peak_mem = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_mem = (torch.cuda.max_memory_allocated() if cuda  # else the process's peak
+                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         mfu, select = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "-", "-"
         if method == "smf":  # the selectors' own cost, timed apart so that training runs without host syncs
             rows = torch.randint(0, n, (B * T, mem_cfg.heads * mem_cfg.topk), device=device)
@@ -1177,7 +1189,8 @@ def run_bench(args, device):
     # one memory layer against the SwiGLU FFN beside it, at the real width (hidden 896, N = 16,384)
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     ffn_in, ffn_out = nn.Linear(896, 2 * 4864, bias=False).to(device), nn.Linear(4864, 896, bias=False).to(device)
-    memory, swiglu = ProductKeyMemory(896).to(device), lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:])
+    memory = ProductKeyMemory(896).to(device)
+    swiglu = lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:])
 
     def fwd_bwd(f):
         with autocast(device):
@@ -1185,11 +1198,12 @@ def run_bench(args, device):
         y.float().sum().backward()
     t_ffn, t_mem = timed(lambda: fwd_bwd(swiglu), device), timed(lambda: fwd_bwd(memory), device)
     print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens, "
-          f"{torch.bfloat16 if cuda else torch.float32}): {t_mem / t_ffn:.2f} ({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
+          f"{torch.bfloat16 if cuda else torch.float32}): {t_mem / t_ffn:.2f} ({1000 * t_mem:.1f} ms vs "
+          f"{1000 * t_ffn:.1f} ms)")
     if not args.eval_n:
         return
     # evaluation throughput on synthetic prompts, batch size 1 against the default
-    rng, words = random.Random(0), "the of patient acute nerve blood which cell drug most common cause treatment".split()
+    rng, words = random.Random(0), "the of patient acute nerve blood cell drug most common cause treatment".split()
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
     tokenizer = AutoTokenizer.from_pretrained(args.model) if args.model else toy_tokenizer([sentence(50)] * 200, 400)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -1211,7 +1225,8 @@ TABLE_ROWS = [  # (row name, results folder)
     ("SMF additive +scale KL", "smf_additive_scale_kl"), ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf"),
     ("LoRA", "lora"), ("Full finetuning", "full")]
 TABLE_COLUMNS = [("MedMCQA acc", "medmcqa", "acc", 100), ("WikiText ppl", "wikitext", "ppl", 1),
-                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100), ("TriviaQA EM", "triviaqa", "exact_match", 100)]
+                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100),
+                 ("TriviaQA EM", "triviaqa", "exact_match", 100)]
 
 def run_table(args, device=None):
     """Mean ± sample std over the seeds found in RESULTS_DIR/<row>/seed*/eval.json, and the change vs Base."""
