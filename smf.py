@@ -358,6 +358,10 @@ def merge_lora(model):
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoints: small files on top of a parent model, written atomically, read back by load_model
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
 def write_atomic(path, text):
     """Writes a results file under a temporary name, then renames it: readers never see half a file."""
     try:
@@ -418,7 +422,7 @@ def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=N
         files = ({"weights.safetensors": tensors} if model is None else {}) | (extra or {})
         for name, named_tensors in files.items():
             save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(staged, name))
-        config = json.load(open(os.path.join(staged, "config.json"))) if model is not None else {}
+        config = read_json(os.path.join(staged, "config.json")) if model is not None else {}
         with open(os.path.join(staged, "config.json"), "w") as f:
             json.dump({**config, "smf": meta}, f, indent=2)
         for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
@@ -444,7 +448,7 @@ def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=N
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
     config = os.path.join(path, "config.json")
-    return json.load(open(config)).get("smf") if os.path.isfile(config) else None
+    return read_json(config).get("smf") if os.path.isfile(config) else None
 
 def parent_of(path, meta):
     """A checkpoint's parent: relative to the checkpoint first (the folders can move together), else as written."""
@@ -1230,7 +1234,7 @@ TABLE_COLUMNS = [("MedMCQA acc", "medmcqa", "acc", 100), ("WikiText ppl", "wikit
 
 def run_table(args, device=None):
     """Mean ± sample std over the seeds found in RESULTS_DIR/<row>/seed*/eval.json, and the change vs Base."""
-    results = {folder: [json.load(open(f)) for f in sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*",
+    results = {folder: [read_json(f) for f in sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*",
                                                                                     "eval.json")))]
                for _, folder in TABLE_ROWS}
     if not any(results.values()):
