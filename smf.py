@@ -37,8 +37,7 @@ class MemoryConfig:
 @dataclass
 class TrainConfig:  # the comments are the `train --help` texts
     method: str = "smf"           # retrofit (new memory, trained on background text) | smf | lora | full
-    lr: float = None              # peak learning rate; default per method: retrofit 5e-4, smf 5e-4, lora 2e-4,
-                                  # full 5e-5
+    lr: float = None              # peak learning rate; default per method: retrofit/smf 5e-4, lora 2e-4, full 5e-5
     epochs: float = None          # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
@@ -60,11 +59,26 @@ class TrainConfig:  # the comments are the `train --help` texts
     limit_train: int = None       # use only the first N training examples; default 60,000 MedMCQA, all OASST1
     seed: int = 0                 # shuffles the data (and the MedMCQA subset) and seeds every initialisation
 
+@dataclass
+class EvalConfig:  # the probes' data and settings; the comments are their --help texts
+    eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or local file
+    wikitext: str = "Salesforce/wikitext"            # WikiText probe (test split): hub id or local file
+    wikitext_config: str = "wikitext-103-v1"         # hub config of --wikitext
+    triviaqa: str = "mandarjoshi/trivia_qa"          # TriviaQA probe (rc.nocontext validation): hub id or local file
+    medmcqa_mode: str = "answer"                     # score ' L. option text' (the paper's) or the letter alone
+    limit: int = 1000                                # examples per probe (lines of WikiText)
+    batch_size: int = 16                             # MedMCQA questions per forward (TriviaQA: 2x, WikiText: 1/2)
+
 METHOD_LR = {"retrofit": 5e-4, "smf": 5e-4, "lora": 2e-4, "full": 5e-5}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 class UserError(Exception):
     """A problem the user caused and can fix; the CLI prints it as one line `error: what — how to fix`."""
+
+def require(ok, message):
+    """The user-facing assert: when `ok` is false the command stops with `message` as its one-line error."""
+    if not ok:
+        raise UserError(message)
 
 # -----------------------------------------------------------------------------------------------------------
 # Data: every source is a hub id by default or a local .jsonl/.json/.parquet/.txt file in the hub's schema
@@ -84,11 +98,10 @@ def read_rows(source, hub_config=None, split="train"):
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, or pass "
                             "a local file in the same schema") from e
     path, kind = os.path.expanduser(source), source.rsplit(".", 1)[-1]
-    if not os.path.isfile(path):
-        raise UserError(f"data source {source} is a folder — give a .jsonl, .json, .parquet or .txt file"
-                        if os.path.isdir(path) else f"data file {source} does not exist — check the path")
-    if kind not in ("jsonl", "json", "parquet", "txt"):
-        raise UserError(f"data file {source} has an unknown format — use .jsonl, .json, .parquet or .txt")
+    if not os.path.isfile(path) or kind not in ("jsonl", "json", "parquet", "txt"):
+        problem = "is a folder" if os.path.isdir(path) else "has an unknown format" if os.path.isfile(path) else \
+            "does not exist"
+        raise UserError(f"data file {source} {problem} — check the path; give a .jsonl, .json, .parquet or .txt file")
     try:
         if kind == "parquet":
             import pyarrow.parquet as pq
@@ -100,9 +113,8 @@ def read_rows(source, hub_config=None, split="train"):
     except (ValueError, OSError, ImportError) as e:
         raise UserError(f"data file {source} could not be read ({e}) — is it complete and in that format?") from e
     data = data.get("data") if isinstance(data, dict) else data
-    if not isinstance(data, list):
-        raise UserError(f"data file {source} holds no list of rows — write a JSON list of objects, or "
-                        '{"data": [...]}')
+    require(isinstance(data, list), f"data file {source} holds no list of rows — write a JSON list of objects, or "
+            '{"data": [...]}')
     return data
 
 def check_fields(rows, fields, source):
@@ -114,8 +126,7 @@ def check_fields(rows, fields, source):
                 found = "no such field" if value is None else f"type {type(value).__name__}"
                 raise UserError(f"{source}: row {i} has no '{name}' field of type {kind.__name__} ({found}) — the "
                                 "file must use the hub schema")
-    if not rows:
-        raise UserError(f"{source}: no examples left after filtering — check the file and the filters")
+    require(rows, f"{source}: no examples left after filtering — check the file and the filters")
 
 def answer_index(cop, where):
     """MedMCQA's `cop` as 0..3 (0 = opa). Files written by other tools may hold "2" or 2.0: read those too."""
@@ -164,12 +175,10 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     out = []
     for i, r in enumerate(rows):
         aliases, value = r["answer"].get("aliases") or [], r["answer"].get("value") or ""
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases + [value]):
-            raise UserError(f"{source}: row {i} has answer aliases that are not a list of strings — the file must "
-                            "use the hub schema")  # a string would become one alias per character
-        aliases = aliases + [value] if value else aliases
-        if not aliases:
-            raise UserError(f"{source}: row {i} has no answer aliases — the file must use the hub schema")
+        require(isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value]), f"{source}: row "
+                f"{i} has answer aliases that are not a list of strings — the file must use the hub schema")
+        aliases = aliases + [value] if value else aliases  # (a string would have become an alias per character)
+        require(aliases, f"{source}: row {i} has no answer aliases — the file must use the hub schema")
         out.append((r["question"], aliases))
     return out
 
@@ -250,8 +259,7 @@ class ProductKeyMemory(nn.Module):
         xf = x.reshape(-1, x.shape[-1])                                       # (M, dim)
         scores, rows = self.lookup(xf)
         weights = scores.float().softmax(dim=-1)                              # (M, H, k), each head sums to 1
-        rows, weights = rows.flatten(1), weights.flatten(1)                   # (M, H*k)
-        weights = weights.to(self.values.dtype)
+        rows, weights = rows.flatten(1), weights.flatten(1).to(self.values.dtype)  # (M, H*k)
         keep = self.read_hook(rows.detach()) if self.read_hook is not None else None
         if keep is None:
             read = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
@@ -281,24 +289,20 @@ class MemoryBlock(nn.Module):
 
 def decoder_layers(model):
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
-        raise UserError(f"{type(model).__name__} has no model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-"
-                        "style causal LM")
+    require(layers is not None and all(hasattr(layer, "mlp") for layer in layers), f"{type(model).__name__} has no "
+            "model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-style causal LM")
     return layers
 
 def add_memory(model, cfg: MemoryConfig):
     """Puts a fresh fp32 ProductKeyMemory beside (or instead of) the FFN at each of cfg.layers."""
     layers = decoder_layers(model)
-    if cfg.mode not in ("additive", "replacement"):
-        raise UserError(f"memory mode '{cfg.mode}' is unknown — use additive or replacement")
-    if len(set(cfg.layers)) != len(cfg.layers):
-        raise UserError(f"memory layers {list(cfg.layers)} name a layer twice — give each layer once")
+    require(cfg.mode in ("additive", "replacement"), f"memory mode {cfg.mode} is unknown — use additive/replacement")
+    require(len(set(cfg.layers)) == len(cfg.layers), f"memory layers {list(cfg.layers)} name a layer twice — give "
+            "each layer once")
     for i in cfg.layers:
-        if not 0 <= i < len(layers):
-            raise UserError(f"memory layer {i} is out of range — the model has layers 0..{len(layers) - 1}")
-        if memory_blocks(layers[i]):
-            raise UserError(f"layer {i} already has memory — start from the base model, or train this "
-                            "checkpoint's memory with --method smf")
+        require(0 <= i < len(layers), f"memory layer {i} is out of range — the model has layers 0..{len(layers) - 1}")
+        require(not memory_blocks(layers[i]), f"layer {i} already has memory — start from the base model, or train "
+                "this checkpoint's memory with --method smf")
     device = next(model.parameters()).device
     for i in cfg.layers:
         memory = ProductKeyMemory(model.config.hidden_size, cfg.n_keys, cfg.heads, cfg.key_dim, cfg.topk)
@@ -307,12 +311,6 @@ def add_memory(model, cfg: MemoryConfig):
 
 def memory_blocks(model):
     return [m for m in model.modules() if isinstance(m, MemoryBlock)]
-
-def memory_state(model):
-    """Memory tensors keyed by `layer.name`, for the small memory checkpoints."""
-    layers = decoder_layers(model)
-    return {f"{i}.{name}": t for i, layer in enumerate(layers) if isinstance(layer.mlp, MemoryBlock)
-            for name, t in layer.mlp.named_parameters() if not name.startswith("mlp.")}
 
 class LoRALinear(nn.Module):
     """y = base(x) + (alpha / r) * B A dropout(x), with A kaiming-uniform and B zero, so at init y = base(x)."""
@@ -356,7 +354,7 @@ def merge_lora(model):
     return model
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints: small files on top of a parent model, written atomically, read back by load_model
+# Checkpoints: small files on top of a parent model, swapped in whole, read back by load_model
 
 def read_json(path):
     with open(path) as f:
@@ -373,14 +371,16 @@ def write_atomic(path, text):
         raise UserError(f"cannot write {path} ({e.strerror}: {e.filename}) — choose a writable --out") from e
 
 def sibling(out, suffix):
-    """`.<name>.<suffix>` beside `out`, on its file system so that a rename moves it: "tmp" is where a new
-    checkpoint and its training log are built until complete, "lock" the lock of a run writing `out`."""
+    """`.<name>.<suffix>` beside `out`, on its file system so that a rename moves it."""
     return os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.{suffix}")
 
 @contextlib.contextmanager
-def locked(out):
-    """One run at a time per --out: a second run refuses instead of interleaving its files with the first's."""
-    lock = sibling(out, "lock")
+def replacing(out):
+    """Yields an empty staging folder to build a checkpoint (and its training log) in. When the block ends
+    without error, the staging folder replaces `out` by two renames with Ctrl-C blocked between them: `out`
+    holds the old or the new checkpoint, whole, at every moment. A lock file keeps a second run out."""
+    lock, staged, old, signals = sibling(out, "lock"), sibling(out, "tmp"), sibling(out, "old"), {signal.SIGINT,
+                                                                                                  signal.SIGTERM}
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         with open(lock) as f:
@@ -390,60 +390,42 @@ def locked(out):
     with open(lock, "w") as f:
         f.write(str(os.getpid()))
     try:
-        yield
-    finally:
-        os.remove(lock)
-
-def check_out(out, start_model, overwrite):
-    """Refuses, before anything runs, an --out whose replacement would destroy a model: the one this run
-    starts from or any parent of it, a folder that is not an smf checkpoint, or (without --overwrite) one."""
-    if os.path.realpath(out) in map(os.path.realpath, checkpoint_chain(start_model)):
-        raise UserError(f"--out {out} is the model this run starts from, or one of its parents — choose a new folder")
-    if os.path.isdir(out) and os.listdir(out):
-        if checkpoint_meta(out) is None or any(os.path.isdir(os.path.join(out, n)) for n in os.listdir(out)):
-            raise UserError(f"--out {out} holds files that are not an smf checkpoint — choose a new or empty folder")
-        if not overwrite:
-            raise UserError(f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new "
-                            "one is complete), or choose a new folder")
-
-def save_checkpoint(out, meta, tensors=None, model=None, tokenizer=None, extra=None):
-    """`meta` names the kind (memory | smf | lora | full), the parent and every setting. Small kinds store
-    `tensors` in weights.safetensors beside a config.json; `full` is a whole HF folder whose config.json has
-    the same `smf` entry; `extra` maps more file names to tensors. All is written in sibling(out, "tmp") (which
-    may hold the training log already), then swapped in: `out` always holds the old or the new one, whole."""
-    from safetensors.torch import save_file
-    staged, old, umask, signals = sibling(out, "tmp"), sibling(out, "old"), os.umask(0), {signal.SIGINT, signal.SIGTERM}
-    os.umask(umask)
-    try:
-        os.makedirs(staged, exist_ok=True)
-        if model is not None:
-            model.save_pretrained(staged)
-            tokenizer.save_pretrained(staged)
-        files = ({"weights.safetensors": tensors} if model is None else {}) | (extra or {})
-        for name, named_tensors in files.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in named_tensors.items()}, os.path.join(staged, name))
-        config = read_json(os.path.join(staged, "config.json")) if model is not None else {}
-        with open(os.path.join(staged, "config.json"), "w") as f:
-            json.dump({**config, "smf": meta}, f, indent=2)
+        shutil.rmtree(staged, ignore_errors=True)
+        os.makedirs(staged)
+        yield staged
+        umask = os.umask(0)
+        os.umask(umask)
         for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
             os.chmod(os.path.join(staged, name), 0o666 & ~umask)
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # no Ctrl-C between the two renames
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
         try:
             if os.path.exists(out):
                 os.rename(out, old)
-            try:
-                os.rename(staged, out)
-            except BaseException:
-                if os.path.exists(old):
-                    os.rename(old, out)
-                raise
+            os.rename(staged, out)
+        except BaseException:
+            if os.path.exists(old) and not os.path.exists(out):
+                os.rename(old, out)
+            raise
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        raise UserError(f"cannot write to {out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+        os.remove(lock)
+
+def save_checkpoint(folder, meta, tensors=None, model=None, tokenizer=None, extra=None):
+    """`meta` (the kind: memory | smf | lora | full, the parent, every setting) goes into config.json as `smf`.
+    Small kinds store `tensors` in weights.safetensors; `full` is a whole HF folder (model and tokenizer);
+    `extra` maps more file names to tensors."""
+    from safetensors.torch import save_file
+    if model is not None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    for name, named in (({"weights.safetensors": tensors} if model is None else {}) | (extra or {})).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, os.path.join(folder, name))
+    config = read_json(os.path.join(folder, "config.json")) if model is not None else {}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump({**config, "smf": meta}, f, indent=2)
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
@@ -465,6 +447,17 @@ def checkpoint_chain(path):
         path = parent_of(path, meta)
     return chain
 
+def check_out(out, start_model, overwrite):
+    """Refuses, before anything runs, an --out whose replacement would destroy a model: the one this run
+    starts from or any parent of it, a folder that is not an smf checkpoint, or (without --overwrite) one."""
+    if os.path.realpath(out) in map(os.path.realpath, checkpoint_chain(start_model)):
+        raise UserError(f"--out {out} is the model this run starts from, or one of its parents — choose a new folder")
+    if os.path.isdir(out) and os.listdir(out):
+        is_checkpoint = checkpoint_meta(out) and not any(os.path.isdir(f.path) for f in os.scandir(out))
+        require(is_checkpoint, f"--out {out} holds files that are not an smf checkpoint — choose a new, empty folder")
+        require(overwrite, f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new "
+                "one is complete), or choose a new folder")
+
 def fingerprint(path):
     """sha256 of a local model's weight files (None for a hub id). A child checkpoint records its parent's, so
     loading it onto weights that changed since is an error rather than a silent mix."""
@@ -477,16 +470,16 @@ def fingerprint(path):
                 digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
 
-def smf_patch(before, model, train_scale):
-    """What an SMF checkpoint stores: per memory layer the value rows that changed (`<i>.index`, `<i>.rows`),
-    and alpha with train_scale. `before` maps "<i>.memory.values" to the parent's values; load_model applies it."""
-    patch, state = {}, memory_state(model)
-    for key, old in before.items():
-        i, new = key.split(".")[0], state[key].detach()
-        patch[f"{i}.index"] = index = (old != new).any(dim=1).nonzero()[:, 0]
-        patch[f"{i}.rows"] = new[index]
-        if train_scale:
-            patch[f"{i}.alpha"] = state[f"{i}.alpha"]
+def smf_patch(before, trained):
+    """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed since
+    `before` (as `<name>.index` and `<name>.rows`), anything else (alpha, with --train-scale) whole."""
+    patch = {}
+    for name, t in trained.items():
+        if name in before:
+            patch[f"{name}.index"] = index = (before[name] != t).any(dim=1).nonzero()[:, 0]
+            patch[f"{name}.rows"] = t[index]
+        else:
+            patch[name] = t
     return patch
 
 def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
@@ -510,9 +503,8 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     parent = parent_of(name, meta)
     if is_local(parent) and not os.path.isfile(os.path.join(parent, "config.json")):
         raise UserError(f"the parent {meta['parent']} of {name} is missing — restore it, or train {name} again")
-    if meta.get("parent_sha256") not in (None, fingerprint(parent)):
-        raise UserError(f"the parent {meta['parent']} of {name} has changed since it was trained — restore that "
-                        f"parent, or train {name} again")
+    require(meta.get("parent_sha256") in (None, fingerprint(parent)), f"the parent {meta['parent']} of {name} has "
+            f"changed since it was trained — restore that parent, or train {name} again")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
     try:
@@ -520,25 +512,21 @@ def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     except Exception as e:
         raise UserError(f"{name}/weights.safetensors is missing or damaged ({type(e).__name__}) — train the "
                         "checkpoint again") from e
+    if meta["kind"] == "memory":
+        add_memory(model, MemoryConfig(**{**meta["memory"], "layers": tuple(meta["memory"]["layers"])}))
+    elif meta["kind"] == "lora":
+        add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0)
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        if meta["kind"] == "memory":
-            add_memory(model, MemoryConfig(**{**meta["memory"], "layers": tuple(meta["memory"]["layers"])}))
-            if set(state := memory_state(model)) != set(tensors):
-                raise UserError(f"{name}: the memory tensors do not match its config — train it again")
-            for k, t in state.items():
-                t.copy_(tensors[k])
-        elif meta["kind"] == "smf":  # the patch smf_patch wrote: changed value rows (and alpha) of the parent
-            state = memory_state(model)
-            for k, t in tensors.items():
-                if k.endswith(".rows"):
-                    state[k[:-5] + ".memory.values"][tensors[k[:-5] + ".index"]] = t.to(dtype)
-                elif k.endswith(".alpha"):
-                    state[k].copy_(t)
-        elif meta["kind"] == "lora":
-            for path, module in add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0).items():
-                module.lora_A.copy_(tensors[path + ".lora_A"]), module.lora_B.copy_(tensors[path + ".lora_B"])
-            merge_lora(model)
-    return model.to(dtype).eval(), tokenizer
+        for key, t in tensors.items():  # whole tensors, or smf_patch's changed rows of a value table
+            name_ = key.removesuffix(".rows").removesuffix(".index")
+            if name_ not in params or (key == name_ and params[name_].shape != t.shape):
+                raise UserError(f"{name}: {key} does not fit the model it builds on — train the checkpoint again")
+            if key.endswith(".rows"):
+                params[name_][tensors[f"{name_}.index"]] = t.to(dtype)
+            elif key == name_:
+                params[name_].copy_(t)
+    return merge_lora(model).to(dtype).eval(), tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
 # Row selection (per memory layer): which value rows a micro-batch may update
@@ -712,24 +700,18 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     blocks = memory_blocks(model) if smf else []
     values = [b.memory.values for b in blocks]
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
-    lr_peak = cfg.lr or METHOD_LR[cfg.method]
-    if cfg.optimizer == "sgd":
-        dense_opt = torch.optim.SGD(dense, lr=lr_peak, weight_decay=cfg.weight_decay) if dense else None
-    else:
-        dense_opt = torch.optim.AdamW(dense, lr=lr_peak, betas=(0.9, 0.999), weight_decay=cfg.weight_decay,
-                                      fused=str(device).startswith("cuda")) if dense else None
-    sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd") if smf else None
+    lr_peak, sgd = cfg.lr or METHOD_LR[cfg.method], cfg.optimizer == "sgd"
+    dense_opt = (torch.optim.SGD(dense, lr=lr_peak, weight_decay=cfg.weight_decay) if sgd else torch.optim.AdamW(
+        dense, lr=lr_peak, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
+    sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=sgd)
     background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
 
     # The texts as they are, cut at max_len; no EOS (see medmcqa_text). A text of one token has no target.
     examples = [e for e in (tokenizer(t)["input_ids"][: cfg.max_len] for t in texts[: cfg.limit_train]) if len(e) > 1]
-    if not examples:
-        raise UserError("no training text has two tokens or more — check the training data")
-    rng = random.Random(cfg.seed)
-    seqs_per_step = cfg.micro_batch * cfg.grad_accum
-    forward_batch = cfg.forward_batch or seqs_per_step
+    require(examples, "no training text has two tokens or more — check the training data")
+    rng, seqs_per_step = random.Random(cfg.seed), cfg.micro_batch * cfg.grad_accum
     total = math.ceil((cfg.epochs or 3) * math.ceil(len(examples) / seqs_per_step))
-    total = min(total, cfg.max_steps) if cfg.max_steps else total
+    total = min(total, cfg.max_steps or total)
     if cfg.warmup >= total:
         print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {lr_peak:g} and "
               "this run learns little — lower --warmup or train longer", file=sys.stderr)
@@ -744,9 +726,10 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
         t0, loss_sum, n_tokens = time.perf_counter(), 0.0, sum(len(examples[i]) for i in batch)
         step_chosen = [torch.zeros(v.shape[0], dtype=torch.bool, device=v.device) for v in values]  # SMF
-        for c in range(0, len(batch), forward_batch):  # several micro-batches per forward: same gradient, faster
-            seqs = [examples[i] for i in batch[c:c + forward_batch]]
-            ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
+        forward_batch = cfg.forward_batch or seqs_per_step  # several micro-batches per forward: same gradient
+        for c in range(0, len(batch), forward_batch):
+            ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id,
+                                  device=device)
             for j, b in enumerate(blocks):  # this pass's token groups, bound in: the hook runs inside layer j
                 b.memory.read_hook = functools.partial(
                     gate_reads, step_chosen=step_chosen[j], group=token_groups(mask, cfg.micro_batch),
@@ -757,9 +740,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                  # pads never count
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
                                    reduction="sum") / n_targets
-            if not torch.isfinite(loss):
-                raise UserError(f"the loss became {loss.item()} at step {step + 1} — lower --lr or check the data; "
-                                "no checkpoint was written by this run")
+            require(torch.isfinite(loss), f"the loss became {loss.item()} at step {step + 1} — lower --lr or check "
+                    "the data; no checkpoint was written by this run")
             loss.backward()
             loss_sum += loss.item()
         union = [c.nonzero()[:, 0] for c in step_chosen]  # rows chosen by any micro-batch, per memory layer
@@ -772,8 +754,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
             for param_group in dense_opt.param_groups:
                 param_group["lr"] = lr
             dense_opt.step()
-        if smf:
-            sparse_opt.step(union, union_grads, lr)
+        sparse_opt.step(union, union_grads, lr)
         for p in dense:
             p.grad = None
         step_time = sync(device) or time.perf_counter() - t0
@@ -787,9 +768,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         if log:  # JSON has no NaN: a non-finite number is written as null
             log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                   for k, v in record.items()}) + "\n")
-        if keep_selected:
-            record["selected"] = [u.cpu() for u in union]
-        history.append(record)
+        history.append(record | ({"selected": [u.cpu() for u in union]} if keep_selected else {}))
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
     for b in blocks:
         b.memory.read_hook = None
@@ -805,10 +784,10 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
     if method == "retrofit":
         add_memory(model, mem_cfg)
     blocks = memory_blocks(model)
-    if method in ("retrofit", "smf") and not blocks:
-        raise UserError("the model has no memory layers — smf trains from a retrofit checkpoint (--method retrofit)")
-    if method == "smf" and train_scale and blocks[0].alpha is None:
-        raise UserError("--train-scale needs additive memory — replacement memory has no alpha")
+    require(blocks or method not in ("retrofit", "smf"), "the model has no memory layers — smf trains from a "
+            "retrofit checkpoint (--method retrofit)")
+    require(not (method == "smf" and train_scale and blocks[0].alpha is None), "--train-scale needs additive memory "
+            "— replacement memory has no alpha")
     model.requires_grad_(method == "full")
     if method == "lora":
         add_lora(model, *lora_cfg)  # A and B are created trainable
@@ -960,26 +939,24 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
 # Commands: train, eval, bench, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
-RETROFIT_CARRIES = ("model", "memory_layers", "memory_mode", "memory_keys", "memory_heads", "memory_key_dim",
-                    "memory_topk", "seed", "device", "micro_batch", "grad_accum", "forward_batch", "max_len",
-                    "background", "debug")  # all else follows the retrofit recipe, whatever the SMF run asked
+RETROFIT_CARRIES = ("model", "seed", "device", "micro_batch", "grad_accum", "forward_batch", "max_len", "background",
+                    "debug") + tuple(f"memory_{f.name}" for f in dataclasses.fields(MemoryConfig))
 
-def memory_config(args, mode):
-    return MemoryConfig(tuple(args.memory_layers), mode, args.memory_keys, args.memory_heads, args.memory_key_dim,
-                        args.memory_topk)
+def memory_config(args):
+    """The MemoryConfig that the --memory-* flags describe."""
+    return MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
 
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
-    loaders = {"medmcqa": ("eval-medmcqa", load_medmcqa, (args.eval_medmcqa, "validation", args.limit)),
-               "wikitext": ("wikitext", load_wikitext, (args.wikitext, args.wikitext_config, args.limit)),
-               "triviaqa": ("triviaqa", load_triviaqa, (args.triviaqa, args.limit))}
+    loaders = {"medmcqa": lambda: load_medmcqa(args.eval_medmcqa, "validation", args.limit),
+               "wikitext": lambda: load_wikitext(args.wikitext, args.wikitext_config, args.limit),
+               "triviaqa": lambda: load_triviaqa(args.triviaqa, args.limit)}
     data = {}
     for name in names:
-        flag, load, source = loaders[name]
         try:
-            data[name] = load(*source)
-        except UserError as e:
-            raise UserError(f"--{flag}: {e}") from e
+            data[name] = loaders[name]()
+        except UserError as e:  # name the flag to change
+            raise UserError(f"--{'eval-medmcqa' if name == 'medmcqa' else name}: {e}") from e
     return data
 
 def retrofit_first(args, mem_cfg):
@@ -991,9 +968,8 @@ def retrofit_first(args, mem_cfg):
         wanted = {"base model": path(args.model), **json.loads(json.dumps(dataclasses.asdict(mem_cfg)))}
         found = {"base model": path(parent_of(out, meta)), **meta["memory"]}
         for key in wanted:
-            if found[key] != wanted[key]:
-                    raise UserError(f"the retrofit {out} has {key} {found[key]}, this run asks for {wanted[key]} — "
-                                    "move it away to retrofit again, or choose another --out")
+            require(found[key] == wanted[key], f"the retrofit {out} has {key} {found[key]}, this run asks for "
+                    f"{wanted[key]} — move it away to retrofit again, or choose another --out")
         print(f"reusing the retrofit checkpoint {out}")
         return out
     print(f"{args.model} has no memory layers: retrofitting it first into {out}, with the retrofit recipe")
@@ -1008,16 +984,15 @@ def run_train(args, device):
     swaps the checkpoint in, prints a summary, and evaluates the checkpoint when --eval-out is given."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     cfg.lr, cfg.epochs = cfg.lr or METHOD_LR[cfg.method], cfg.epochs or (2 if cfg.method == "retrofit" else 3)
-    mem_cfg, method = memory_config(args, args.memory_mode), cfg.method
+    mem_cfg, method = memory_config(args), cfg.method
     check_out(args.out, args.model, args.overwrite)
     memory = next((m["memory"] for m in map(checkpoint_meta, checkpoint_chain(args.model)) if m and m["kind"] ==
                    "memory"), None)  # the settings of the retrofit the model is built on, if any
-    if memory and method in ("retrofit", "full"):
-        raise UserError(f"{args.model} already has memory layers — {method} starts from a model without memory; "
-                        "train this one with --method smf")
+    require(not memory or method not in ("retrofit", "full"), f"{args.model} already has memory layers — {method} "
+            "starts from a model without memory; train this one with --method smf")
     n_rows = (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2
-    if method == "smf" and cfg.top_t > n_rows:
-        raise UserError(f"--top-t {cfg.top_t} is larger than the memory — it has {n_rows} rows")
+    require(method != "smf" or cfg.top_t <= n_rows, f"--top-t {cfg.top_t} is larger than the memory — it has "
+            f"{n_rows} rows")
     texts = load_background(args.background, cfg.limit_train) if method == "retrofit" else \
         [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
     probes = load_probes(args) if args.eval_out else None
@@ -1038,35 +1013,25 @@ def run_train(args, device):
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             **({"memory": dataclasses.asdict(mem_cfg)} if method == "retrofit" else {})}
     try:
-        with locked(args.out):
-            staged, t0 = sibling(args.out, "tmp"), time.time()  # the log is written beside the new checkpoint
-            shutil.rmtree(staged, ignore_errors=True)
-            os.makedirs(staged)
-            try:
-                torch.manual_seed(cfg.seed)
-                model, tokenizer = load_model(parent, device)
-                prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale,
-                              device)
-                if method == "smf":
-                    stats = read_background_stats(stats_file, model) if stats_file else \
-                        background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
-                    before = {k: v.detach().clone() for k, v in memory_state(model).items() if k.endswith(".values")}
-                history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
-                                os.path.join(staged, "train_log.jsonl"))
-                meta["train"]["total_steps"], tensors = len(history), None
-                if method == "retrofit":  # and its background statistics: every SMF run from it shares them
-                    tensors, stats = memory_state(model), background_stats(model, tokenizer, bg_texts, cfg.max_len,
-                                                                           device=device)
-                elif method == "smf":
-                    tensors = smf_patch(before, model, cfg.train_scale)
-                elif method == "lora":
-                    tensors = {f"{path}.{n}": getattr(m, n) for path, m in model.named_modules()
-                               if isinstance(m, LoRALinear) for n in ("lora_A", "lora_B")}
-                has_stats = method in ("retrofit", "smf")
-                extra = {"background_stats.safetensors": stats_tensors(stats)} if has_stats else None
-                save_checkpoint(args.out, meta, tensors, model if method == "full" else None, tokenizer, extra)
-            finally:
-                shutil.rmtree(staged, ignore_errors=True)
+        with replacing(args.out) as staged:  # the log is written beside the new checkpoint
+            t0 = time.time()
+            torch.manual_seed(cfg.seed)
+            model, tokenizer = load_model(parent, device)
+            prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale,
+                          device)
+            trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+            if method == "smf":
+                stats = read_background_stats(stats_file, model) if stats_file else \
+                    background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
+                before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
+            history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
+                            os.path.join(staged, "train_log.jsonl"))
+            meta["train"]["total_steps"] = len(history)
+            if method == "retrofit":  # and its background statistics: every SMF run from it shares them
+                stats = background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
+            extra = {"background_stats.safetensors": stats_tensors(stats)} if method in ("retrofit", "smf") else None
+            save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained,
+                            model if method == "full" else None, tokenizer, extra)
     except OSError as e:
         raise UserError(f"cannot write to {args.out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
     size, last = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)), history[-1]
@@ -1078,7 +1043,7 @@ def run_train(args, device):
           + (f"\n   alpha per layer {last['alpha']}" if "alpha" in last else "")
           + f"\n   evaluate:  python smf.py eval --model {args.out} --probe all")
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
-        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": None,
+        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": False,
                                        "probe": "all"}), device, probes)
     return model
 
@@ -1090,7 +1055,7 @@ def run_eval(args, device, probes=None):
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tokenizer = load_model(args.model, device, dtype)
     if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
-        add_memory(model, memory_config(args, args.add_memory))
+        add_memory(model, memory_config(args))
         model.to(dtype)
     evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter",
                                                      args.batch_size),
@@ -1132,16 +1097,17 @@ class IdsTokenizer:
     __call__ = staticmethod(lambda ids: {"input_ids": list(ids)})
 
 def timed(fn, device, repeats=3):
-    """Seconds per call of fn, after one warm-up call."""
-    fn()
-    t0 = sync(device) or time.perf_counter()
-    for _ in range(repeats):
+    """Seconds per call of fn, after one warm-up call, quietly (no progress bars between bench's rows)."""
+    with contextlib.redirect_stderr(io.StringIO()):
         fn()
-    return (sync(device) or time.perf_counter() - t0) / repeats
+        t0 = sync(device) or time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (sync(device) or time.perf_counter() - t0) / repeats
 
 def run_bench(args, device):
     """Training steps of every method on random tokens, the memory layer against the FFN, and eval speed."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
     import resource
     cuda, B, T = str(device).startswith("cuda"), args.batch_size, args.seq_len
     config = AutoConfig.from_pretrained(args.model) if args.model else Qwen2Config(**SHAPES[args.shape],
@@ -1149,14 +1115,14 @@ def run_bench(args, device):
 
     def make_model():  # the named weights with --model (unless --random-init), else random ones
         if args.model and not args.random_init:
-            return load_model(args.model, device)[0]
+            return load_model(args.model, device)
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config), None
     L, d = config.num_hidden_layers, config.hidden_size
     mem_cfg, n = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4}))), 128 ** 2   # layers 6, 12, 18 of 24
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in gpu), None)
-    flops_per_token = 6 * sum(p.numel() for p in make_model().parameters()) + 12 * L * d * T  # plain transformer
+    flops_per_token = 6 * sum(p.numel() for p in make_model()[0].parameters()) + 12 * L * d * T  # plain transformer
     g = torch.Generator().manual_seed(0)
     examples = [torch.randint(0, config.vocab_size, (T,), generator=g).tolist() for _ in range(B * (args.steps + 2))]
     background = [BackgroundStats(torch.randint(0, 50, (n,), device=device), torch.randint(0, 500, (n,), device=device),
@@ -1166,7 +1132,7 @@ def run_bench(args, device):
           f"timed steps\n{'method':10s} {'tokens/s':>10s} {'ms/step':>9s} {'peak mem':>10s} {'MFU':>6s} {'select':>7s}")
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
-        model = make_model()
+        model = make_model()[0]
         if method == "smf" and not memory_blocks(model):
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
@@ -1209,17 +1175,16 @@ def run_bench(args, device):
     # evaluation throughput on synthetic prompts, batch size 1 against the default
     rng, words = random.Random(0), "the of patient acute nerve blood cell drug most common cause treatment".split()
     sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    tokenizer = AutoTokenizer.from_pretrained(args.model) if args.model else toy_tokenizer([sentence(50)] * 200, 400)
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = make_model().eval().to(torch.bfloat16 if cuda else torch.float32)
+    model, tokenizer = make_model()
+    tokenizer = tokenizer or toy_tokenizer([sentence(50)] * 200, 400)
+    model = model.eval().to(torch.bfloat16 if cuda else torch.float32)
     mcq = [{"question": sentence(20), **{f"op{c}": sentence(4) for c in "abcd"}, "cop": 0} for _ in range(args.eval_n)]
     tqa, text = [(sentence(12), ["x"]) for _ in range(args.eval_n)], sentence(args.eval_n * 60)
     for bs in (1, args.eval_batch_size):
-        with contextlib.redirect_stderr(io.StringIO()):
-            mq = args.eval_n / timed(lambda: eval_medmcqa(model, tokenizer, mcq, batch_size=bs), device, 1)
-            tq = args.eval_n / timed(lambda: eval_triviaqa(model, tokenizer, tqa, batch_size=bs), device, 1)
-            wt = len(tokenizer(text)["input_ids"]) / timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs),
-                                                           device, 1)
+        mq = args.eval_n / timed(lambda: eval_medmcqa(model, tokenizer, mcq, batch_size=bs), device, 1)
+        tq = args.eval_n / timed(lambda: eval_triviaqa(model, tokenizer, tqa, batch_size=bs), device, 1)
+        wt = len(tokenizer(text)["input_ids"]) / timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs),
+                                                       device, 1)
         print(f"eval batch {bs:3d}: MedMCQA {mq:8.1f} q/s   TriviaQA {tq:8.1f} q/s   WikiText {wt:10.0f} tokens/s")
 
 TABLE_ROWS = [  # (row name, results folder)
@@ -1237,9 +1202,8 @@ def run_table(args, device=None):
     results = {folder: [read_json(f) for f in sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*",
                                                                                     "eval.json")))]
                for _, folder in TABLE_ROWS}
-    if not any(results.values()):
-        raise UserError(f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or point at "
-                        "its OUT folder")
+    require(any(results.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
+            "point at its OUT folder")
 
     def summary(folder, probe, key, scale):  # (mean, sample std, n) over the seeds, or None
         xs = [scale * r[probe][key] for r in results[folder] if probe in r]
@@ -1264,7 +1228,7 @@ def run_table(args, device=None):
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):  # no abbreviations: `eval --medmcqa` must not silently mean --medmcqa-mode
-        super().__init__(**{"allow_abbrev": False, **kwargs})
+        super().__init__(**{"allow_abbrev": False, "formatter_class": HelpFormatter, **kwargs})
 
     def error(self, message):  # a mistyped flag gets the same one-line error as every other mistake
         print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
@@ -1277,7 +1241,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text if no_default or "default" in text else text + " (default: %(default)s)"
 
 def config_comments(cls):
-    """{field: the comment beside it in the source}: TrainConfig is the one place a setting is explained."""
+    """{field: the comment beside it in the source}: a config class is the one place a setting is explained."""
     comments, name = {}, None
     for line in inspect.getsource(cls).splitlines()[1:]:
         if match := re.match(r"\s+(\w+): [^#]*# (.*)", line):
@@ -1286,7 +1250,21 @@ def config_comments(cls):
             comments[name] += " " + line.strip("# ")
     return comments
 
-CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf")}
+CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf"),
+           "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter"),
+           "wikitext_config": ("wikitext-103-v1", "wikitext-2-raw-v1")}
+
+def add_config_flags(group, cls, prefix="", given_only=False):
+    """A flag per field of a config dataclass, its comment as the help. With given_only the flags default to
+    None, so that check_args can tell what was given before it fills in the dataclass defaults."""
+    comments = config_comments(cls)
+    for f in dataclasses.fields(cls):
+        help = comments[f.name] + (f" (default: {f.default})" if given_only and f.default not in (None, False) else "")
+        kind = {"action": "store_true"} if f.type is bool else {"type": int, "nargs": "+"} if f.type is tuple else \
+            {"type": f.type, "choices": CHOICES.get(f.name)}
+        group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None if given_only else f.default,
+                           help=help, **kind)
+
 EXAMPLES = """examples:
   python smf.py eval --model Qwen/Qwen2.5-0.5B-Instruct --probe all --out base.json
   python smf.py train --method smf --selector kl        # retrofits the base into runs/smf_retrofit first
@@ -1297,70 +1275,40 @@ EXAMPLES = """examples:
   python smf.py table results/"""
 
 def build_parser():
-    p = Parser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES, formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     memory = Parser(add_help=False)
-    m = memory.add_argument_group("memory layers (a new memory: retrofit, or eval --add-memory)")
-    m.add_argument("--memory-layers", type=int, nargs="+", default=[6, 12, 18], help="0-based decoder layers")
-    m.add_argument("--memory-keys", type=int, default=128, help="sub-keys per half; the memory has keys**2 rows")
-    m.add_argument("--memory-heads", type=int, default=4, help="lookup heads, each with its own sub-keys")
-    m.add_argument("--memory-key-dim", type=int, default=256, help="query width per head (two halves)")
-    m.add_argument("--memory-topk", type=int, default=16, help="rows read per head per token")
+    add_config_flags(memory.add_argument_group("memory layers (a new memory: retrofit, or eval --add-memory)"),
+                     MemoryConfig, "memory_")
 
-    def probe_sources(parser, title):
-        g = parser.add_argument_group(title)
-        g.add_argument("--eval-medmcqa", default="openlifescienceai/medmcqa", help="MedMCQA probe (validation split)"
-                       ": hub id or local .jsonl/.json/.parquet")
-        g.add_argument("--wikitext", default="Salesforce/wikitext", help="WikiText probe (test split): hub id or "
-                       "local .txt/.jsonl/.json/.parquet")
-        g.add_argument("--wikitext-config", default="wikitext-103-v1", choices=["wikitext-103-v1",
-                       "wikitext-2-raw-v1"], help="hub config of --wikitext")
-        g.add_argument("--triviaqa", default="mandarjoshi/trivia_qa", help="TriviaQA probe (rc.nocontext "
-                       "validation): hub id or local file")
-        g.add_argument("--medmcqa-mode", default="answer", choices=["answer", "letter"],
-                       help="score ' L. option text' (the paper's) or the letter alone")
-        g.add_argument("--limit", type=int, default=1000, help="examples per probe (lines of WikiText)")
-        g.add_argument("--batch-size", type=int, default=16, help="MedMCQA questions per forward pass (TriviaQA: "
-                       "twice that, WikiText windows: half)")
-        return g
-
-    e = sub.add_parser("eval", parents=[common, memory], help="evaluate a model on the probes",
-                       formatter_class=HelpFormatter, epilog=EXAMPLES)
+    e = sub.add_parser("eval", parents=[common, memory], help="evaluate a model on the probes", epilog=EXAMPLES)
     e.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint")
     e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"])
     e.add_argument("--out", help="write the results as JSON here")
-    e.add_argument("--add-memory", choices=["additive", "replacement"], help="add untrained memory first")
-    probe_sources(e, "probes")
+    e.add_argument("--add-memory", action="store_true", help="add untrained memory (the --memory-* flags) first")
+    add_config_flags(e.add_argument_group("probes"), EvalConfig)
 
     t = sub.add_parser("train", parents=[common, memory], help="retrofit, smf, lora or full finetuning",
-                       formatter_class=HelpFormatter, epilog=EXAMPLES)
+                       epilog=EXAMPLES)
     t.add_argument("--model", default=DEFAULT_MODEL, help="start from: a base model (hub id or folder), a retrofit "
                    "or an smf checkpoint (smf)")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
                    "is complete")
-    t.add_argument("--memory-mode", default="additive", choices=["additive", "replacement"],
-                   help="mlp(x) + alpha*memory(x), or memory(x) instead of the FFN")
     t.add_argument("--medmcqa", default="openlifescienceai/medmcqa", help="training data (train split): hub id or "
                    "local file")
     t.add_argument("--background", default="OpenAssistant/oasst1", help="background text: the retrofit's "
                    "training data and the selectors' reference; hub id or local file")
     t.add_argument("--background-stats", help="smf: reuse the background_stats.safetensors of an earlier smf run")
-    recipe, comments = t.add_argument_group("recipe (the paper's by default)"), config_comments(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):  # default None here: check_args sees what was given, then fills in
-        text = comments[f.name] + ("" if f.default is None or f.default is False else f" (default: {f.default})")
-        if f.type is bool:
-            recipe.add_argument(f"--{f.name.replace('_', '-')}", action="store_true", default=None, help=text)
-        else:
-            recipe.add_argument(f"--{f.name.replace('_', '-')}", type=f.type, choices=CHOICES.get(f.name), help=text)
-    probe_sources(t, "evaluation after training (only with --eval-out)").add_argument(
-        "--eval-out", help="after training, evaluate the checkpoint on all probes into this JSON")
+    add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig, given_only=True)
+    probes = t.add_argument_group("evaluation after training (only with --eval-out)")
+    probes.add_argument("--eval-out", help="after training, evaluate the checkpoint on all probes into this JSON")
+    add_config_flags(probes, EvalConfig)
 
-    b = sub.add_parser("bench", parents=[common], help="training and evaluation speed on a random-weight model",
-                       formatter_class=HelpFormatter)
+    b = sub.add_parser("bench", parents=[common], help="training and evaluation speed on a random-weight model")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES))
     b.add_argument("--model", help="bench this model (hub id or folder) instead of a named shape")
     b.add_argument("--random-init", action="store_true", help="with --model: its architecture, random weights")
@@ -1370,7 +1318,7 @@ def build_parser():
     b.add_argument("--eval-n", type=int, default=32, help="questions per eval throughput row (0: skip them)")
     b.add_argument("--eval-batch-size", type=int, default=16, help="the batched eval row's batch size")
 
-    tb = sub.add_parser("table", help="the results table of a run_all.sh folder", formatter_class=HelpFormatter)
+    tb = sub.add_parser("table", help="the results table of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
@@ -1378,7 +1326,7 @@ def build_parser():
 RANGES = [  # (flags, test, what a good value is)
     ("lr epochs lora_alpha", lambda v: 0 < v < math.inf, "> 0 and finite"),
     ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t batch_size limit "
-     "memory_keys memory_heads memory_topk steps seq_len eval_batch_size", lambda v: v > 0, "> 0"),
+     "memory_n_keys memory_heads memory_topk steps seq_len eval_batch_size", lambda v: v > 0, "> 0"),
     ("clip weight_decay warmup eval_n", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_len", lambda v: v >= 2, ">= 2 (a text needs two tokens to have a target)"),
@@ -1388,36 +1336,35 @@ def check_args(args):
     """Every bad value a user can give, caught before any model or data is loaded."""
     for names, ok, need in RANGES:
         for name in names.split():
-            if getattr(args, name, None) is not None and not ok(getattr(args, name)):
-                raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range — give a value "
-                                f"{need}")
-    if getattr(args, "memory_topk", 0) > getattr(args, "memory_keys", 1 << 30):
-        raise UserError(f"--memory-topk {args.memory_topk} exceeds --memory-keys {args.memory_keys} — lower it")
-    if len(set(getattr(args, "memory_layers", []))) != len(getattr(args, "memory_layers", [])):
-        raise UserError(f"--memory-layers {args.memory_layers} names a layer twice — give each layer once")
+            value = getattr(args, name, None)
+            require(value is None or ok(value), f"--{name.replace('_', '-')} {value} is out of range — give a value "
+                    f"{need}")
+    if args.command in ("train", "eval"):
+        require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
+                f"{args.memory_n_keys} — lower it")
+        require(len(set(args.memory_layers)) == len(args.memory_layers), f"--memory-layers {args.memory_layers} "
+                "names a layer twice — give each layer once")
     if args.command != "table":
         try:
             device = torch.device(args.device)
         except RuntimeError as e:
             raise UserError(f"--device {args.device} is not a device — use cpu, cuda or cuda:N") from e
+        require(device.type in ("cpu", "cuda"), f"--device {args.device} is not supported — use cpu or cuda")
         n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        if device.type == "cuda" and (n_gpus == 0 or (device.index or 0) >= n_gpus):
-            raise UserError(f"--device {args.device}: this torch sees {n_gpus} CUDA GPU(s) — use --device cpu, or a "
-                            "CUDA build of torch on a machine with a GPU")
-        if device.type not in ("cpu", "cuda"):
-            raise UserError(f"--device {args.device} is not supported — use cpu or cuda")
+        require(device.type == "cpu" or (device.index or 0) < n_gpus, f"--device {args.device}: this torch sees "
+                f"{n_gpus} CUDA GPU(s) — use --device cpu, or a CUDA build of torch on a machine with a GPU")
     if args.command == "train":
         given = [f"--{n.replace('_', '-')}" for n in ("selector", "top_t", "train_scale", "background_stats")
                  if getattr(args, n) is not None]
-        if args.method and args.method != "smf" and given:
-            raise UserError(f"{'/'.join(given)} only apply to --method smf — drop them for {args.method}")
+        require(args.method in (None, "smf") or not given, f"{'/'.join(given)} only apply to --method smf — drop "
+                f"them for {args.method}")
         for f in dataclasses.fields(TrainConfig):
             if getattr(args, f.name) is None:
                 setattr(args, f.name, f.default)
         args.out = args.out or os.path.join("runs", args.method)
-        if args.forward_batch and args.forward_batch % args.micro_batch:
-            raise UserError(f"--forward-batch {args.forward_batch} is not a multiple of --micro-batch "
-                            f"{args.micro_batch} — a forward pass holds whole micro-batches")
+        require(not args.forward_batch or args.forward_batch % args.micro_batch == 0, f"--forward-batch "
+                f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — a forward pass holds "
+                "whole micro-batches")
     if args.command == "bench":
         cuda = str(args.device).startswith("cuda")
         args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)

@@ -12,7 +12,7 @@ import smf
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORDS = ("the patient nerve blood acute cell drug cause common treatment heart liver kidney fever which most "
          "city river king war film song capital france paris london music").split()
-MEM = ["--memory-layers", "0", "1", "--memory-keys", "8", "--memory-heads", "2", "--memory-key-dim", "16",
+MEM = ["--memory-layers", "0", "1", "--memory-n-keys", "8", "--memory-heads", "2", "--memory-key-dim", "16",
        "--memory-topk", "4"]
 TINY_MEM = smf.MemoryConfig(layers=(0, 1), n_keys=8, heads=2, key_dim=16, topk=4)
 
@@ -86,6 +86,17 @@ def run(*argv):
 def train_args(tiny, out, method, *extra):
     return ["train", "--method", method, "--out", out, "--model", tiny["model"], "--medmcqa", tiny["medmcqa"], "--background", tiny["background"],
             "--warmup", "0", "--background-examples", "20", *MEM, *extra]
+
+
+def memory_tensors(model):
+    return {n: p for n, p in model.named_parameters() if ".memory." in n or n.endswith(".alpha")}
+
+
+def save_memory(out, model, parent):
+    """A memory checkpoint of `model`, written as `train` writes one: built in a staging folder, then swapped in."""
+    with smf.replacing(str(out)) as folder:
+        smf.save_checkpoint(folder, {"kind": "memory", "parent": parent, "memory": vars(TINY_MEM)},
+                            tensors=memory_tensors(model))
 
 
 def with_memory(tiny, mode="additive", seed=0):
@@ -164,13 +175,12 @@ def test_memory_errors_are_clear(tiny):
 
 def test_memory_checkpoint_round_trips_and_is_small(tiny, tmp_path):
     model, _ = with_memory(tiny)
-    smf.save_checkpoint(str(tmp_path / "mem"), {"kind": "memory", "parent": tiny["model"], "memory": vars(TINY_MEM)},
-                        tensors=smf.memory_state(model))
+    save_memory(tmp_path / "mem", model, tiny["model"])
     loaded, _ = smf.load_model(str(tmp_path / "mem"))
     ids = torch.tensor([[3, 14, 15, 92, 65, 35, 8, 9]])
     assert torch.equal(logits(loaded, ids), logits(model, ids))
     assert sorted(os.listdir(tmp_path / "mem")) == ["config.json", "weights.safetensors"]
-    n_memory = sum(t.numel() for t in smf.memory_state(model).values())
+    n_memory = sum(t.numel() for t in memory_tensors(model).values())
     assert os.path.getsize(tmp_path / "mem" / "weights.safetensors") < 4 * n_memory + 4096  # memory only, no base
 
 
@@ -269,7 +279,7 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     out = tmp_path / "r" / "results.json"
     p = cli("eval", "--model", tiny["model"], "--probe", "all", "--eval-medmcqa", tiny["medmcqa"], "--wikitext",
             tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "8", "--batch-size", "3", "--out", out,
-            "--add-memory", "additive", *MEM)
+            "--add-memory", *MEM)
     r = json.load(open(out))
     assert r["medmcqa"]["n"] == 8 and 0 <= r["medmcqa"]["acc"] <= 1
     assert r["wikitext"]["ppl"] > 1 and r["wikitext"]["tokens"] > 0
@@ -460,7 +470,7 @@ def test_smf_one_liner_retrofits_first_with_the_retrofit_recipe(tiny, tmp_path, 
     run(*args, "--overwrite")
     assert "reusing the retrofit checkpoint" in capsys.readouterr().out
     smf.load_model(str(tmp_path / "run"))
-    other = error_of(capsys, *args, "--overwrite", "--memory-keys", "6")
+    other = error_of(capsys, *args, "--overwrite", "--memory-n-keys", "6")
     assert "n_keys 8, this run asks for 6" in other
 
 
@@ -517,7 +527,7 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
     smf.toy_tokenizer(["a b c"] * 5, 40).save_pretrained(tmp_path / "gpt2")
-    err = error_of(capsys, "eval", "--model", tmp_path / "gpt2", "--add-memory", "additive", "--memory-layers", "0",
+    err = error_of(capsys, "eval", "--model", tmp_path / "gpt2", "--add-memory", "--memory-layers", "0",
                    "--probe", "wikitext", "--wikitext", tiny["wikitext"])
     assert "model.model.layers" in err
 
@@ -539,7 +549,7 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--epochs", "nan"], "--epochs nan is out of range"),
     (["--max-len", "1"], "--max-len 1 is out of range — give a value >= 2"),
     (["--memory-key-dim", "15"], "--memory-key-dim 15 is out of range — give a value even"),
-    (["--memory-topk", "9", "--memory-keys", "8"], "--memory-topk 9 exceeds --memory-keys 8"),
+    (["--memory-topk", "9", "--memory-n-keys", "8"], "--memory-topk 9 exceeds --memory-n-keys 8"),
     (["--memory-layers", "1", "1"], "names a layer twice"),
     (["--device", "cuda"], "this torch sees 0 CUDA GPU(s) — use --device cpu"),
     (["--device", "banana"], "--device banana is not a device"),
@@ -620,8 +630,7 @@ def test_an_interrupted_overwrite_leaves_the_old_or_the_new_checkpoint(tiny, tmp
     old_model, _ = with_memory(tiny, seed=1)
     new_model, _ = with_memory(tiny, seed=2)
     out = str(tmp_path / "mem")
-    meta = {"kind": "memory", "parent": tiny["model"], "memory": vars(TINY_MEM)}
-    smf.save_checkpoint(out, meta, tensors=smf.memory_state(old_model))
+    save_memory(out, old_model, tiny["model"])
     calls, real_rename, real_chmod = [], os.rename, os.chmod
     def interrupt(real, name):
         def call(*a):
@@ -633,13 +642,13 @@ def test_an_interrupted_overwrite_leaves_the_old_or_the_new_checkpoint(tiny, tmp
     monkeypatch.setattr(os, "rename", interrupt(real_rename, "rename"))
     monkeypatch.setattr(os, "chmod", interrupt(real_chmod, "chmod"))
     with pytest.raises(KeyboardInterrupt):
-        smf.save_checkpoint(out, meta, tensors=smf.memory_state(new_model))
+        save_memory(out, new_model, tiny["model"])
     monkeypatch.undo()
     ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
     loaded, _ = smf.load_model(out)
     assert torch.equal(logits(loaded, ids), logits(old_model, ids))         # interrupted before the swap: the old
     assert os.listdir(tmp_path) == ["mem"]                                  # no half-written folder left beside it
-    smf.save_checkpoint(out, meta, tensors=smf.memory_state(new_model))
+    save_memory(out, new_model, tiny["model"])
     assert torch.equal(logits(smf.load_model(out)[0], ids), logits(new_model, ids))
 
 
@@ -967,7 +976,7 @@ def test_smf_continues_from_an_smf_checkpoint_and_memory_is_never_nested(tiny, t
     assert not torch.equal(logits(loaded, ids), logits(first.eval(), ids))
     assert "already has memory" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit", "--model", tmp_path / "s1"))
     assert "already has memory" in error_of(capsys, *train_args(tiny, tmp_path / "x", "full", "--model", tmp_path / "r"))
-    assert "already has memory" in error_of(capsys, "eval", "--model", tmp_path / "r", "--add-memory", "additive",
+    assert "already has memory" in error_of(capsys, "eval", "--model", tmp_path / "r", "--add-memory",
                                             "--probe", "wikitext", "--wikitext", tiny["wikitext"], *MEM)
 
 
