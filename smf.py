@@ -122,10 +122,9 @@ def check_fields(rows, fields, source):
     for i, row in enumerate(rows):
         for name, kind in fields.items():
             value = row.get(name) if isinstance(row, dict) else None
-            if not isinstance(value, kind) or value is None:
-                found = "no such field" if value is None else f"type {type(value).__name__}"
-                raise UserError(f"{source}: row {i} has no '{name}' field of type {kind.__name__} ({found}) — the "
-                                "file must use the hub schema")
+            found = "no such field" if value is None else f"type {type(value).__name__}"
+            require(isinstance(value, kind) and value is not None, f"{source}: row {i} has no '{name}' field of type "
+                    f"{kind.__name__} ({found}) — the file must use the hub schema")
     require(rows, f"{source}: no examples left after filtering — check the file and the filters")
 
 def answer_index(cop, where):
@@ -482,50 +481,49 @@ def smf_patch(before, trained):
             patch[name] = t
     return patch
 
-def load_model(path_or_id=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
+def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes (parents loaded first)."""
-    local, name = is_local(path_or_id), path_or_id
-    if local and not os.path.isfile(os.path.join(name, "config.json")):
-        raise UserError(f"{name} is neither a Hugging Face model nor an smf checkpoint (no config.json) — point "
-                        "--model at the folder holding config.json" if os.path.isdir(name) else
-                        f"model path {name} does not exist — check the path or give a hub id")
-    meta = checkpoint_meta(name) if local else None
+    if is_local(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        raise UserError(f"{path} is neither a Hugging Face model nor an smf checkpoint (no config.json) — point "
+                        "--model at the folder holding config.json" if os.path.isdir(path) else
+                        f"model path {path} does not exist — check the path or give a hub id")
+    meta = checkpoint_meta(path) if is_local(path) else None
     if meta is None or meta["kind"] == "full":
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
         except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"could not load model '{name}' ({str(e).splitlines()[0][:150]}) — check the path, or "
+            raise UserError(f"could not load model '{path}' ({str(e).splitlines()[0][:150]}) — check the path, or "
                             "download the model while online") from e
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
         return model.eval(), tokenizer
-    parent = parent_of(name, meta)
-    if is_local(parent) and not os.path.isfile(os.path.join(parent, "config.json")):
-        raise UserError(f"the parent {meta['parent']} of {name} is missing — restore it, or train {name} again")
-    require(meta.get("parent_sha256") in (None, fingerprint(parent)), f"the parent {meta['parent']} of {name} has "
-            f"changed since it was trained — restore that parent, or train {name} again")
+    parent = parent_of(path, meta)
+    require(not is_local(parent) or os.path.isfile(os.path.join(parent, "config.json")), f"the parent "
+            f"{meta['parent']} of {path} is missing — restore it, or train {path} again")
+    require(meta.get("parent_sha256") in (None, fingerprint(parent)), f"the parent {meta['parent']} of {path} has "
+            f"changed since it was trained — restore that parent, or train {path} again")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
     try:
-        tensors = load_file(os.path.join(name, "weights.safetensors"), device=str(device))
+        tensors = load_file(os.path.join(path, "weights.safetensors"), device=str(device))
     except Exception as e:
-        raise UserError(f"{name}/weights.safetensors is missing or damaged ({type(e).__name__}) — train the "
+        raise UserError(f"{path}/weights.safetensors is missing or damaged ({type(e).__name__}) — train the "
                         "checkpoint again") from e
     if meta["kind"] == "memory":
-        add_memory(model, MemoryConfig(**{**meta["memory"], "layers": tuple(meta["memory"]["layers"])}))
+        add_memory(model, MemoryConfig(**meta["memory"]))
     elif meta["kind"] == "lora":
         add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, t in tensors.items():  # whole tensors, or smf_patch's changed rows of a value table
-            name_ = key.removesuffix(".rows").removesuffix(".index")
-            if name_ not in params or (key == name_ and params[name_].shape != t.shape):
-                raise UserError(f"{name}: {key} does not fit the model it builds on — train the checkpoint again")
+            name = key.removesuffix(".rows").removesuffix(".index")
+            require(name in params and (key != name or params[name].shape == t.shape), f"{path}: {key} does not "
+                    "fit the model it builds on — train the checkpoint again")
             if key.endswith(".rows"):
-                params[name_][tensors[f"{name_}.index"]] = t.to(dtype)
-            elif key == name_:
-                params[name_].copy_(t)
+                params[name][tensors[f"{name}.index"]] = t.to(dtype)
+            elif key == name:
+                params[name].copy_(t)
     return merge_lora(model).to(dtype).eval(), tokenizer
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1259,7 +1257,8 @@ def add_config_flags(group, cls, prefix="", given_only=False):
     None, so that check_args can tell what was given before it fills in the dataclass defaults."""
     comments = config_comments(cls)
     for f in dataclasses.fields(cls):
-        help = comments[f.name] + (f" (default: {f.default})" if given_only and f.default not in (None, False) else "")
+        shown = given_only and f.default is not None and f.default is not False  # else HelpFormatter shows it
+        help = comments[f.name] + (f" (default: {f.default})" if shown else "")
         kind = {"action": "store_true"} if f.type is bool else {"type": int, "nargs": "+"} if f.type is tuple else \
             {"type": f.type, "choices": CHOICES.get(f.name)}
         group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None if given_only else f.default,
