@@ -4,11 +4,7 @@ Adds product-key memory layers to a Hugging Face causal LM, finetunes only the f
 batch reads most (ranked by a KL or TF-IDF selector against background text), and compares that with
 LoRA and full finetuning on three probes: MedMCQA accuracy (learning), WikiText perplexity and TriviaQA
 accuracy (forgetting), with the paper's numbers as defaults; every section below lifts out with its imports.
-
-    python smf.py eval  --model Qwen/Qwen2.5-0.5B-Instruct --probe all
-    python smf.py train --method smf --selector kl
-    python smf.py bench --shape tiny
-    python smf.py table results/
+Start with `python smf.py train --method smf --selector kl` and `python smf.py eval --probe all`; see --help.
 """
 import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, json, math, os, random, shutil
 import re, signal, statistics, sys, time
@@ -41,8 +37,7 @@ class TrainConfig:  # the comments are the `train --help` texts
     epochs: float = None          # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
-    forward_batch: int = None     # sequences per forward pass, a multiple of micro_batch; default a whole step.
-                                  # It changes speed and memory only, never the update
+    forward_batch: int = None     # sequences per forward pass (default: a step): speed and memory, not the update
     max_len: int = 1024           # tokens per training sequence; longer texts are cut there
     warmup: int = 100             # optimizer steps of linear warm-up, then cosine decay to zero
     clip: float = 1.0             # largest gradient L2 norm per step (0: no clipping)
@@ -691,7 +686,7 @@ def clip_grads(grads, max_norm):
     return float(norm)
 
 def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cpu", log_path=None,
-          keep_selected=False):
+          record_selected=False):
     """Trains `model` in place on `texts`. Which parameters train is already set (requires_grad) by the
     caller; for SMF, `background` holds one BackgroundStats per memory layer. Returns the per-step history."""
     smf = cfg.method == "smf"
@@ -766,7 +761,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         if log:  # JSON has no NaN: a non-finite number is written as null
             log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                   for k, v in record.items()}) + "\n")
-        history.append(record | ({"selected": [u.cpu() for u in union]} if keep_selected else {}))
+        history.append(record | ({"selected": [u.cpu() for u in union]} if record_selected else {}))
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
     for b in blocks:
         b.memory.read_hook = None

@@ -333,7 +333,7 @@ def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6, forward_batch=No
     cfg = smf.TrainConfig(method="smf", max_steps=steps, warmup=0, top_t=top_t, optimizer=optimizer,
                           lr=0.05 if optimizer == "sgd" else 5e-3, micro_batch=2, grad_accum=2, train_scale=train_scale,
                           forward_batch=forward_batch)
-    hist = smf.train(model, tok, texts, cfg, bg, keep_selected=True)
+    hist = smf.train(model, tok, texts, cfg, bg, record_selected=True)
     return model, hist
 
 
