@@ -1253,11 +1253,11 @@ def add_config_flags(group, cls, prefix="", given_only=False):
     comments = config_comments(cls)
     for f in dataclasses.fields(cls):
         shown = given_only and f.default is not None and f.default is not False  # else HelpFormatter shows it
-        help = comments[f.name] + (f" (default: {f.default})" if shown else "")
+        text = comments[f.name] + (f" (default: {f.default})" if shown else "")
         kind = {"action": "store_true"} if f.type is bool else {"type": int, "nargs": "+"} if f.type is tuple else \
             {"type": f.type, "choices": CHOICES.get(f.name)}
         group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None if given_only else f.default,
-                           help=help, **kind)
+                           help=text, **kind)
 
 EXAMPLES = """examples:
   python smf.py eval --model Qwen/Qwen2.5-0.5B-Instruct --probe all --out base.json
