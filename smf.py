@@ -373,8 +373,8 @@ def replacing(out):
     """Yields an empty staging folder to build a checkpoint (and its training log) in. When the block ends
     without error, the staging folder replaces `out` by two renames with Ctrl-C blocked between them: `out`
     holds the old or the new checkpoint, whole, at every moment. A lock file keeps a second run out."""
-    lock, staged, old, signals = sibling(out, "lock"), sibling(out, "tmp"), sibling(out, "old"), {signal.SIGINT,
-                                                                                                  signal.SIGTERM}
+    lock, staged, old = sibling(out, "lock"), sibling(out, "tmp"), sibling(out, "old")
+    signals = {signal.SIGINT, signal.SIGTERM}  # blocked between the two renames below
     os.makedirs(os.path.dirname(lock), exist_ok=True)
     with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
         with open(lock) as f:
@@ -391,7 +391,7 @@ def replacing(out):
         os.umask(umask)
         for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
             os.chmod(os.path.join(staged, name), 0o666 & ~umask)
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # a Ctrl-C waits until `out` is whole again
         try:
             if os.path.exists(out):
                 os.rename(out, old)
