@@ -1339,14 +1339,11 @@ def check_args(args):
         require(len(set(args.memory_layers)) == len(args.memory_layers), f"--memory-layers {args.memory_layers} "
                 "names a layer twice — give each layer once")
     if args.command != "table":
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            raise UserError(f"--device {args.device} is not a device — use cpu, cuda or cuda:N") from e
-        require(device.type in ("cpu", "cuda"), f"--device {args.device} is not supported — use cpu or cuda")
-        n_gpus = torch.cuda.device_count() if device.type == "cuda" else 0
-        require(device.type == "cpu" or (device.index or 0) < n_gpus, f"--device {args.device}: this torch sees "
-                f"{n_gpus} CUDA GPU(s) — use --device cpu, or a CUDA build of torch on a machine with a GPU")
+        n_gpus = torch.cuda.device_count()
+        require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device {args.device} is not a device this runs on "
+                "— use cpu, cuda or cuda:N")
+        require(args.device == "cpu" or int(args.device[5:] or 0) < n_gpus, f"--device {args.device}: this torch "
+                f"sees {n_gpus} CUDA GPU(s) — use --device cpu, or a CUDA build of torch on a machine with a GPU")
     if args.command == "train":
         given = [f"--{n.replace('_', '-')}" for n in ("selector", "top_t", "train_scale", "background_stats")
                  if getattr(args, n) is not None]
