@@ -37,7 +37,7 @@ class TrainConfig:  # the comments are the `train --help` texts
     epochs: float = None          # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
-    forward_batch: int = None     # sequences per forward pass, k × micro_batch (default: a step); never changes the update
+    forward_batch: int = None     # sequences per forward, k × micro_batch (default: a step); never changes the update
     max_len: int = 1024           # tokens per training sequence; longer texts are cut there
     warmup: int = 100             # optimizer steps of linear warm-up, then cosine decay to zero
     clip: float = 1.0             # largest gradient L2 norm per step (0: no clipping)
