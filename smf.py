@@ -54,6 +54,10 @@ class TrainConfig:  # the comments are the `train --help` texts
     limit_train: int = None       # use only the first N training examples; default 60,000 MedMCQA, all OASST1
     seed: int = 0                 # shuffles the data (and the MedMCQA subset) and seeds every initialisation
 
+    def __post_init__(self):  # the two defaults that depend on the method, resolved in one place
+        self.lr = self.lr or METHOD_LR[self.method]
+        self.epochs = self.epochs or (2 if self.method == "retrofit" else 3)
+
 @dataclass
 class EvalConfig:  # the probes' data and settings; the comments are their --help texts
     eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or local file
@@ -613,7 +617,8 @@ def stats_tensors(stats):
 
 def read_background_stats(path, model):
     from safetensors.torch import load_file
-    n_layers, n_rows = len(memory_blocks(model)), memory_blocks(model)[0].memory.values.shape[0]
+    blocks = memory_blocks(model)
+    n_layers, n_rows = len(blocks), blocks[0].memory.values.shape[0]
     try:
         t = load_file(path)
         stats = [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(n_layers)]
@@ -692,8 +697,9 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     smf = cfg.method == "smf"
     blocks = memory_blocks(model) if smf else []
     values = [b.memory.values for b in blocks]
+    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # logged each step
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
-    lr_peak, sgd = cfg.lr or METHOD_LR[cfg.method], cfg.optimizer == "sgd"
+    lr_peak, sgd = cfg.lr, cfg.optimizer == "sgd"
     dense_opt = (torch.optim.SGD(dense, lr=lr_peak, weight_decay=cfg.weight_decay) if sgd else torch.optim.AdamW(
         dense, lr=lr_peak, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=sgd)
@@ -703,7 +709,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     examples = [e for e in (tokenizer(t)["input_ids"][: cfg.max_len] for t in texts[: cfg.limit_train]) if len(e) > 1]
     require(examples, "no training text has two tokens or more — check the training data")
     rng, seqs_per_step = random.Random(cfg.seed), cfg.micro_batch * cfg.grad_accum
-    total = math.ceil((cfg.epochs or 3) * math.ceil(len(examples) / seqs_per_step))
+    total = math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step))
     total = min(total, cfg.max_steps or total)
     if cfg.warmup >= total:
         print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {lr_peak:g} and "
@@ -753,9 +759,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                   "tokens": n_tokens, "tokens_per_s": n_tokens / step_time}
-        alphas = [round(b.alpha.item(), 6) for b in memory_blocks(model) if b.alpha is not None]
         if alphas:  # the additive memory's reach, and its values' gradient, scale with alpha: worth watching
-            record["alpha"] = alphas
+            record["alpha"] = [round(a.item(), 6) for a in alphas]
         if smf:
             record["rows_updated"] = [len(u) for u in union]
         if log:  # JSON has no NaN: a non-finite number is written as null
@@ -976,7 +981,6 @@ def run_train(args, device):
     """Checks all it can first (--out, memory, data, probes), trains in a staging folder that holds the log too,
     swaps the checkpoint in, prints a summary, and evaluates the checkpoint when --eval-out is given."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    cfg.lr, cfg.epochs = cfg.lr or METHOD_LR[cfg.method], cfg.epochs or (2 if cfg.method == "retrofit" else 3)
     mem_cfg, method = memory_config(args), cfg.method
     check_out(args.out, args.model, args.overwrite)
     memory = next((m["memory"] for m in map(checkpoint_meta, checkpoint_chain(args.model)) if m and m["kind"] ==

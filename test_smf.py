@@ -371,8 +371,9 @@ def test_smf_forward_batch_changes_speed_not_the_update(tiny):
 
 
 def test_smf_train_scale_moves_alpha(tiny):  # without the flag alpha stays bit-identical (test above)
-    model, _ = smf_run(tiny, 2, "adamw", train_scale=True)
+    model, hist = smf_run(tiny, 2, "adamw", train_scale=True)
     assert all(b.alpha.item() != 0.01 for b in smf.memory_blocks(model))
+    assert hist[-1]["alpha"] == [round(b.alpha.item(), 6) for b in smf.memory_blocks(model)]   # logged after the step
 
 
 def test_gradient_accumulation_gives_the_same_update(tiny):
