@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Reproduces every row of the results table, for each seed, then prints the table. A stage is one row of one
 # seed (e.g. smf_additive_kl/seed0); it writes under $OUT/<row>/seed<S>/ and is finished when its eval.json holds
-# every probe, so a rerun after a crash or a killed job skips finished stages and continues.
+# every probe, so a rerun after a crash or a killed job skips finished stages and continues. Each stage records
+# the settings it depends on; a rerun with other settings is refused, never answered with the old results.
+# Relative paths (OUT, data, model) are the caller's: run it from any folder.
 #   bash run_all.sh --list               the stages, one per line, each after the stage it needs
 #   SEEDS=0 ROWS="base lora" bash run_all.sh
 #   GPUS="0 1 2 3" bash run_all.sh       stages in parallel, one per GPU, each as soon as its retrofit is done
 #   STAGE=smf_additive_kl/seed0 bash run_all.sh    one stage (its retrofit must be finished): for a scheduler
 # Override any setting below from the environment.
 set -euo pipefail
-cd "$(dirname "$0")"
+SMF="$(cd "$(dirname "$0")" && pwd)/smf.py"
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}              # base model: hub id or local folder
 OUT=${OUT:-results}                                     # everything lands here
@@ -31,6 +33,7 @@ FORWARD_BATCH=${FORWARD_BATCH:-}                        # sequences per forward 
 EVAL_BATCH=${EVAL_BATCH:-16}                            # MedMCQA questions per forward (TriviaQA: twice that)
 DEVICE=${DEVICE:-}                                      # without GPUS: the device; empty: cuda when available
 TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command
+MEMORY_ARGS=${MEMORY_ARGS:-}                            # extra flags for the retrofit rows (--memory-*)
 SMF_ARGS=${SMF_ARGS:-}                                  # extra flags for the SMF rows (e.g. --optimizer sgd --lr 2)
 PYTHON=${PYTHON:-python}
 
@@ -41,6 +44,17 @@ for row in $ROWS; do
 done
 [ -n "${SEEDS// /}" ] || { echo "error: SEEDS is empty — give one or more seeds, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
 [ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
+if [ -n "$GPUS" ]; then
+  n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
+  for g in $GPUS; do
+    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids 0..$((n_gpus - 1)) (this machine has $n_gpus), e.g. GPUS=\"0 1\"" >&2; exit 2; }
+  done
+fi
+# local paths as absolute ones, so that the stages (and their recorded settings) mean the same files from any folder
+local_path() { if [ -e "$1" ]; then realpath "$1"; else echo "$1"; fi; }
+MODEL=$(local_path "$MODEL") MEDMCQA=$(local_path "$MEDMCQA") MEDMCQA_EVAL=$(local_path "$MEDMCQA_EVAL")
+WIKITEXT=$(local_path "$WIKITEXT") TRIVIAQA=$(local_path "$TRIVIAQA") BACKGROUND=$(local_path "$BACKGROUND")
+OUT=$(realpath -m "$OUT")
 
 # needs STAGE: the stage it starts from (an SMF row needs its retrofit), or "-"
 needs() {
@@ -64,29 +78,58 @@ if [ "${1:-}" = --list ]; then
   exit 0
 fi
 
-finished() { [ -f "$OUT/$1/eval.json" ] && ! grep -q '"unfinished"' "$OUT/$1/eval.json"; }
+# finished STAGE: its eval.json holds every probe (an `eval --probe medmcqa` result is not a finished stage)
+finished() {
+  [ -f "$OUT/$1/eval.json" ] && ! grep -q '"unfinished"' "$OUT/$1/eval.json" || return 1
+  for p in medmcqa wikitext triviaqa; do grep -q "^  \"$p\": " "$OUT/$1/eval.json" || return 1; done
+}
+
+# settings STAGE: the settings its results depend on, NAME=value a line (an SMF row's include its retrofit's)
+settings() {
+  local names="MODEL MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT" train="MAX_STEPS LIMIT_TRAIN MICRO_BATCH GRAD_ACCUM TRAIN_ARGS"
+  local memory="BACKGROUND BACKGROUND_EXAMPLES MEMORY_ARGS"
+  case ${1%/seed*} in
+    base) ;;
+    retrofit_*) names="$names $train $memory" ;;
+    smf_*) names="$names $train $memory MEDMCQA SMF_ARGS" ;;
+    *) names="$names $train MEDMCQA" ;;
+  esac
+  for n in $names; do echo "$n=${!n}"; done
+}
+
+# check_settings STAGE: refuses a stage made before with other settings (or with none recorded)
+check_settings() {
+  local file="$OUT/$1/settings.txt"
+  [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
+  [ -f "$file" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
+  local differ
+  differ=$(diff <(settings "$1") "$file" | sed -n 's/^> \(.*\)/\1/p' | paste -sd ' ' -)
+  [ -z "$differ" ] && return 0
+  echo "error: stage $1 in $OUT was made with $differ; this run has $(diff <(settings "$1") "$file" | sed -n 's/^< \(.*\)/\1/p' | paste -sd ' ' -) — choose another OUT, or move $OUT/$1 away to redo it" >&2
+  return 1
+}
 
 # run_stage STAGE DEVICE: trains (unless its checkpoint exists) and evaluates one stage; output to its log
 run_stage() {
   local row=${1%/seed*} seed=${1#*/seed} device=$2 dir="$OUT/$1"
   local data=(--device "$device" --eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
               --limit "$EVAL_LIMIT" --batch-size "$EVAL_BATCH")
-  local train=(--medmcqa "$MEDMCQA" --background "$BACKGROUND" --micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM"
-               --background-examples "$BACKGROUND_EXAMPLES" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
+  local train=(--micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
                ${FORWARD_BATCH:+--forward-batch "$FORWARD_BATCH"} ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
-  local how=()
+  local how=()   # each row gets only the options that apply to it (smf.py refuses the others)
   case $row in
-    base) $PYTHON smf.py eval --model "$MODEL" "${data[@]}" --out "$dir/eval.json"; return ;;
-    retrofit_*) how=(--method retrofit --model "$MODEL" --memory-mode "${row#retrofit_}") ;;
+    base) $PYTHON "$SMF" eval --model "$MODEL" "${data[@]}" --out "$dir/eval.json"; return ;;
+    retrofit_*) how=(--method retrofit --model "$MODEL" --memory-mode "${row#retrofit_}" --background "$BACKGROUND"
+                     --background-examples "$BACKGROUND_EXAMPLES" $MEMORY_ARGS) ;;
     smf_*) local sel=${row##*_} parent="$OUT/$(needs "$1")/model"  # the retrofit's background statistics are reused
-           how=(--method smf --model "$parent" --selector "$sel" $SMF_ARGS)
+           how=(--method smf --model "$parent" --medmcqa "$MEDMCQA" --selector "$sel" $SMF_ARGS)
            case $row in *_scale_*) how+=(--train-scale) ;; esac ;;
-    lora|full) how=(--method "$row" --model "$MODEL") ;;
+    lora|full) how=(--method "$row" --model "$MODEL" --medmcqa "$MEDMCQA") ;;
   esac
   if [ -f "$dir/model/config.json" ]; then   # trained before, its evaluation did not finish
-    $PYTHON smf.py eval --model "$dir/model" "${data[@]}" --out "$dir/eval.json"
+    $PYTHON "$SMF" eval --model "$dir/model" "${data[@]}" --out "$dir/eval.json"
   else
-    $PYTHON smf.py train --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}" "${data[@]}" --eval-out "$dir/eval.json"
+    $PYTHON "$SMF" train --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}" "${data[@]}" --eval-out "$dir/eval.json"
   fi
 }
 
@@ -95,6 +138,7 @@ run_stage() {
 start() {
   local log="$OUT/logs/${1/\//_}.log"
   mkdir -p "$OUT/$1" "$OUT/logs"
+  settings "$1" > "$OUT/$1/settings.txt"
   echo "start ${1%/seed*} seed ${1#*/seed} on $2 at $(date +%T)"
   if [ "$2" = cpu ]; then run_stage "$1" cpu >"$log" 2>&1 &
   elif [ "$2" = default ]; then run_stage "$1" "$DEVICE" >"$log" 2>&1 &
@@ -110,8 +154,10 @@ if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array
   if [ "$dep" != - ] && ! finished "$dep"; then
     echo "error: stage $STAGE needs $dep, which has not finished — run STAGE=$dep first" >&2; exit 2
   fi
+  check_settings "$STAGE" || exit 2
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
+  settings "$STAGE" > "$OUT/$STAGE/settings.txt"
   run_stage "$STAGE" "$DEVICE"
   exit
 fi
@@ -120,7 +166,9 @@ fi
 # starts; the running ones finish; then the script exits naming it.
 read -ra SLOTS <<< "${GPUS:-default}"
 declare -A pid_on=() stage_on=() t0_on=()
-todo=()
+todo=() bad=0
+for s in "${STAGES[@]}"; do check_settings "$s" || bad=1; done
+[ $bad -eq 0 ] || exit 2
 for s in "${STAGES[@]}"; do
   if finished "$s"; then echo "skip  ${s%/seed*} seed ${s#*/seed} (finished)"; else todo+=("$s"); fi
 done
@@ -161,4 +209,4 @@ while :; do
   sleep 0.5
 done
 echo "all stages finished in $(( $(date +%s) - t_all ))s"
-$PYTHON smf.py table "$OUT"
+$PYTHON "$SMF" table "$OUT"

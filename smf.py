@@ -6,8 +6,8 @@ LoRA and full finetuning on three probes: MedMCQA accuracy (learning), WikiText 
 accuracy (forgetting), with the paper's numbers as defaults; every section below lifts out with its imports.
 Start with `python smf.py train --method smf --selector kl` and `python smf.py eval --probe all`; see --help.
 """
-import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, json, math, os, random, shutil
-import re, signal, statistics, sys, time
+import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, json, math, os, random, re
+import shutil, statistics, sys, tempfile, time
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+STATS = "background_stats.safetensors"  # a retrofit's (and an SMF run's) background statistics, beside its weights
 
 # -----------------------------------------------------------------------------------------------------------
 # Config
@@ -33,6 +34,8 @@ class MemoryConfig:
 @dataclass
 class TrainConfig:  # the comments are the `train --help` texts
     method: str = "smf"           # retrofit (new memory, trained on background text) | smf | lora | full
+    medmcqa: str = "openlifescienceai/medmcqa"  # training data (train split): hub id or local file
+    background: str = "OpenAssistant/oasst1"    # general text: the retrofit's data, the selectors' reference
     lr: float = None              # peak learning rate; default per method: retrofit/smf 5e-4, lora 2e-4, full 5e-5
     epochs: float = None          # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
@@ -46,7 +49,7 @@ class TrainConfig:  # the comments are the `train --help` texts
     selector: str = "kl"          # smf: how a micro-batch ranks the rows it read, against background text
     top_t: int = 512              # smf: rows updated per memory layer per micro-batch
     train_scale: bool = False     # smf: also train each layer's alpha (the "+scale" rows of the table)
-    background_examples: int = 2000  # smf: background texts (one batch each) behind the selector's statistics
+    background_examples: int = 2000  # background texts (one batch each) behind the selectors' statistics
     lora_r: int = 16              # lora: rank of the update
     lora_alpha: float = 32.0      # lora: the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.05    # lora: dropout probability on the LoRA input only
@@ -61,10 +64,11 @@ class TrainConfig:  # the comments are the `train --help` texts
 @dataclass
 class EvalConfig:  # the probes' data and settings; the comments are their --help texts
     eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or local file
+    medmcqa_mode: str = "answer"                     # score ' L. option text' (the paper's) or the letter alone
     wikitext: str = "Salesforce/wikitext"            # WikiText probe (test split): hub id or local file
     wikitext_config: str = "wikitext-103-v1"         # hub config of --wikitext
     triviaqa: str = "mandarjoshi/trivia_qa"          # TriviaQA probe (rc.nocontext validation): hub id or local file
-    medmcqa_mode: str = "answer"                     # score ' L. option text' (the paper's) or the letter alone
+    repetition_penalty: float = None                 # TriviaQA: default the model's generation_config (1.0: greedy)
     limit: int = 1000                                # examples per probe (lines of WikiText)
     batch_size: int = 16                             # MedMCQA questions per forward (TriviaQA: 2x, WikiText: 1/2)
 
@@ -80,50 +84,57 @@ def require(ok, message):
         raise UserError(message)
 
 # -----------------------------------------------------------------------------------------------------------
-# Data: every source is a hub id by default or a local .jsonl/.json/.parquet/.txt file in the hub's schema
+# Data: every source is a hub id by default or a local .jsonl/.json/.txt file in the hub's schema
 
 def is_local(path):
     """A path on this machine (it exists, or is spelled like one) rather than a hub id."""
     return (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
-            or path.endswith((".jsonl", ".json", ".parquet", ".txt")))
+            or path.endswith((".jsonl", ".json", ".txt")))
 
 def read_rows(source, hub_config=None, split="train"):
-    """Rows of a data source as a list of dicts. Local files are read here; hub ids go through `datasets`."""
+    """(where, row) pairs of a data source; `where` places the row for error messages: a file's line (1-based,
+    every line counted) or a row's number. Local files are read here; hub ids go through `datasets`."""
     if not is_local(source):
         try:
             import datasets  # imported here so that `eval`/`bench` run where `datasets` is not installed
-            return list(datasets.load_dataset(source, hub_config, split=split))
+            return [(f"row {i}", r) for i, r in enumerate(datasets.load_dataset(source, hub_config, split=split), 1)]
         except Exception as e:
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, or pass "
                             "a local file in the same schema") from e
-    path, kind = os.path.expanduser(source), source.rsplit(".", 1)[-1]
-    if not os.path.isfile(path) or kind not in ("jsonl", "json", "parquet", "txt"):
-        problem = "is a folder" if os.path.isdir(path) else "has an unknown format" if os.path.isfile(path) else \
-            "does not exist"
-        raise UserError(f"data file {source} {problem} — check the path; give a .jsonl, .json, .parquet or .txt file")
+    path, kind, where = os.path.expanduser(source), source.rsplit(".", 1)[-1], "its start"
+    problem = "is a folder" if os.path.isdir(path) else "does not exist" if not os.path.isfile(path) else \
+        "has an unknown format" if kind not in ("jsonl", "json", "txt") else None
+    require(problem is None, f"data file {source} {problem} — check the path; give a .jsonl, .json or .txt file")
     try:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-            return pq.read_table(path).to_pylist()
         with open(path, encoding="utf-8") as f:
-            if kind == "txt":
-                return [{"text": line} for line in f.read().split("\n")]
-            data = [json.loads(line) for line in f if line.strip()] if kind == "jsonl" else json.load(f)
-    except (ValueError, OSError, ImportError) as e:
-        raise UserError(f"data file {source} could not be read ({e}) — is it complete and in that format?") from e
-    data = data.get("data") if isinstance(data, dict) else data
-    require(isinstance(data, list), f"data file {source} holds no list of rows — write a JSON list of objects, or "
-            '{"data": [...]}')
-    return data
+            text = f.read()
+        if kind == "txt":
+            return [(f"line {i}", {"text": line}) for i, line in enumerate(text.split("\n"), 1)]
+        if kind == "json":
+            data = json.loads(text)
+            data = data.get("data") if isinstance(data, dict) else data
+            require(isinstance(data, list), f"data file {source} holds no list of rows — write a JSON list of "
+                    'objects, or {"data": [...]}')
+            return [(f"row {i}", r) for i, r in enumerate(data, 1)]
+        rows = []
+        for i, line in enumerate(text.split("\n"), 1):
+            where = f"line {i}"
+            if line.strip():
+                rows.append((where, json.loads(line)))
+        return rows
+    except (ValueError, OSError) as e:
+        raise UserError(f"data file {source} could not be read at {where} ({e}) — is it complete and in that "
+                        "format?") from e
 
 def check_fields(rows, fields, source):
-    """Every row is an object holding each field in `fields` (name -> type); at least one row is left."""
-    for i, row in enumerate(rows):
+    """Every (where, row) pair holds each field of `fields` (name -> type); at least one row is left."""
+    for where, row in rows if fields else []:  # (no fields: `rows` may be plain texts)
         for name, kind in fields.items():
             value = row.get(name) if isinstance(row, dict) else None
-            found = "no such field" if value is None else f"type {type(value).__name__}"
-            require(isinstance(value, kind) and value is not None, f"{source}: row {i} has no '{name}' field of type "
-                    f"{kind.__name__} ({found}) — the file must use the hub schema")
+            found = "missing" if not isinstance(row, dict) or name not in row else "null" if value is None else \
+                f"of type {type(value).__name__}"
+            require(isinstance(value, kind) and value is not None, f"{source}: {where}: field '{name}' is {found}, "
+                    f"not {'a value' if kind is object else kind.__name__} — the file must use the hub schema")
     require(rows, f"{source}: no examples left after filtering — check the file and the filters")
 
 def answer_index(cop, where):
@@ -135,10 +146,10 @@ def answer_index(cop, where):
 
 def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
     """Single-answer rows (`choice_type == "single"`, kept when absent), shuffled with `seed`, the first `limit`."""
-    rows = [r for r in read_rows(source, None, split) if not isinstance(r, dict) or
+    rows = [(w, r) for w, r in read_rows(source, None, split) if not isinstance(r, dict) or
             r.get("choice_type", "single") == "single"]
     check_fields(rows, dict.fromkeys(("question", "opa", "opb", "opc", "opd"), str) | {"cop": object}, source)
-    rows = [{**r, "cop": answer_index(r["cop"], f"{source}: row {i}")} for i, r in enumerate(rows)]
+    rows = [{**r, "cop": answer_index(r["cop"], f"{source}: {where}")} for where, r in rows]
     if seed is not None:
         random.Random(seed).shuffle(rows)
     return rows[:limit]
@@ -162,7 +173,7 @@ def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=
     """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
     rows = read_rows(source, config, "test")
     check_fields(rows, {"text": str}, source)
-    lines = [r["text"].strip() for r in rows if r["text"].strip()][:limit]
+    lines = [r["text"].strip() for _, r in rows if r["text"].strip()][:limit]
     check_fields(lines, {}, source)  # at least one line
     return "\n\n".join(lines)
 
@@ -171,12 +182,12 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     rows = read_rows(source, "rc.nocontext", "validation")[:limit]
     check_fields(rows, {"question": str, "answer": dict}, source)
     out = []
-    for i, r in enumerate(rows):
+    for where, r in rows:
         aliases, value = r["answer"].get("aliases") or [], r["answer"].get("value") or ""
-        require(isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value]), f"{source}: row "
-                f"{i} has answer aliases that are not a list of strings — the file must use the hub schema")
+        require(isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value]), f"{source}: "
+                f"{where} has answer aliases that are not a list of strings — the file must use the hub schema")
         aliases = aliases + [value] if value else aliases  # (a string would have become an alias per character)
-        require(aliases, f"{source}: row {i} has no answer aliases — the file must use the hub schema")
+        require(aliases, f"{source}: {where} has no answer aliases — the file must use the hub schema")
         out.append((r["question"], aliases))
     return out
 
@@ -184,7 +195,7 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
     """OASST1 English assistant replies ranked 0 or 1, at least 50 characters: the general-text corpus."""
     rows = read_rows(source, None, "train")
     check_fields(rows, {"text": str}, source)
-    texts = [r["text"] for r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") == "assistant"
+    texts = [r["text"] for _, r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") == "assistant"
              and r.get("rank", 0) in (0, 1) and len(r["text"]) >= 50]
     check_fields(texts, {}, source)  # at least one text
     return texts[:limit]
@@ -197,6 +208,10 @@ def sync(device):
     """Waits for the GPU so that wall-clock timings are true; returns None so `sync(d) or t` reads as t."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+
+def progress(iterable, desc):
+    """A progress bar on a terminal, none in a log file (its carriage returns would make one endless line)."""
+    return tqdm(iterable, desc=desc, disable=None)
 
 def pad_batch(seqs, pad_id, left=False, device="cpu"):
     """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
@@ -285,15 +300,11 @@ class MemoryBlock(nn.Module):
         out = self.memory(x)
         return out if self.mlp is None else self.mlp(x) + self.alpha * out
 
-def decoder_layers(model):
+def add_memory(model, cfg: MemoryConfig):
+    """Puts a fresh fp32 ProductKeyMemory beside (or instead of) the FFN at each of cfg.layers."""
     layers = getattr(getattr(model, "model", None), "layers", None)
     require(layers is not None and all(hasattr(layer, "mlp") for layer in layers), f"{type(model).__name__} has no "
             "model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-style causal LM")
-    return layers
-
-def add_memory(model, cfg: MemoryConfig):
-    """Puts a fresh fp32 ProductKeyMemory beside (or instead of) the FFN at each of cfg.layers."""
-    layers = decoder_layers(model)
     require(cfg.mode in ("additive", "replacement"), f"memory mode {cfg.mode} is unknown — use additive/replacement")
     require(len(set(cfg.layers)) == len(cfg.layers), f"memory layers {list(cfg.layers)} name a layer twice — give "
             "each layer once")
@@ -324,137 +335,156 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return self.base(x) + (self.dropout(x) @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scale
 
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        """A plain nn.Linear whose weight includes the LoRA update: same outputs in eval mode, no overhead."""
-        w = self.base.weight
-        merged = nn.Linear(w.shape[1], w.shape[0], bias=self.base.bias is not None, device=w.device, dtype=w.dtype)
-        merged.weight.copy_((w.float() + self.scale * self.lora_B.float() @ self.lora_A.float()).to(w.dtype))
-        if self.base.bias is not None:
-            merged.bias.copy_(self.base.bias)
-        return merged
-
 def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
-    """Wraps every nn.Linear whose attribute name is in `targets`; returns {module path: LoRALinear}."""
-    wrapped = {}
-    for path, parent in list(model.named_modules()):
+    """Wraps every nn.Linear whose attribute name is in `targets` in a LoRALinear."""
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
                 setattr(parent, name, LoRALinear(child, r, alpha, dropout))
-                wrapped[f"{path}.{name}"] = getattr(parent, name)
-    return wrapped
 
+@torch.no_grad()
 def merge_lora(model):
+    """Folds each LoRA update into its base weight (in fp32) and unwraps it: same outputs in eval mode, no overhead."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
-                setattr(parent, name, child.merged())
+                w = child.base.weight
+                w.copy_((w.float() + child.scale * child.lora_B.float() @ child.lora_A.float()).to(w.dtype))
+                setattr(parent, name, child.base)
     return model
 
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoints: small files on top of a parent model, swapped in whole, read back by load_model
 
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
+def read_json(path, fix):
+    """A JSON file's content, or a one-line error naming the file and how to `fix` it."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} could not be read ({type(e).__name__}: {e}) — {fix}") from e
 
 def write_atomic(path, text):
-    """Writes a results file under a temporary name, then renames it: readers never see half a file."""
+    """Writes under a temporary name, then renames: a reader never sees half a file, nor a stray temporary one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
-        os.replace(f.name, path)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror}: {e.filename}) — choose a writable --out") from e
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
 
-def sibling(out, suffix):
-    """`.<name>.<suffix>` beside `out`, on its file system so that a rename moves it."""
-    return os.path.join(os.path.dirname(os.path.abspath(out)), f".{os.path.basename(os.path.abspath(out))}.{suffix}")
+def check_outputs(writes, reads):
+    """Rule 1, for every path a command writes, before any model or data loads. writes: (flag, path, is_folder).
+    A checkpoint folder is not a file and a results file not a folder, its place is writable, and it neither
+    is, holds nor lies inside the current folder, anything the run reads (model, parents, data) or else writes."""
+    for flag, path, is_folder in writes:
+        real, cwd = os.path.realpath(path), os.getcwd()
+        others = [(os.path.realpath(p), "this run reads") for p in reads] + [(cwd, "is the current folder")] + [
+            (os.path.realpath(p), "this run writes") for _, p, folder in writes if folder and p != path]
+        for other, what in others:
+            relation = "is" if real == other else "holds" if other.startswith(real + os.sep) else "lies inside" \
+                if real.startswith(other + os.sep) and other != cwd else None
+            require(relation is None, f"{flag} {path} {relation} {other}, which {what} — choose another path")
+        require(not os.path.exists(real) or os.path.isdir(real) == is_folder, f"{flag} {path} is "
+                f"{'a file' if is_folder else 'a folder'} — give a new {'folder' if is_folder else 'file name'}")
+        place = os.path.dirname(real)
+        while not os.path.exists(place):
+            place = os.path.dirname(place)
+        require(os.path.isdir(place) and os.access(place, os.W_OK), f"{flag} {path} cannot be written ({place} is "
+                f"{'not writable' if os.path.isdir(place) else 'a file'}) — choose a writable place")
+
+def check_replaceable(out, overwrite):
+    """An existing --out is replaced only if it is an smf checkpoint holding just the files it was written with
+    (config.json lists them), and only with --overwrite."""
+    if os.path.isdir(out) and os.listdir(out):
+        meta = checkpoint_meta(out)
+        require(meta, f"--out {out} holds files that are not an smf checkpoint — choose a new, empty folder")
+        extra = sorted(set(os.listdir(out)) - set(meta.get("files", ())))
+        require(not extra, f"--out {out} also holds {', '.join(extra)}, which replacing the checkpoint would delete "
+                "— move them out, or choose another --out")
+        require(overwrite, f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new "
+                "one is complete), or choose a new folder")
 
 @contextlib.contextmanager
-def replacing(out):
-    """Yields an empty staging folder to build a checkpoint (and its training log) in. When the block ends
-    without error, the staging folder replaces `out` by two renames with Ctrl-C blocked between them: `out`
-    holds the old or the new checkpoint, whole, at every moment. A lock file keeps a second run out."""
-    lock, staged, old = sibling(out, "lock"), sibling(out, "tmp"), sibling(out, "old")
-    signals = {signal.SIGINT, signal.SIGTERM}  # blocked between the two renames below
-    os.makedirs(os.path.dirname(lock), exist_ok=True)
-    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
-        with open(lock) as f:
-            pid = int(f.read())
-        os.kill(pid, 0)  # raises if that process is gone: its lock is stale and is taken over below
-        raise UserError(f"another run (process {pid}) is writing {out} — wait for it, or choose another --out")
-    with open(lock, "w") as f:
-        f.write(str(os.getpid()))
+def replacing(out, overwrite=False):
+    """Yields an empty staging folder, this run's own, to build a checkpoint and its log in; if the block
+    ends without error it becomes `out`. Without `overwrite` that is one rename, which fails if another run
+    wrote `out` meanwhile (this run's checkpoint is then kept, and named). With it the old checkpoint is renamed
+    aside first, and back if the second rename fails or is interrupted (Ctrl-C is an exception the rollback
+    sees). An error before the swap leaves `out` as it was."""
+    place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system, so that a rename moves it
+    os.makedirs(place, exist_ok=True)
+    staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
+    old, keep = staged + ".old", False
     try:
-        shutil.rmtree(staged, ignore_errors=True)
-        os.makedirs(staged)
         yield staged
         umask = os.umask(0)
         os.umask(umask)
         for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
             os.chmod(os.path.join(staged, name), 0o666 & ~umask)
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # a Ctrl-C waits until `out` is whole again
         try:
-            if os.path.exists(out):
+            if overwrite and os.path.exists(out):
                 os.rename(out, old)
             os.rename(staged, out)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(old) and not os.path.exists(out):
                 os.rename(old, out)
+            keep = isinstance(e, OSError) and not overwrite and os.path.isdir(out)
+            require(not keep, f"another run wrote {out} while this one trained — this run's checkpoint is kept in "
+                    f"{staged}: move it where you want it")
             raise
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        shutil.rmtree(staged, ignore_errors=True)
-        os.remove(lock)
+        if not keep:
+            shutil.rmtree(staged, ignore_errors=True)
 
 def save_checkpoint(folder, meta, tensors=None, model=None, tokenizer=None, extra=None):
-    """`meta` (the kind: memory | smf | lora | full, the parent, every setting) goes into config.json as `smf`.
-    Small kinds store `tensors` in weights.safetensors; `full` is a whole HF folder (model and tokenizer);
-    `extra` maps more file names to tensors."""
+    """Writes `tensors` to weights.safetensors (a `full` checkpoint: the whole HF `model` and `tokenizer`), the
+    `extra` {file name: tensors}, and `meta` with the list of the folder's files as config.json's `smf`."""
     from safetensors.torch import save_file
     if model is not None:
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     for name, named in (({"weights.safetensors": tensors} if model is None else {}) | (extra or {})).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, os.path.join(folder, name))
-    config = read_json(os.path.join(folder, "config.json")) if model is not None else {}
+    config = read_json(os.path.join(folder, "config.json"), "") if model is not None else {}
+    meta = {**meta, "files": sorted(set(os.listdir(folder)) | {"config.json"})}
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump({**config, "smf": meta}, f, indent=2)
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
     config = os.path.join(path, "config.json")
-    return read_json(config).get("smf") if os.path.isfile(config) else None
+    content = read_json(config, "restore the file, or train or download that model again") if is_local(path) and \
+        os.path.isfile(config) else {}
+    return content.get("smf") if isinstance(content, dict) else None
 
 def parent_of(path, meta):
-    """A checkpoint's parent: relative to the checkpoint first (the folders can move together), else as written."""
-    parent = os.path.join(path, meta["parent"])
-    return parent if os.path.isfile(os.path.join(parent, "config.json")) else meta["parent"]
+    """A checkpoint's parent: beside it as recorded (the two moved together), else where it was at training time
+    (the checkpoint was copied alone), else as written (a hub id)."""
+    for parent in (os.path.join(path, meta["parent"]), meta.get("parent_abs", "")):
+        if os.path.isfile(os.path.join(parent, "config.json")):
+            return parent
+    return meta["parent"]
 
 def checkpoint_chain(path):
     """The local folders a model is built from: `path`, its parent, grandparent, ... (a hub id ends it)."""
     chain = []
     while is_local(path) and os.path.isfile(os.path.join(path, "config.json")) and path not in chain:
         chain.append(path)
-        if (meta := checkpoint_meta(path)) is None or meta["kind"] == "full":
+        meta = checkpoint_meta(path)
+        if meta is None or meta["kind"] == "full":
             break
         path = parent_of(path, meta)
     return chain
 
-def check_out(out, start_model, overwrite):
-    """Refuses, before anything runs, an --out whose replacement would destroy a model: the one this run
-    starts from or any parent of it, a folder that is not an smf checkpoint, or (without --overwrite) one."""
-    if os.path.realpath(out) in map(os.path.realpath, checkpoint_chain(start_model)):
-        raise UserError(f"--out {out} is the model this run starts from, or one of its parents — choose a new folder")
-    if os.path.isdir(out) and os.listdir(out):
-        is_checkpoint = checkpoint_meta(out) and not any(os.path.isdir(f.path) for f in os.scandir(out))
-        require(is_checkpoint, f"--out {out} holds files that are not an smf checkpoint — choose a new, empty folder")
-        require(overwrite, f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new "
-                "one is complete), or choose a new folder")
+def model_memory(path):
+    """The memory settings of the retrofit a model is built on, or None for a model without memory."""
+    metas = [checkpoint_meta(p) for p in checkpoint_chain(path)]
+    return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
 
 def fingerprint(path):
     """sha256 of a local model's weight files (None for a hub id). A child checkpoint records its parent's, so
@@ -463,10 +493,21 @@ def fingerprint(path):
         return None
     digest = hashlib.sha256()
     for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin")) and name != "background_stats.safetensors":
+        if name.endswith((".safetensors", ".bin")) and name != STATS:
             with open(os.path.join(path, name), "rb") as f:
                 digest.update(hashlib.file_digest(f, "sha256").digest())
     return digest.hexdigest()
+
+def check_weight_files(folder):
+    """Names a damaged (say, truncated) weight file, which transformers and safetensors would not."""
+    from safetensors import safe_open
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+        try:
+            with safe_open(file, "pt"):
+                pass
+        except Exception as e:
+            raise UserError(f"{file} is damaged ({' '.join(str(e).split())}) — restore it, or train or download "
+                            f"{folder} again") from e
 
 def smf_patch(before, trained):
     """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed since
@@ -482,19 +523,23 @@ def smf_patch(before, trained):
 
 def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes (parents loaded first)."""
-    if is_local(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise UserError(f"{path} is neither a Hugging Face model nor an smf checkpoint (no config.json) — point "
-                        "--model at the folder holding config.json" if os.path.isdir(path) else
-                        f"model path {path} does not exist — check the path or give a hub id")
-    meta = checkpoint_meta(path) if is_local(path) else None
+    if is_local(path):
+        require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging Face model nor an smf "
+                "checkpoint (no config.json) — point --model at the folder holding config.json" if os.path.isdir(path)
+                else f"model path {path} does not exist — check the path or give a hub id")
+        check_weight_files(path)
+    meta = checkpoint_meta(path)
     if meta is None or meta["kind"] == "full":
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        require(not is_local(path) or any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json",
+                "tokenizer.model", "vocab.json")), f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or "
+                "vocab.json) — save the model's tokenizer into it with tokenizer.save_pretrained")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        except (OSError, ValueError, RuntimeError) as e:
-            raise UserError(f"could not load model '{path}' ({str(e).splitlines()[0][:150]}) — check the path, or "
-                            "download the model while online") from e
+        except Exception as e:
+            raise UserError(f"could not load model '{path}' ({type(e).__name__}: {' '.join(str(e).split())[:150]}) — "
+                            "check the path, or download the model while online") from e
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
         return model.eval(), tokenizer
     parent = parent_of(path, meta)
@@ -504,11 +549,9 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
             f"changed since it was trained — restore that parent, or train {path} again")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
-    try:
-        tensors = load_file(os.path.join(path, "weights.safetensors"), device=str(device))
-    except Exception as e:
-        raise UserError(f"{path}/weights.safetensors is missing or damaged ({type(e).__name__}) — train the "
-                        "checkpoint again") from e
+    weights = os.path.join(path, "weights.safetensors")
+    require(os.path.isfile(weights), f"{weights} is missing — restore it, or train {path} again")
+    tensors = load_file(weights, device=str(device))
     if meta["kind"] == "memory":
         add_memory(model, MemoryConfig(**meta["memory"]))
     elif meta["kind"] == "lora":
@@ -598,7 +641,7 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
     stats = [BackgroundStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), len(texts))
              for _ in blocks]
     model.eval()
-    for start in tqdm(range(0, len(texts), batch_size), desc="background stats"):
+    for start in progress(range(0, len(texts), batch_size), "background stats"):
         ids, mask = pad_batch([tokenizer(t)["input_ids"][:max_len] for t in texts[start:start + batch_size]],
                               tokenizer.pad_token_id, device=device)
         for b, s in zip(blocks, stats):
@@ -616,19 +659,10 @@ def stats_tensors(stats):
                                                           enumerate(stats) for k in ("df", "reads")}
 
 def read_background_stats(path, model):
+    """The statistics stats_tensors wrote (load_model has checked the file), one per memory layer of `model`."""
     from safetensors.torch import load_file
-    blocks = memory_blocks(model)
-    n_layers, n_rows = len(blocks), blocks[0].memory.values.shape[0]
-    try:
-        t = load_file(path)
-        stats = [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(n_layers)]
-    except Exception as e:
-        raise UserError(f"background statistics {path} could not be read ({type(e).__name__}: {e}) — drop "
-                        "--background-stats to compute them") from e
-    if len(t) != 1 + 2 * n_layers or any(s.df.shape != (n_rows,) or s.reads.shape != (n_rows,) for s in stats):
-        raise UserError(f"background statistics {path} are for another memory (this one has {n_layers} layers of "
-                        f"{n_rows} rows) — drop --background-stats to compute them")
-    return stats
+    t = load_file(path)
+    return [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(len(memory_blocks(model)))]
 
 # -----------------------------------------------------------------------------------------------------------
 # Training: one plain loop for every method
@@ -717,7 +751,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
     queue, history, log = [], [], open(log_path, "w", buffering=1) if log_path else None  # line-buffered
     model.train()
-    bar = tqdm(range(total), desc=f"train {cfg.method}")
+    bar = progress(range(total), f"train {cfg.method}")
     for step in bar:
         if not queue:  # a new seeded shuffle at each epoch boundary
             queue = length_grouped_batches([len(e) for e in examples], seqs_per_step, rng)
@@ -768,6 +802,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
                                   for k, v in record.items()}) + "\n")
         history.append(record | ({"selected": [u.cpu() for u in union]} if record_selected else {}))
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if bar.disable and (step + 1) % max(1, total // 10) == 0:  # no bar (a log file): a line every 10%
+            print(f"train {cfg.method}: step {step + 1}/{total}, loss {loss_sum:.4f}", file=sys.stderr, flush=True)
     for b in blocks:
         b.memory.read_hook = None
     if log:
@@ -802,54 +838,47 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
 # -----------------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
 
-def cache_kwargs(model, cache):
-    """The KV-cache argument under its name in this transformers version (`cache` from 5.2x, else `past_key_values`)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+def tail_logprobs(model, seqs, n_scored, pad_id):
+    """[(n,) log-probabilities of the last n tokens of each sequence given all tokens before them], from one
+    forward pass: left padding, positions counted from each sequence's first real token (so a row scores as
+    it would alone), and logits kept only where a scored token is predicted."""
+    ids, mask = pad_batch(seqs, pad_id, left=True, device=next(model.parameters()).device)
+    k = max(n_scored)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   logits_to_keep=k + 1).logits[:, -k - 1:-1].float()                     # (B, k, vocab)
+    token_lp = logits.gather(-1, ids[:, -k:, None])[..., 0] - logits.logsumexp(-1)         # (B, k)
+    return [token_lp[i, k - n:] for i, n in enumerate(n_scored)]
 
 @torch.no_grad()
 def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
     """Accuracy of argmax over the 4 options of the mean per-token log-likelihood of ` {L}. {option}` after
     the prompt. The mean (not the sum) keeps long options from being penalised for their length; the letter
-    mode scores ` A`..` D` alone. Each prompt runs once and its KV cache serves all four continuations."""
-    from transformers import DynamicCache
-    device = next(model.parameters()).device
-    prompts, options = [], []  # token ids: one prompt and four continuations per question
+    mode scores ` A`..` D` alone. The gold answer's negative mean log-likelihood (gold NLL) moves long before
+    the argmax flips, so it shows learning that accuracy on 1,000 questions cannot yet resolve."""
+    seqs, n_answer = [], []  # prompt + answer token ids, four per question, and the answer's length
     for row in rows:
         prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
         for option in range(4):
             ids = tokenizer(medmcqa_prompt(row) + medmcqa_answer(row, option, letter_only))["input_ids"]
             assert ids[:len(prompt)] == prompt, "the prompt must tokenize as a prefix of prompt + answer"
-            options.append(ids[len(prompt):])
-        prompts.append(prompt)
+            seqs.append(ids)
+            n_answer.append(len(ids) - len(prompt))
     scores = []
-    for s in tqdm(range(0, len(rows), batch_size), desc="medmcqa"):
-        p_ids, p_mask = pad_batch(prompts[s:s + batch_size], tokenizer.pad_token_id, left=True, device=device)
-        p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)                                     # (Q, P)
-        cache = DynamicCache()
-        out = model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True, logits_to_keep=1,
-                    **cache_kwargs(model, cache))
-        after_prompt = out.logits[:, -1].float().log_softmax(-1)                         # (Q, vocab)
-        cache.batch_repeat_interleave(4)
-        c_ids, c_mask = pad_batch(options[4 * s:4 * (s + batch_size)], tokenizer.pad_token_id, device=device)
-        c_pos = p_pos[:, -1:].repeat_interleave(4, 0) + 1 + torch.arange(c_ids.shape[1], device=device)
-        mask = torch.cat([p_mask.repeat_interleave(4, 0), c_mask], dim=1)
-        logits = model(input_ids=c_ids, attention_mask=mask, position_ids=c_pos, use_cache=True,
-                       **cache_kwargs(model, cache)).logits.float()                        # (4Q, C, vocab)
-        rest = logits[:, :-1].log_softmax(-1).gather(-1, c_ids[:, 1:, None])[..., 0]     # (4Q, C - 1)
-        first_lp = after_prompt.gather(-1, c_ids[:, 0].view(-1, 4)).view(-1, 1)           # (4Q, 1)
-        token_lp = torch.cat([first_lp, rest], dim=1)                                      # (4Q, C)
-        scores += ((token_lp * c_mask).sum(1) / c_mask.sum(1)).tolist()                 # mean over real tokens
-    preds = torch.tensor(scores).view(-1, 4).argmax(-1).tolist()
-    correct = sum(p == row["cop"] for p, row in zip(preds, rows))
-    return {"acc": correct / len(rows), "n": len(rows), "predictions": preds,
-            "scores": [scores[i:i + 4] for i in range(0, len(scores), 4)],
+    for s in progress(range(0, len(seqs), 4 * batch_size), "medmcqa"):
+        chunk = slice(s, s + 4 * batch_size)  # batch_size questions, their four options each
+        scores += [lp.mean().item() for lp in tail_logprobs(model, seqs[chunk], n_answer[chunk], tokenizer.pad_token_id)]
+    scores = [scores[i:i + 4] for i in range(0, len(scores), 4)]
+    preds = [max(range(4), key=s.__getitem__) for s in scores]
+    correct = [int(p == row["cop"]) for p, row in zip(preds, rows)]
+    gold_nlls = [-s[row["cop"]] for s, row in zip(scores, rows)]
+    return {"acc": statistics.mean(correct), "gold_nll": statistics.mean(gold_nlls), "n": len(rows),
+            "predictions": preds, "scores": scores, "correct": correct, "gold_nlls": gold_nlls,
             "protocol": f"zero-shot, mean log-likelihood of {'letter' if letter_only else 'letter + option text'}"}
 
 @torch.no_grad()
 def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8):
     """Token perplexity with a sliding window: each window starts `stride` after the last and scores only the
     tokens no earlier window scored, so every token but the first (which has no context) counts once."""
-    device = next(model.parameters()).device
     ids = tokenizer(text)["input_ids"]
     assert len(ids) >= 2, "perplexity needs at least two tokens"
     spans, start, scored_to = [], 0, 1  # (window start, window end, first token this window scores)
@@ -861,16 +890,12 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
             break
         start += stride
     nll, count = 0.0, 0
-    for b in tqdm(range(0, len(spans), batch_size), desc="wikitext"):
-        chunk = spans[b:b + batch_size]  # left padding puts every window's scored tokens at the end
-        x, mask = pad_batch([ids[s:e] for s, e, _ in chunk], tokenizer.pad_token_id, left=True, device=device)
-        n_logits = max(e - scored_from for _, e, scored_from in chunk) + 1  # only where a scored token is predicted
-        logits = model(input_ids=x, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=n_logits).logits[:, :-1].float()                   # (B, n_logits - 1, vocab)
-        token_lp = logits.gather(-1, x[:, 1 - n_logits:, None])[..., 0] - logits.logsumexp(-1)
-        for i, (s, e, scored_from) in enumerate(chunk):
-            nll -= token_lp[i, scored_from - e:].double().sum().item()
-            count += e - scored_from
+    for b in progress(range(0, len(spans), batch_size), "wikitext"):
+        chunk = spans[b:b + batch_size]
+        n_scored = [e - scored_from for _, e, scored_from in chunk]
+        for lp in tail_logprobs(model, [ids[s:e] for s, e, _ in chunk], n_scored, tokenizer.pad_token_id):
+            nll -= lp.double().sum().item()
+        count += sum(n_scored)
     assert count == len(ids) - 1
     return {"ppl": math.exp(nll / count), "tokens": count,
             "protocol": f"token perplexity, window {window}, stride {stride}"}
@@ -881,68 +906,110 @@ def normalize_answer(s):
     return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
 
 def alias_contained(prediction, aliases):
-    """The paper's metric: some normalised alias occurs inside the normalised generation."""
+    """The paper's metric: some normalised alias occurs inside the normalised generation (lenient by design)."""
     pred = normalize_answer(prediction)
     return any(a and a in pred for a in map(normalize_answer, aliases))
 
 def exact_match(prediction, aliases):
-    """The stricter metric: the generation up to its first newline, period or comma equals an alias."""
-    answer = normalize_answer(re.split(r"[\n.,]", prediction, maxsplit=1)[0])
-    return answer != "" and answer in {normalize_answer(a) for a in aliases}
+    """The stricter metric: the answer equals an alias. The answer is the generation's first non-empty line, or
+    a start of it that ends where a sentence or clause does (`Paris. It is...`, `Beatles.`): at a period, comma,
+    colon, semicolon, ! or ? that is followed by a space or the end, so `St. Louis`, `3.14`, `Washington, D.C.`
+    stay whole. Thousands separators are dropped first (`1,000` equals `1000`)."""
+    norm = lambda s: normalize_answer(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s))
+    line = next((line.strip() for line in prediction.split("\n") if line.strip()), "")
+    answers = {norm(line[:m.start()]) for m in re.finditer(r"[.,;:!?](?=\s|$)", line)} | {norm(line)}
+    return bool((answers - {""}) & {norm(a) for a in aliases})
+
+def cache_kwargs(model, cache):
+    """The KV-cache argument under its name in this transformers version (`cache` from 5.2x, else `past_key_values`)."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
 
 @torch.no_grad()
-def greedy_generate(model, tokenizer, prompts, max_new_tokens=32):
-    """Greedy continuations of a batch of prompts: left padding, positions counted from each prompt's first
-    real token, and a KV cache, so every row decodes as it would alone."""
+def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_penalty=1.0):
+    """Greedy continuations of a batch of prompts, as `generate(do_sample=False)` makes them one at a time:
+    left padding, positions counted from each prompt's first real token, a KV cache, and HF's repetition
+    penalty (the logit of a token already in the prompt or the generation is divided by the penalty when
+    positive, multiplied when negative) over real tokens only, so pads never count and batching changes nothing."""
     from transformers import DynamicCache
     device = next(model.parameters()).device
-    seqs = [tokenizer(p)["input_ids"] for p in prompts]
-    ids, mask = pad_batch(seqs, tokenizer.pad_token_id, left=True, device=device)
-    cache = DynamicCache()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)                                              # (B, T)
+    ids, mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, left=True,
+                          device=device)
+    cache, pos, rows = DynamicCache(), (mask.cumsum(-1) - 1).clamp(min=0), torch.arange(len(prompts), device=device)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                   **cache_kwargs(model, cache)).logits
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    out = []
+                   **cache_kwargs(model, cache)).logits[:, -1].float()                    # (B, vocab)
+    seen = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ids, mask) > 0      # (B, vocab) real tokens
+    done, out = torch.zeros(len(prompts), dtype=torch.bool, device=device), []
     for _ in range(max_new_tokens):
-        nxt = logits[:, -1].argmax(-1).masked_fill(done, tokenizer.pad_token_id)         # (B,)
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        nxt = torch.where(seen, penalised, logits).argmax(-1).masked_fill(done, tokenizer.pad_token_id)  # (B,)
         out.append(nxt)
+        seen[rows, nxt] |= ~done
         done |= nxt == tokenizer.eos_token_id
         if done.all():
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         pos = pos[:, -1:] + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                       **cache_kwargs(model, cache)).logits
+                       **cache_kwargs(model, cache)).logits[:, -1].float()
     eos = tokenizer.eos_token_id
-    rows = [row[:row.index(eos)] if eos in row else row for row in torch.stack(out, 1).tolist()]
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    new = [row[:row.index(eos)] if eos in row else row for row in torch.stack(out, 1).tolist()]
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
-def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32):
+def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repetition_penalty=None):
     """Alias-containment accuracy (the paper's) and exact match, both from one greedy generation per question.
+    The paper's code calls generate(do_sample=False), which applies the repetition penalty of the model's own
+    generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless `repetition_penalty` is given.
     Questions are batched by prompt length to waste little padding; answers do not depend on the batching."""
+    penalty = repetition_penalty or getattr(getattr(model, "generation_config", None), "repetition_penalty", 0) or 1.0
     prompts = [f"Question: {q}\nAnswer:" for q, _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
     preds = [None] * len(rows)
-    for b in tqdm(range(0, len(rows), batch_size), desc="triviaqa"):
+    for b in progress(range(0, len(rows), batch_size), "triviaqa"):
         idx = order[b:b + batch_size]
-        for i, text in zip(idx, greedy_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens)):
+        for i, text in zip(idx, greedy_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, penalty)):
             preds[i] = text
-    contained = [alias_contained(p, a) for p, (_, a) in zip(preds, rows)]
-    exact = [exact_match(p, a) for p, (_, a) in zip(preds, rows)]
-    return {"alias_contains_acc": sum(contained) / len(rows), "exact_match": sum(exact) / len(rows), "n": len(rows),
-            "predictions": preds, "protocol": f"zero-shot greedy, {max_new_tokens} new tokens"}
+    contained = [int(alias_contained(p, a)) for p, (_, a) in zip(preds, rows)]
+    exact = [int(exact_match(p, a)) for p, (_, a) in zip(preds, rows)]
+    return {"alias_contains_acc": statistics.mean(contained), "exact_match": statistics.mean(exact), "n": len(rows),
+            "predictions": preds, "alias_correct": contained, "exact_correct": exact,
+            "protocol": f"zero-shot greedy, {max_new_tokens} new tokens, repetition penalty {penalty:g}"}
 
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, eval, bench, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
-RETROFIT_CARRIES = ("model", "seed", "device", "micro_batch", "grad_accum", "forward_batch", "max_len", "background",
-                    "debug") + tuple(f"memory_{f.name}" for f in dataclasses.fields(MemoryConfig))
+PROBE_OPTIONS = {"eval_medmcqa": "medmcqa", "medmcqa_mode": "medmcqa", "wikitext": "wikitext",  # the rest: all
+                 "wikitext_config": "wikitext", "triviaqa": "triviaqa", "repetition_penalty": "triviaqa"}
+DATA_OPTIONS = ("medmcqa", "background", "eval_medmcqa", "wikitext", "triviaqa")
+RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background", "background_examples")
 
-def memory_config(args):
-    """The MemoryConfig that the --memory-* flags describe."""
-    return MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
+def option_rules(args, has_memory=False, has_stats=False):
+    """Rule 2: {option: (whether it applies to this run, what it applies to)} for each option whose use depends
+    on the run. A given option that does not apply is refused, and config.json records only those that apply."""
+    probes = PROBES if args.command == "train" or args.probe == "all" else (args.probe,)
+    rules = {}
+    for f in dataclasses.fields(EvalConfig):
+        probe = PROBE_OPTIONS.get(f.name)
+        rules[f.name] = (bool(args.eval_out), "--eval-out") if args.command == "train" else \
+            (probe in probes or probe is None, f"--probe {probe} or all")
+    if args.command == "eval":
+        return rules
+    method = args.method
+    new_memory = method == "retrofit" or (method == "smf" and not has_memory)
+    rules |= dict.fromkeys(("selector", "top_t", "train_scale"), (method == "smf", "--method smf"))
+    rules |= dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout"), (method == "lora", "--method lora"))
+    rules |= {f"memory_{f.name}": (new_memory, "a new memory (--method retrofit, or smf from a model without "
+                                   "memory); the model's memory is its own") for f in dataclasses.fields(MemoryConfig)}
+    rules["memory_alpha_init"] = (new_memory and args.memory_mode != "replacement", "a new additive memory")
+    rules |= dict.fromkeys(("background", "background_examples"), (new_memory or (method == "smf" and not has_stats),
+                           "a retrofit, whose background statistics its SMF runs reuse"))
+    rules["medmcqa"] = (method != "retrofit", "--method smf, lora or full (a retrofit trains on --background)")
+    return rules
+
+def recorded(cfg, args, has_memory=False, has_stats=False):
+    """The recipe config.json records: the TrainConfig fields that apply to the run."""
+    rules = option_rules(args, has_memory, has_stats)
+    return {k: v for k, v in vars(cfg).items() if rules.get(k, (True,))[0]}
 
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
@@ -957,112 +1024,89 @@ def load_probes(args, names=PROBES):
             raise UserError(f"--{'eval-medmcqa' if name == 'medmcqa' else name}: {e}") from e
     return data
 
-def retrofit_first(args, mem_cfg):
-    """The one-liner `train --method smf` from a model without memory retrofits it first into <out>_retrofit
-    with the retrofit recipe, or reuses the retrofit there if it was made from the same model and memory."""
-    out = args.out.rstrip("/") + "_retrofit"
-    if os.path.isdir(out) and (meta := checkpoint_meta(out) or {}).get("kind") == "memory":
-        path = lambda p: os.path.realpath(p) if is_local(p) else p
-        wanted = {"base model": path(args.model), **json.loads(json.dumps(dataclasses.asdict(mem_cfg)))}
-        found = {"base model": path(parent_of(out, meta)), **meta["memory"]}
-        for key in wanted:
-            require(found[key] == wanted[key], f"the retrofit {out} has {key} {found[key]}, this run asks for "
-                    f"{wanted[key]} — move it away to retrofit again, or choose another --out")
-        print(f"reusing the retrofit checkpoint {out}")
-        return out
-    print(f"{args.model} has no memory layers: retrofitting it first into {out}, with the retrofit recipe")
-    retrofit = build_parser().parse_args(["train", "--method", "retrofit", "--out", out])
-    retrofit.__dict__.update({name: getattr(args, name) for name in RETROFIT_CARRIES})
-    check_args(retrofit)
-    run_train(retrofit, args.device)
-    return out
+def train_checkpoint(out, parent, cfg, mem_cfg, record, texts, background, overwrite=False, device="cpu"):
+    """Trains cfg.method on top of `parent` into the checkpoint folder `out`, built with its training log in a
+    staging folder and swapped in whole; config.json records `record` as the recipe. Returns the model."""
+    import transformers
+    method, t0, local = cfg.method, time.time(), is_local(parent)
+    stats_file = os.path.join(parent, STATS) if method == "smf" and os.path.isfile(os.path.join(parent, STATS)) else None
+    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
+            "parent": os.path.relpath(parent, out) if local else parent,
+            "parent_abs": os.path.abspath(parent) if local else parent, "parent_sha256": fingerprint(parent),
+            "train": record, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+            **({"memory": dataclasses.asdict(mem_cfg)} if method == "retrofit" else {}),
+            **({"background_stats": os.path.abspath(stats_file)} if stats_file else {})}
+    with replacing(out, overwrite) as staged:
+        torch.manual_seed(cfg.seed)
+        model, tokenizer = load_model(parent, device)
+        prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
+        trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        bg_stats = lambda: background_stats(model, tokenizer, background[:cfg.background_examples], cfg.max_len,
+                                            device=device)
+        if method == "smf":
+            stats = read_background_stats(stats_file, model) if stats_file else bg_stats()
+            before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
+        history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
+                        os.path.join(staged, "train_log.jsonl"))
+        meta["train"]["total_steps"] = len(history)
+        if method == "retrofit":  # and its background statistics: every SMF run from it shares them
+            stats = bg_stats()
+        save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained,
+                        model if method == "full" else None, tokenizer,
+                        {STATS: stats_tensors(stats)} if method in ("retrofit", "smf") else None)
+    size, last = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)), history[-1]
+    watch = "".join(f"\n   {k.replace('_', ' ')} per layer (last step) {last[k]}" for k in ("rows_updated", "alpha")
+                    if k in last)
+    print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}\n   checkpoint {out} ({size / 2 ** 20:.1f} MB, kind "
+          f"{meta['kind']}, parent {meta['parent']}; log train_log.jsonl){watch}\n   evaluate: python smf.py eval "
+          f"--model {out} --probe all")
+    return model
 
 def run_train(args, device):
-    """Checks all it can first (--out, memory, data, probes), trains in a staging folder that holds the log too,
-    swaps the checkpoint in, prints a summary, and evaluates the checkpoint when --eval-out is given."""
+    """`train`: SMF from a model without memory first retrofits it into <out>_retrofit with the retrofit recipe;
+    then the run itself; then, with --eval-out, the new checkpoint's evaluation."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    mem_cfg, method = memory_config(args), cfg.method
-    check_out(args.out, args.model, args.overwrite)
-    memory = next((m["memory"] for m in map(checkpoint_meta, checkpoint_chain(args.model)) if m and m["kind"] ==
-                   "memory"), None)  # the settings of the retrofit the model is built on, if any
-    require(not memory or method not in ("retrofit", "full"), f"{args.model} already has memory layers — {method} "
-            "starts from a model without memory; train this one with --method smf")
-    n_rows = (memory or dataclasses.asdict(mem_cfg))["n_keys"] ** 2
-    require(method != "smf" or cfg.top_t <= n_rows, f"--top-t {cfg.top_t} is larger than the memory — it has "
-            f"{n_rows} rows")
-    texts = load_background(args.background, cfg.limit_train) if method == "retrofit" else \
-        [medmcqa_text(r) for r in load_medmcqa(args.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
+    mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
+    has_memory, has_stats = bool(model_memory(args.model)), os.path.isfile(os.path.join(args.model, STATS))
+    one_liner = cfg.method == "smf" and not has_memory
+    retrofit = TrainConfig(method="retrofit", **{k: getattr(cfg, k) for k in RETROFIT_SHARES})
+    retrofit_record = recorded(retrofit, argparse.Namespace(**{**vars(args), "method": "retrofit", "eval_out": None}))
+    parent = args.out.rstrip("/") + "_retrofit" if one_liner else args.model
+    texts = None if cfg.method == "retrofit" else \
+        [medmcqa_text(r) for r in load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
+    background = load_background(cfg.background) if option_rules(args, has_memory, has_stats)["background"][0] else None
     probes = load_probes(args) if args.eval_out else None
-    parent = retrofit_first(args, mem_cfg) if method == "smf" and not memory else args.model
-    parent_stats = os.path.join(parent, "background_stats.safetensors")  # made by the retrofit, passed down
-    stats_file = args.background_stats or (parent_stats if method == "smf" and os.path.isfile(parent_stats) else None)
-    bg_texts = load_background(args.background, cfg.background_examples) if method == "retrofit" or (
-        method == "smf" and not stats_file) else None
-    selection, lora = ("selector", "top_t", "train_scale"), ("lora_r", "lora_alpha", "lora_dropout")
-    skip = {"retrofit": selection + lora, "smf": lora, "lora": selection + ("background_examples",)}.get(
-        method, selection + lora + ("background_examples",))  # record only the settings that apply
-    import transformers
-    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
-            "parent": os.path.relpath(parent, args.out) if is_local(parent) else parent,
-            "parent_sha256": fingerprint(parent), "train": {k: v for k, v in vars(cfg).items() if k not in skip},
-            "data": {"train": args.background if method == "retrofit" else args.medmcqa,
-                     **({"background": stats_file or args.background} if method in ("retrofit", "smf") else {})},
-            "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            **({"memory": dataclasses.asdict(mem_cfg)} if method == "retrofit" else {})}
-    try:
-        with replacing(args.out) as staged:  # the log is written beside the new checkpoint
-            t0 = time.time()
-            torch.manual_seed(cfg.seed)
-            model, tokenizer = load_model(parent, device)
-            prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale,
-                          device)
-            trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-            if method == "smf":
-                stats = read_background_stats(stats_file, model) if stats_file else \
-                    background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
-                before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
-            history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
-                            os.path.join(staged, "train_log.jsonl"))
-            meta["train"]["total_steps"] = len(history)
-            if method == "retrofit":  # and its background statistics: every SMF run from it shares them
-                stats = background_stats(model, tokenizer, bg_texts, cfg.max_len, device=device)
-            extra = {"background_stats.safetensors": stats_tensors(stats)} if method in ("retrofit", "smf") else None
-            save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained,
-                            model if method == "full" else None, tokenizer, extra)
-    except OSError as e:
-        raise UserError(f"cannot write to {args.out} ({e.strerror}: {e.filename}) — choose a writable --out") from e
-    size, last = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)), history[-1]
-    print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}\n"
-          f"   checkpoint {args.out} ({size / 2 ** 20:.1f} MB, kind {meta['kind']}, parent {meta['parent']})\n"
-          f"   log        {os.path.join(args.out, 'train_log.jsonl')}"
-          + (f"\n   rows updated per layer in the last step {last['rows_updated']}" if "rows_updated" in last else "")
-          + (f"\n   alpha per layer {last['alpha']}" if "alpha" in last else "")
-          + f"\n   evaluate:  python smf.py eval --model {args.out} --probe all")
+    if one_liner:
+        steps = math.ceil(retrofit.epochs * math.ceil(len(background) / (retrofit.micro_batch * retrofit.grad_accum)))
+        print(f"{args.model} has no memory layers: retrofitting it first into {parent} with the retrofit recipe: "
+              f"{len(background):,} background texts x {retrofit.epochs:g} epochs = {steps:,} steps. For a shorter "
+              "one, retrofit it yourself (train --method retrofit --max-steps N --out R) and train SMF from R.")
+        train_checkpoint(parent, args.model, retrofit, mem_cfg, retrofit_record, background, background, False, device)
+    model = train_checkpoint(args.out, parent, cfg, mem_cfg, recorded(cfg, args, has_memory, has_stats),
+                             texts or background, background, args.overwrite, device)
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
-        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "add_memory": False,
-                                       "probe": "all"}), device, probes)
+        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "probe": "all"}),
+                 device, probes)
     return model
 
 def run_eval(args, device, probes=None):
-    """Evaluates --model on the chosen probes, prints one line per probe, and writes the results JSON (with
-    the probes that finished, and `unfinished`, if one fails)."""
+    """`eval`: the chosen probes, a printed line each, and the results JSON (with the probes that finished, and
+    `unfinished`, if one fails)."""
     names = PROBES if args.probe == "all" else (args.probe,)
     probes = probes or load_probes(args, names)
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    model, tokenizer = load_model(args.model, device, dtype)
-    if args.add_memory:  # untrained memory, e.g. to check that alpha = 0.01 barely moves the probes
-        add_memory(model, memory_config(args))
-        model.to(dtype)
+    model, tokenizer = load_model(args.model, device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
     evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter",
                                                      args.batch_size),
                 "wikitext": lambda text: eval_wikitext(model, tokenizer, text, batch_size=max(1, args.batch_size // 2)),
-                "triviaqa": lambda rows: eval_triviaqa(model, tokenizer, rows, 2 * args.batch_size)}
+                "triviaqa": lambda rows: eval_triviaqa(model, tokenizer, rows, 2 * args.batch_size,
+                                                       repetition_penalty=args.repetition_penalty)}
     results = {"model": args.model}
     try:
         for probe in names:
             t0, r = time.time(), evaluate[probe](probes[probe])
-            metrics = " ".join(f"{k} {r[k]:.4f}" for k in ("acc", "ppl", "alias_contains_acc", "exact_match") if k in r)
+            metrics = " ".join(f"{k} {r[k]:.4f}" for k in ("acc", "gold_nll", "ppl", "alias_contains_acc",
+                                                           "exact_match") if k in r)
             print(f"{probe:9s} {metrics}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
             results[probe] = r
     finally:
@@ -1077,16 +1121,6 @@ SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions
                          num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6),
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
-
-def toy_tokenizer(texts, vocab_size=512):
-    """A byte-level BPE trained on `texts` with Qwen's special tokens: for tests and `bench`, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>",
-                            "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
 
 class IdsTokenizer:
     """Stands in for a tokenizer when `bench` trains on made-up token ids (given as the `texts`)."""
@@ -1103,57 +1137,38 @@ def timed(fn, device, repeats=3):
         return (sync(device) or time.perf_counter() - t0) / repeats
 
 def run_bench(args, device):
-    """Training steps of every method on random tokens, the memory layer against the FFN, and eval speed."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
-    import resource
+    """Training steps of every method on random tokens of a random-weight model (after two warm-up steps), and
+    one memory layer against the SwiGLU FFN beside it at the real width."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
     cuda, B, T = str(device).startswith("cuda"), args.batch_size, args.seq_len
-    config = AutoConfig.from_pretrained(args.model) if args.model else Qwen2Config(**SHAPES[args.shape],
-                                                                                   max_position_embeddings=max(4096, T))
-
-    def make_model():  # the named weights with --model (unless --random-init), else random ones
-        if args.model and not args.random_init:
-            return load_model(args.model, device)
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(config), None
-    L, d = config.num_hidden_layers, config.hidden_size
-    mem_cfg, n = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4}))), 128 ** 2   # layers 6, 12, 18 of 24
-    gpu = torch.cuda.get_device_name() if cuda else "cpu"
-    peak = next((v for k, v in {"H100": 989e12, "H200": 989e12, "A100": 312e12}.items() if k in gpu), None)
-    flops_per_token = 6 * sum(p.numel() for p in make_model()[0].parameters()) + 12 * L * d * T  # plain transformer
-    g = torch.Generator().manual_seed(0)
-    examples = [torch.randint(0, config.vocab_size, (T,), generator=g).tolist() for _ in range(B * (args.steps + 2))]
-    background = [BackgroundStats(torch.randint(0, 50, (n,), device=device), torch.randint(0, 500, (n,), device=device),
-                                  2000) for _ in mem_cfg.layers]
-    micro, tokens_per_s = math.gcd(4, B), {}  # SMF's micro-batches of 4, all in one forward pass
-    print(f"bench: {args.model or args.shape} ({L} layers, hidden {d}) on {gpu}; batch {B} x {T} tokens, {args.steps} "
-          f"timed steps\n{'method':10s} {'tokens/s':>10s} {'ms/step':>9s} {'peak mem':>10s} {'MFU':>6s} {'select':>7s}")
+    config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
+    L = config.num_hidden_layers
+    mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # layers 6, 12, 18 of 24
+    examples = torch.randint(0, config.vocab_size, (B * (args.steps + 2), T), generator=torch.Generator().manual_seed(0))
+    background = [BackgroundStats(torch.randint(0, 50, (128 ** 2,)), torch.randint(0, 500, (128 ** 2,)), 2000)
+                  for _ in mem_cfg.layers]
+    print(f"bench: {args.shape} ({L} layers, hidden {config.hidden_size}) on "
+          f"{torch.cuda.get_device_name() if cuda else 'cpu'}; batch {B} x {T} tokens, {args.steps} timed steps")
+    tokens_per_s = {}
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
-        model = make_model()[0]
-        if method == "smf" and not memory_blocks(model):
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config)
+        if method == "smf":
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
-        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=B // micro, max_len=T, max_steps=args.steps + 2,
-                          warmup=1)
+        cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B), max_len=T,
+                          max_steps=args.steps + 2, warmup=1)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            hist = train(model, IdsTokenizer(), examples, cfg, background, device)[2:]  # after 2 warm-up steps
-        step_s = sum(h["step_time"] for h in hist) / len(hist)
-        tokens_per_s[method] = tok_s = B * T / step_s
-        peak_mem = (torch.cuda.max_memory_allocated() if cuda  # else the process's peak
-                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-        mfu, select = f"{100 * flops_per_token * tok_s / peak:5.1f}%" if peak else "-", "-"
-        if method == "smf":  # the selectors' own cost, timed apart so that training runs without host syncs
-            rows = torch.randint(0, n, (B * T, mem_cfg.heads * mem_cfg.topk), device=device)
-            group = torch.arange(B * T, device=device) // (micro * T)
-            t = timed(lambda: select_reads(rows, group, cfg.grad_accum, background[0], kl_scores, 512), device)
-            select = f"{100 * len(mem_cfg.layers) * t / step_s:.1f}%"
-        print(f"{method:10s} {tok_s:10.0f} {1000 * step_s:9.1f} {peak_mem / 2 ** 30:8.2f}GB {mfu:>6s} {select:>7s}")
+            history = train(model, IdsTokenizer(), examples.tolist(), cfg, background, device)[2:]
+        step_s = statistics.mean(h["step_time"] for h in history)
+        tokens_per_s[method] = B * T / step_s
+        memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if cuda else ""
+        print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step{memory}")
         del model
     print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
-
-    # one memory layer against the SwiGLU FFN beside it, at the real width (hidden 896, N = 16,384)
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     ffn_in, ffn_out = nn.Linear(896, 2 * 4864, bias=False).to(device), nn.Linear(4864, 896, bias=False).to(device)
     memory = ProductKeyMemory(896).to(device)
@@ -1164,25 +1179,8 @@ def run_bench(args, device):
             y = f(x)
         y.float().sum().backward()
     t_ffn, t_mem = timed(lambda: fwd_bwd(swiglu), device), timed(lambda: fwd_bwd(memory), device)
-    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens, "
-          f"{torch.bfloat16 if cuda else torch.float32}): {t_mem / t_ffn:.2f} ({1000 * t_mem:.1f} ms vs "
-          f"{1000 * t_ffn:.1f} ms)")
-    if not args.eval_n:
-        return
-    # evaluation throughput on synthetic prompts, batch size 1 against the default
-    rng, words = random.Random(0), "the of patient acute nerve blood cell drug most common cause treatment".split()
-    sentence = lambda n: " ".join(rng.choice(words) for _ in range(n))
-    model, tokenizer = make_model()
-    tokenizer = tokenizer or toy_tokenizer([sentence(50)] * 200, 400)
-    model = model.eval().to(torch.bfloat16 if cuda else torch.float32)
-    mcq = [{"question": sentence(20), **{f"op{c}": sentence(4) for c in "abcd"}, "cop": 0} for _ in range(args.eval_n)]
-    tqa, text = [(sentence(12), ["x"]) for _ in range(args.eval_n)], sentence(args.eval_n * 60)
-    for bs in (1, args.eval_batch_size):
-        mq = args.eval_n / timed(lambda: eval_medmcqa(model, tokenizer, mcq, batch_size=bs), device, 1)
-        tq = args.eval_n / timed(lambda: eval_triviaqa(model, tokenizer, tqa, batch_size=bs), device, 1)
-        wt = len(tokenizer(text)["input_ids"]) / timed(lambda: eval_wikitext(model, tokenizer, text, batch_size=bs),
-                                                       device, 1)
-        print(f"eval batch {bs:3d}: MedMCQA {mq:8.1f} q/s   TriviaQA {tq:8.1f} q/s   WikiText {wt:10.0f} tokens/s")
+    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): {t_mem / t_ffn:.2f} "
+          f"({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
 
 TABLE_ROWS = [  # (row name, results folder)
     ("Base", "base"), ("Retrofit (additive)", "retrofit_additive"), ("Retrofit (replacement)", "retrofit_replacement"),
@@ -1190,35 +1188,47 @@ TABLE_ROWS = [  # (row name, results folder)
     ("SMF additive KL", "smf_additive_kl"), ("SMF additive TF-IDF", "smf_additive_tfidf"),
     ("SMF additive +scale KL", "smf_additive_scale_kl"), ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf"),
     ("LoRA", "lora"), ("Full finetuning", "full")]
-TABLE_COLUMNS = [("MedMCQA acc", "medmcqa", "acc", 100), ("WikiText ppl", "wikitext", "ppl", 1),
-                 ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", 100),
-                 ("TriviaQA EM", "triviaqa", "exact_match", 100)]
+TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question values or None, scale)
+    ("MedMCQA acc", "medmcqa", "acc", "correct", 100), ("MedMCQA gold NLL", "medmcqa", "gold_nll", "gold_nlls", 1),
+    ("WikiText ppl", "wikitext", "ppl", None, 1),
+    ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", "alias_correct", 100),
+    ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100)]
+
+def paired_delta(runs, base, key, scale):
+    """(Δ, half-width of its 95% interval) of a row against Base, paired over the questions: per question, the
+    row's mean over its seeds minus Base's; then the mean and 1.96 standard errors of those differences.
+    None unless every run scored the same number of questions (at least two)."""
+    if len({len(r[key]) for r in runs + base}) != 1 or len(runs[0][key]) < 2:
+        return None
+    per_question = lambda rs: [statistics.mean(q) for q in zip(*(r[key] for r in rs))]
+    d = [scale * (a - b) for a, b in zip(per_question(runs), per_question(base))]
+    return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
 def run_table(args, device=None):
-    """Mean ± sample std over the seeds found in RESULTS_DIR/<row>/seed*/eval.json, and the change vs Base."""
-    results = {folder: [read_json(f) for f in sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*",
-                                                                                    "eval.json")))]
-               for _, folder in TABLE_ROWS}
-    require(any(results.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
+    """RESULTS_DIR/table.md: each row's mean ± sample std over its seeds (n counted per column; an evaluation
+    marked unfinished is reported, never averaged in) and its change against Base."""
+    found = {folder: [(f, read_json(f, "rerun that stage's evaluation")) for f in sorted(glob.glob(
+        os.path.join(args.results_dir, folder, "seed*", "eval.json")))] for _, folder in TABLE_ROWS}
+    require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
             "point at its OUT folder")
-
-    def summary(folder, probe, key, scale):  # (mean, sample std, n) over the seeds, or None
-        xs = [scale * r[probe][key] for r in results[folder] if probe in r]
-        return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, len(xs)) if xs else None
-    markdown = ["| row | n | " + " | ".join(f"{col[0]} | Δ" for col in TABLE_COLUMNS) + " |", "|---" * 10 + "|"]
-    csv = [",".join(["row", "n"] + [f"{col[0]} {s}" for col in TABLE_COLUMNS for s in ("mean", "std", "delta")])]
+    done = {folder: [r for _, r in runs if "unfinished" not in r] for folder, runs in found.items()}
+    lines = ["| row | " + " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS) + " |",
+             "|---" * (1 + 2 * len(TABLE_COLUMNS)) + "|"]
     for name, folder in TABLE_ROWS:
-        cells, numbers, n = [], [], 0
-        for col in TABLE_COLUMNS:
-            s, b = summary(folder, *col[1:]), summary("base", *col[1:])
-            delta, n = s[0] - b[0] if s and b else None, s[2] if s else n
-            cells += [f"{s[0]:.2f} ± {s[1]:.2f}" if s else "missing", "" if delta is None else f"{delta:+.2f}"]
-            numbers += ([f"{s[0]:.4f}", f"{s[1]:.4f}"] if s else ["", ""]) + ["" if delta is None else f"{delta:.4f}"]
-        markdown.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
-        csv.append(",".join([name, str(n)] + numbers))
-    write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(markdown) + "\n")
-    write_atomic(os.path.join(args.results_dir, "table.csv"), "\n".join(csv) + "\n")
-    print("\n".join(markdown))
+        cells = []
+        for _, probe, key, per_question, scale in TABLE_COLUMNS:
+            runs, base = [r[probe] for r in done[folder] if probe in r], [r[probe] for r in done["base"] if probe in r]
+            xs = [scale * r[key] for r in runs]
+            cells.append("missing" if not xs else f"{statistics.mean(xs):.2f}" +
+                         (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "") + f" (n={len(xs)})")
+            paired = paired_delta(runs, base, per_question, scale) if per_question and runs and base else None
+            delta = statistics.mean(xs) - scale * statistics.mean(r[key] for r in base) if runs and base else None
+            cells.append("" if delta is None or folder == "base" else f"{paired[0]:+.2f} [{paired[0] - paired[1]:+.2f}, "
+                         f"{paired[0] + paired[1]:+.2f}]" if paired else f"{delta:+.2f}")
+        unfinished = [f for f, r in found[folder] if "unfinished" in r]
+        lines.append(f"| {name}{f' ({len(unfinished)} unfinished)' if unfinished else ''} | " + " | ".join(cells) + " |")
+    write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 # -----------------------------------------------------------------------------------------------------------
 # CLI
@@ -1241,7 +1251,8 @@ def config_comments(cls):
     """{field: the comment beside it in the source}: a config class is the one place a setting is explained."""
     comments, name = {}, None
     for line in inspect.getsource(cls).splitlines()[1:]:
-        if match := re.match(r"\s+(\w+): [^#]*# (.*)", line):
+        match = re.match(r"\s+(\w+): [^#]*# (.*)", line)
+        if match:
             name, comments[match[1]] = match[1], match[2]
         elif line.strip().startswith("#") and name:
             comments[name] += " " + line.strip("# ")
@@ -1251,70 +1262,53 @@ CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector"
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter"),
            "wikitext_config": ("wikitext-103-v1", "wikitext-2-raw-v1")}
 
-def add_config_flags(group, cls, prefix="", given_only=False):
-    """A flag per field of a config dataclass, its comment as the help. With given_only the flags default to
-    None, so that check_args can tell what was given before it fills in the dataclass defaults."""
+def add_config_flags(group, cls, prefix=""):
+    """A flag per field of a config dataclass, its comment as the help. Every flag defaults to None, so that
+    check_args can tell what was given (rule 2) before it fills in the dataclass's default."""
     comments = config_comments(cls)
     for f in dataclasses.fields(cls):
-        shown = given_only and f.default is not None and f.default is not False  # else HelpFormatter shows it
-        text = comments[f.name] + (f" (default: {f.default})" if shown else "")
+        shown = f.default is not None and f.default is not False
         kind = {"action": "store_true"} if f.type is bool else {"type": int, "nargs": "+"} if f.type is tuple else \
             {"type": f.type, "choices": CHOICES.get(f.name)}
-        group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None if given_only else f.default,
-                           help=text, **kind)
+        group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None, **kind,
+                           help=comments[f.name] + (f" (default: {f.default})" if shown else ""))
 
-EXAMPLES = """examples:
-  python smf.py eval --model Qwen/Qwen2.5-0.5B-Instruct --probe all --out base.json
-  python smf.py train --method smf --selector kl        # retrofits the base into runs/smf_retrofit first
-  python smf.py train --method retrofit --memory-mode replacement --out runs/retro_repl
-  python smf.py train --method smf --model runs/retro_repl --selector tfidf --out runs/smf_repl_tfidf
-  python smf.py train --method lora --out runs/lora --eval-out runs/lora/eval.json
-  python smf.py bench --shape tiny
-  python smf.py table results/"""
+def fill_defaults(args, cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        if getattr(args, prefix + f.name, None) is None:
+            setattr(args, prefix + f.name, f.default)
 
 def build_parser():
-    p = Parser(description=__doc__.split("\n\n")[0], epilog=EXAMPLES)
+    p = Parser(description=__doc__.split("\n\n")[0], epilog="examples: see README.md")
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    memory = Parser(add_help=False)
-    add_config_flags(memory.add_argument_group("memory layers (a new memory: retrofit, or eval --add-memory)"),
-                     MemoryConfig, "memory_")
 
-    e = sub.add_parser("eval", parents=[common, memory], help="evaluate a model on the probes", epilog=EXAMPLES)
+    e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes")
     e.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint")
     e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"])
     e.add_argument("--out", help="write the results as JSON here")
-    e.add_argument("--add-memory", action="store_true", help="add untrained memory (the --memory-* flags) first")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
 
-    t = sub.add_parser("train", parents=[common, memory], help="retrofit, smf, lora or full finetuning",
-                       epilog=EXAMPLES)
+    t = sub.add_parser("train", parents=[common], help="retrofit, smf, lora or full finetuning")
     t.add_argument("--model", default=DEFAULT_MODEL, help="start from: a base model (hub id or folder), a retrofit "
                    "or an smf checkpoint (smf)")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
                    "is complete")
-    t.add_argument("--medmcqa", default="openlifescienceai/medmcqa", help="training data (train split): hub id or "
-                   "local file")
-    t.add_argument("--background", default="OpenAssistant/oasst1", help="background text: the retrofit's "
-                   "training data and the selectors' reference; hub id or local file")
-    t.add_argument("--background-stats", help="smf: reuse the background_stats.safetensors of an earlier smf run")
-    add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig, given_only=True)
+    add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig)
+    add_config_flags(t.add_argument_group("memory layers (a new memory: retrofit, or smf from a model without)"),
+                     MemoryConfig, "memory_")
     probes = t.add_argument_group("evaluation after training (only with --eval-out)")
     probes.add_argument("--eval-out", help="after training, evaluate the checkpoint on all probes into this JSON")
     add_config_flags(probes, EvalConfig)
 
-    b = sub.add_parser("bench", parents=[common], help="training and evaluation speed on a random-weight model")
+    b = sub.add_parser("bench", parents=[common], help="training speed of every method on a random-weight model")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES))
-    b.add_argument("--model", help="bench this model (hub id or folder) instead of a named shape")
-    b.add_argument("--random-init", action="store_true", help="with --model: its architecture, random weights")
     b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, help="tokens per sequence; default 512 on a GPU, 256 on a CPU")
     b.add_argument("--steps", type=int, default=5, help="timed optimizer steps per method")
-    b.add_argument("--eval-n", type=int, default=32, help="questions per eval throughput row (0: skip them)")
-    b.add_argument("--eval-batch-size", type=int, default=16, help="the batched eval row's batch size")
 
     tb = sub.add_parser("table", help="the results table of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
@@ -1322,47 +1316,76 @@ def build_parser():
     return p
 
 RANGES = [  # (flags, test, what a good value is)
-    ("lr epochs lora_alpha", lambda v: 0 < v < math.inf, "> 0 and finite"),
+    ("lr epochs lora_alpha repetition_penalty", lambda v: 0 < v < math.inf, "> 0 and finite"),
     ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t batch_size limit "
-     "memory_n_keys memory_heads memory_topk steps seq_len eval_batch_size", lambda v: v > 0, "> 0"),
-    ("clip weight_decay warmup eval_n", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+     "memory_n_keys memory_heads memory_topk steps seq_len", lambda v: v > 0, "> 0"),
+    ("clip weight_decay warmup", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_len", lambda v: v >= 2, ">= 2 (a text needs two tokens to have a target)"),
     ("memory_key_dim", lambda v: v > 0 and v % 2 == 0, "even and > 0 (it is split in two halves)")]
+PATH_OPTIONS = ("model", "out", "eval_out", "results_dir") + DATA_OPTIONS
 
 def check_args(args):
-    """Every bad value a user can give, caught before any model or data is loaded."""
+    """Every mistake in the options, caught before any model or data loads: values out of range, the device,
+    options that do not apply to this run (rule 2), and every path the command writes (rule 1). Then fills in
+    the defaults of the options not given."""
     for names, ok, need in RANGES:
         for name in names.split():
             value = getattr(args, name, None)
             require(value is None or ok(value), f"--{name.replace('_', '-')} {value} is out of range — give a value "
                     f"{need}")
-    if args.command in ("train", "eval"):
-        require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
-                f"{args.memory_n_keys} — lower it")
-        require(len(set(args.memory_layers)) == len(args.memory_layers), f"--memory-layers {args.memory_layers} "
-                "names a layer twice — give each layer once")
+    for name in PATH_OPTIONS:  # `~/x` is a path for every option that takes one
+        if getattr(args, name, None):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
     if args.command != "table":
         n_gpus = torch.cuda.device_count()
         require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device {args.device} is not a device this runs on "
                 "— use cpu, cuda or cuda:N")
         require(args.device == "cpu" or int(args.device[5:] or 0) < n_gpus, f"--device {args.device}: this torch "
                 f"sees {n_gpus} CUDA GPU(s) — use --device cpu, or a CUDA build of torch on a machine with a GPU")
+    memory = None
+    if args.command in ("train", "eval"):
+        args.method = getattr(args, "method", None) or "smf"
+        memory = model_memory(args.model) if args.command == "train" else None
+        has_stats = os.path.isfile(os.path.join(args.model, STATS))
+        for name, (applies, where) in option_rules(args, bool(memory), has_stats).items():
+            require(applies or getattr(args, name, None) is None, f"--{name.replace('_', '-')} applies only to "
+                    f"{where} — drop it from this run")
+        fill_defaults(args, EvalConfig)
     if args.command == "train":
-        given = [f"--{n.replace('_', '-')}" for n in ("selector", "top_t", "train_scale", "background_stats")
-                 if getattr(args, n) is not None]
-        require(args.method in (None, "smf") or not given, f"{'/'.join(given)} only apply to --method smf — drop "
-                f"them for {args.method}")
-        for f in dataclasses.fields(TrainConfig):
-            if getattr(args, f.name) is None:
-                setattr(args, f.name, f.default)
-        args.out = args.out or os.path.join("runs", args.method)
+        fill_defaults(args, TrainConfig)
+        fill_defaults(args, MemoryConfig, "memory_")
+        require(not memory or args.method not in ("retrofit", "full"), f"{args.model} already has memory layers — "
+                f"{args.method} starts from a model without memory; train this one with --method smf")
+        require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
+                f"{args.memory_n_keys} — lower it")
+        require(len(set(args.memory_layers)) == len(args.memory_layers), f"--memory-layers {args.memory_layers} "
+                "names a layer twice — give each layer once")
+        n_rows = (memory or {"n_keys": args.memory_n_keys})["n_keys"] ** 2
+        require(args.method != "smf" or args.top_t <= n_rows, f"--top-t {args.top_t} is larger than the memory — it "
+                f"has {n_rows} rows")
         require(not args.forward_batch or args.forward_batch % args.micro_batch == 0, f"--forward-batch "
                 f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — a forward pass holds "
                 "whole micro-batches")
+        args.out = args.out or os.path.join("runs", args.method)
     if args.command == "bench":
         cuda = str(args.device).startswith("cuda")
         args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
+    writes = []  # (flag, path, is_folder) of everything the command writes
+    if args.command == "train":
+        writes = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
+        writes += [("--out", args.out.rstrip("/") + "_retrofit", True)] if args.method == "smf" and not memory else []
+    elif args.command in ("eval", "table"):
+        writes = [("--out", args.out, False)] if args.command == "eval" else [
+            ("the table", os.path.join(args.results_dir, "table.md"), False)]
+    reads = checkpoint_chain(args.model) if args.command in ("train", "eval") else []
+    reads += [path for path in (getattr(args, name, None) for name in DATA_OPTIONS) if path and os.path.exists(path)]
+    check_outputs([w for w in writes if w[1]], reads)
+    if args.command == "train":
+        check_replaceable(args.out, args.overwrite)
+        retrofit = args.out.rstrip("/") + "_retrofit"
+        require(memory or args.method != "smf" or not os.path.exists(retrofit), f"{retrofit} exists — train SMF "
+                f"from it (--model {retrofit}), or move it away to retrofit again")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

@@ -17,6 +17,17 @@ MEM = ["--memory-layers", "0", "1", "--memory-n-keys", "8", "--memory-heads", "2
 TINY_MEM = smf.MemoryConfig(layers=(0, 1), n_keys=8, heads=2, key_dim=16, topk=4)
 
 
+def toy_tokenizer(texts, vocab_size=512):
+    """A byte-level BPE trained on `texts` with Qwen's special tokens: no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>",
+                            "<|im_end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+
+
 def sentence(rng, n):
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
@@ -33,7 +44,7 @@ def tiny(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     root = tmp_path_factory.mktemp("tiny")
     rng = random.Random(0)
-    tokenizer = smf.toy_tokenizer([sentence(rng, 40) for _ in range(300)] + ["Question: Answer: Explanation: "
+    tokenizer = toy_tokenizer([sentence(rng, 40) for _ in range(300)] + ["Question: Answer: Explanation: "
                                   "Medical exam question: A. B. C. D."] * 20, vocab_size=300)
     torch.manual_seed(0)
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -84,8 +95,13 @@ def run(*argv):
 
 
 def train_args(tiny, out, method, *extra):
-    return ["train", "--method", method, "--out", out, "--model", tiny["model"], "--medmcqa", tiny["medmcqa"], "--background", tiny["background"],
-            "--warmup", "0", "--background-examples", "20", *MEM, *extra]
+    """A train command on the tiny model and data, giving only the options that apply to `method` (rule 2)."""
+    model = str(extra[list(extra).index("--model") + 1]) if "--model" in extra else tiny["model"]
+    new_memory = method == "retrofit" or (method == "smf" and not smf.model_memory(model))
+    args = ["train", "--method", method, "--out", out, "--model", tiny["model"], "--warmup", "0"]
+    args += ["--medmcqa", tiny["medmcqa"]] if method != "retrofit" else []
+    args += ["--background", tiny["background"], "--background-examples", "20", *MEM] if new_memory else []
+    return args + list(extra)
 
 
 def memory_tensors(model):
@@ -94,7 +110,7 @@ def memory_tensors(model):
 
 def save_memory(out, model, parent):
     """A memory checkpoint of `model`, written as `train` writes one: built in a staging folder, then swapped in."""
-    with smf.replacing(str(out)) as folder:
+    with smf.replacing(str(out), overwrite=True) as folder:
         smf.save_checkpoint(folder, {"kind": "memory", "parent": parent, "memory": vars(TINY_MEM)},
                             tensors=memory_tensors(model))
 
@@ -264,12 +280,9 @@ def test_medmcqa_prompt_and_filters(tiny):
 
 
 def test_local_formats_read_the_same(tiny, tmp_path):
-    import pyarrow as pa, pyarrow.parquet as pq
     rows = [json.loads(line) for line in open(tiny["medmcqa"])]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "m.parquet")
     json.dump(rows, open(tmp_path / "m.json", "w"))
-    assert smf.load_medmcqa(str(tmp_path / "m.parquet")) == smf.load_medmcqa(str(tmp_path / "m.json")) == \
-        smf.load_medmcqa(tiny["medmcqa"])
+    assert smf.load_medmcqa(str(tmp_path / "m.json")) == smf.load_medmcqa(tiny["medmcqa"])
     wiki = [json.loads(line)["text"] for line in open(tiny["wikitext"])]
     (tmp_path / "w.txt").write_text("\r\n\r\n".join(wiki))          # the HF rows joined by a blank line, CRLF
     assert smf.load_wikitext(str(tmp_path / "w.txt")) == smf.load_wikitext(tiny["wikitext"])
@@ -278,10 +291,11 @@ def test_local_formats_read_the_same(tiny, tmp_path):
 def test_eval_cli_end_to_end(tiny, tmp_path):
     out = tmp_path / "r" / "results.json"
     p = cli("eval", "--model", tiny["model"], "--probe", "all", "--eval-medmcqa", tiny["medmcqa"], "--wikitext",
-            tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "8", "--batch-size", "3", "--out", out,
-            "--add-memory", *MEM)
+            tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "8", "--batch-size", "3", "--out", out)
     r = json.load(open(out))
-    assert r["medmcqa"]["n"] == 8 and 0 <= r["medmcqa"]["acc"] <= 1
+    assert r["medmcqa"]["n"] == 8 and 0 <= r["medmcqa"]["acc"] <= 1 and len(r["medmcqa"]["correct"]) == 8
+    assert r["medmcqa"]["gold_nll"] == pytest.approx(sum(r["medmcqa"]["gold_nlls"]) / 8) and r["medmcqa"]["gold_nll"] > 0
+    assert "gold_nll" in p.stdout and r["triviaqa"]["alias_correct"] and len(r["triviaqa"]["exact_correct"]) == 8
     assert r["wikitext"]["ppl"] > 1 and r["wikitext"]["tokens"] > 0
     assert r["triviaqa"]["n"] == 8 and 0 <= r["triviaqa"]["exact_match"] <= r["triviaqa"]["alias_contains_acc"] <= 1
     assert "medmcqa" in p.stdout and "wikitext" in p.stdout and "triviaqa" in p.stdout
@@ -450,29 +464,31 @@ def test_every_checkpoint_kind_round_trips(tiny, tmp_path):
     assert size("smf") < size("retrofit") / 4     # a patch of a few changed rows, not the memory
     patch = smf.checkpoint_meta(str(tmp_path / "smf"))
     assert patch["parent"] == "../retrofit" and patch["train"]["selector"] == "kl" and patch["seed"] == 0
-    run(*train_args(tiny, tmp_path / "smf2", "smf", "--model", tmp_path / "retrofit", "--top-t", "4", *short,
-                    "--background-stats", tmp_path / "smf" / "background_stats.safetensors"))
-    assert open(tmp_path / "smf2" / "weights.safetensors", "rb").read() == open(tmp_path / "smf" / "weights.safetensors",
-                                                                                 "rb").read()  # stats reused
 
 
 def test_smf_one_liner_retrofits_first_with_the_retrofit_recipe(tiny, tmp_path, capsys):
     args = train_args(tiny, tmp_path / "run", "smf", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8",
                       "--top-t", "4", "--optimizer", "sgd", "--lr", "2", "--clip", "0.5", "--max-len", "64")
     run(*args)
-    assert "retrofitting it first" in capsys.readouterr().out
+    n_background = len(smf.load_background(tiny["background"]))
+    steps = 2 * math.ceil(n_background / 16)                             # 2 epochs of all of it
+    assert (f"retrofitting it first into {tmp_path / 'run_retrofit'} with the retrofit recipe: {n_background} "
+            f"background texts x 2 epochs = {steps} steps") in capsys.readouterr().out
     retrofit = smf.checkpoint_meta(str(tmp_path / "run_retrofit"))
     assert retrofit["kind"] == "memory" and retrofit["memory"]["layers"] == [0, 1]
     recipe = retrofit["train"]           # the retrofit's own recipe; only what both stages share carries over
     assert (recipe["optimizer"], recipe["lr"], recipe["epochs"], recipe["max_steps"], recipe["limit_train"],
-            recipe["clip"], recipe["max_len"]) == ("adamw", 5e-4, 2, None, None, 1.0, 64)
-    n_background = len(smf.load_background(tiny["background"]))
-    assert recipe["total_steps"] == 2 * math.ceil(n_background / 16)   # 2 epochs of all of it
-    run(*args, "--overwrite")
-    assert "reusing the retrofit checkpoint" in capsys.readouterr().out
+            recipe["clip"], recipe["max_len"], recipe["seed"]) == ("adamw", 5e-4, 2, None, None, 1.0, 64, 0)
+    assert recipe["total_steps"] == steps and "medmcqa" not in recipe and "selector" not in recipe
     smf.load_model(str(tmp_path / "run"))
-    other = error_of(capsys, *args, "--overwrite", "--memory-n-keys", "6")
-    assert "n_keys 8, this run asks for 6" in other
+    again = error_of(capsys, *args, "--overwrite")                      # never silently reused or replaced
+    assert f"{tmp_path / 'run_retrofit'} exists — train SMF from it (--model {tmp_path / 'run_retrofit'})" in again
+    run(*train_args(tiny, tmp_path / "seeded", "smf", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8",
+                    "--top-t", "4", "--max-len", "64", "--seed", "7"))
+    other = smf.checkpoint_meta(str(tmp_path / "seeded_retrofit"))
+    assert other["seed"] == other["train"]["seed"] == 7                 # the retrofit follows --seed ...
+    values = lambda name: smf.load_model(str(tmp_path / name))[0].model.layers[0].mlp.memory.values
+    assert not torch.equal(values("run_retrofit"), values("seeded_retrofit"))     # ... and so do its weights
 
 
 def test_same_seed_same_checkpoint_and_eval(tiny, tmp_path):
@@ -480,11 +496,11 @@ def test_same_seed_same_checkpoint_and_eval(tiny, tmp_path):
     for k in range(2):
         out = tmp_path / f"run{k}"
         run(*train_args(tiny, out, "lora", "--model", tiny["model"], "--max-steps", "2", "--limit-train", "12",
-                        "--eval-out", out / "eval.json", "--eval-medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"],
+                        "--eval-out", tmp_path / f"eval{k}.json", "--eval-medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"],
                         "--triviaqa", tiny["triviaqa"], "--limit", "6", "--seed", "3"))
         outs.append(out)
     assert open(outs[0] / "weights.safetensors", "rb").read() == open(outs[1] / "weights.safetensors", "rb").read()
-    results = [json.load(open(out / "eval.json")) for out in outs]
+    results = [json.load(open(tmp_path / f"eval{k}.json")) for k in range(2)]
     assert results[0].pop("model") != results[1].pop("model") and results[0] == results[1]
 
 
@@ -506,37 +522,43 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "neither a Hugging Face model nor an smf checkpoint" in ev(tmp_path / "empty")
     run(*train_args(tiny, tmp_path / "mem", "retrofit", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8"))
-    run(*train_args(tiny, tmp_path / "mem" / "smf", "smf", "--model", tmp_path / "mem", "--max-steps", "1",
+    run(*train_args(tiny, tmp_path / "smf", "smf", "--model", tmp_path / "mem", "--max-steps", "1",
                     "--limit-train", "8", "--top-t", "4"))
     weights = tmp_path / "mem" / "weights.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    assert "missing or damaged" in ev(tmp_path / "mem")
+    assert f"{weights} is damaged" in ev(tmp_path / "mem")
     weights.unlink()
-    assert "missing or damaged" in ev(tmp_path / "mem")
-    os.rename(tmp_path / "mem" / "smf", tmp_path / "orphan")
-    assert "parent" in ev(tmp_path / "orphan")
+    assert f"{weights} is missing" in ev(tmp_path / "mem")
     too_many = error_of(capsys, *train_args(tiny, tmp_path / "s2", "smf", "--model", tmp_path / "mem", "--top-t", "65"))
     assert "it has 64 rows" in too_many
     cfg = json.load(open(tmp_path / "mem" / "config.json"))
     assert "out of range" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                       "--memory-layers", "0", "7")
     assert cfg["smf"]["kind"] == "memory"
+    os.rename(tmp_path / "mem", tmp_path / "moved")                     # neither beside it nor where it was
+    assert "the parent ../mem of" in ev(tmp_path / "smf") and "is missing" in ev(tmp_path / "smf")
 
 
 def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    smf.toy_tokenizer(["a b c"] * 5, 40).save_pretrained(tmp_path / "gpt2")
-    err = error_of(capsys, "eval", "--model", tmp_path / "gpt2", "--add-memory", "--memory-layers", "0",
-                   "--probe", "wikitext", "--wikitext", tiny["wikitext"])
+    toy_tokenizer(["a b c"] * 5, 40).save_pretrained(tmp_path / "gpt2")
+    err = error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit", "--model", tmp_path / "gpt2"))
     assert "model.model.layers" in err
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "lora", "--selector", "kl"], "only apply to --method smf"),
-    (["--method", "full", "--top-t", "8"], "only apply to --method smf"),
-    (["--method", "lora", "--train-scale"], "only apply to --method smf"),
+    (["--method", "lora", "--selector", "kl"], "--selector applies only to --method smf — drop it"),
+    (["--method", "full", "--top-t", "8"], "--top-t applies only to --method smf"),
+    (["--method", "lora", "--train-scale"], "--train-scale applies only to --method smf"),
+    (["--method", "full", "--lora-r", "8"], "--lora-r applies only to --method lora"),
+    (["--method", "lora", "--background", "x.jsonl"], "--background applies only to a retrofit"),
+    (["--method", "retrofit", "--medmcqa", "x.jsonl"], "--medmcqa applies only to --method smf, lora or full"),
+    (["--method", "lora", "--memory-n-keys", "8"], "--memory-n-keys applies only to a new memory"),
+    (["--method", "retrofit", "--memory-mode", "replacement", "--memory-alpha-init", "0.1"],
+     "--memory-alpha-init applies only to a new additive memory"),
+    (["--method", "lora", "--wikitext", "w.jsonl"], "--wikitext applies only to --eval-out"),
     (["--method", "smf", "--top-t", "0"], "--top-t 0 is out of range — give a value > 0"),
     (["--method", "smf", "--top-t", "100000"], "--top-t 100000 is larger than the memory — it has 16384 rows"),
     (["--method", "smf", "--selectr", "kl"], "unrecognized arguments"),
@@ -579,17 +601,20 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     good = smf.load_medmcqa(tiny["medmcqa"])[0]
     cases = {"question": {k: v for k, v in good.items() if k != "question"}, "cop": {k: v for k, v in good.items() if k != "cop"}}
     for field, row in cases.items():
-        assert f"no '{field}' field" in probe("medmcqa", write_jsonl(tmp_path / f"no_{field}.jsonl", [row]))
+        assert f"line 1: field '{field}' is missing" in probe("medmcqa", write_jsonl(tmp_path / f"no_{field}.jsonl", [row]))
+    path = tmp_path / "null.jsonl"                                     # the file's own line, every line counted
+    path.write_text("\n".join([json.dumps({**good, "choice_type": "multi"}), "", json.dumps({**good, "cop": None})]))
+    assert f"{path}: line 3: field 'cop' is null" in probe("medmcqa", path)
     for cop in (4, 2.5, "two", True):
         assert "cop must be an integer 0..3" in probe("medmcqa", write_jsonl(tmp_path / "cop.jsonl", [{**good, "cop": cop}]))
     as_int = smf.load_medmcqa(write_jsonl(tmp_path / "int.jsonl", [{**good, "cop": 2}]))
     assert smf.load_medmcqa(write_jsonl(tmp_path / "s.jsonl", [{**good, "cop": "2"}])) == as_int
     assert smf.load_medmcqa(write_jsonl(tmp_path / "f.jsonl", [{**good, "cop": 2.0}])) == as_int
     assert as_int[0]["cop"] == 2 and type(as_int[0]["cop"]) is int
-    assert "no 'question' field of type str (type int)" in probe("medmcqa", write_jsonl(tmp_path / "q.jsonl", [{**good, "question": 7}]))
+    assert "field 'question' is of type int, not str" in probe("medmcqa", write_jsonl(tmp_path / "q.jsonl", [{**good, "question": 7}]))
     assert "no examples left" in probe("medmcqa", write_jsonl(tmp_path / "multi.jsonl", [{**good, "choice_type": "multi"}]))
-    (tmp_path / "broken.jsonl").write_text('{"question": "x", "opa"')
-    assert "could not be read" in probe("medmcqa", tmp_path / "broken.jsonl")
+    (tmp_path / "broken.jsonl").write_text(json.dumps(good) + '\n{"question": "x", "opa"')
+    assert "could not be read at line 2" in probe("medmcqa", tmp_path / "broken.jsonl")
     (tmp_path / "obj.json").write_text('{"rows": 3}')
     assert "holds no list of rows" in probe("medmcqa", tmp_path / "obj.json")
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [good]}))
@@ -599,7 +624,7 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     one_string = [{"question": "q?", "answer": {"aliases": "Paris", "value": "Paris"}}]  # not per-character aliases
     assert "not a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
     assert "'text'" in probe("wikitext", write_jsonl(tmp_path / "wiki.jsonl", [{"body": "x"}]))
-    assert "no 'text' field of type str (type list)" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
+    assert "field 'text' is of type list, not str" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
     assert "'text'" in error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"),
                                 "--background", write_jsonl(tmp_path / "bg.jsonl", [{"role": "assistant"}]))
 
@@ -608,9 +633,9 @@ def test_unwritable_out(tiny, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     err = error_of(capsys, "eval", "--model", tiny["model"], "--probe", "wikitext", "--wikitext", tiny["wikitext"],
                    "--out", tmp_path / "file" / "r.json")
-    assert "cannot write" in err and not (tmp_path / "file" / "r.json").exists()
+    assert "cannot be written" in err and "is a file" in err and not (tmp_path / "file" / "r.json").exists()
     err = error_of(capsys, *train_args(tiny, tmp_path / "file" / "ckpt", "lora", "--model", tiny["model"], "--max-steps", "1"))
-    assert "cannot write" in err
+    assert "cannot be written" in err
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint_and_its_log(tiny, tmp_path, capsys):
@@ -661,14 +686,19 @@ def smoke_env(tiny, out):
             "OUT": str(out), "SEEDS": "1", "MEDMCQA": tiny["medmcqa"], "MEDMCQA_EVAL": tiny["medmcqa"],
             "WIKITEXT": tiny["wikitext"], "TRIVIAQA": tiny["triviaqa"], "BACKGROUND": tiny["background"], "MAX_STEPS": "2",
             "LIMIT_TRAIN": "16", "EVAL_LIMIT": "8", "BACKGROUND_EXAMPLES": "8", "DEVICE": "cpu",
-            "TRAIN_ARGS": " ".join(MEM + ["--warmup", "0"]), "SMF_ARGS": "--top-t 8"}
+            "TRAIN_ARGS": "--warmup 0", "MEMORY_ARGS": " ".join(MEM), "SMF_ARGS": "--top-t 8"}
+
+
+def run_all(env, *args, cwd=None):
+    return subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), *args], env=env, capture_output=True, text=True,
+                          cwd=cwd)
 
 
 def test_run_all_smoke(tiny, tmp_path):
     """Every stage on two parallel slots; then a rerun that skips them all, and a serial run of some rows that
     gives the same rows of the table (the schedule never changes a number)."""
     out, env = tmp_path / "results", {**smoke_env(tiny, tmp_path / "results"), "GPUS": "cpu cpu"}
-    first = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    first = run_all(env)
     assert first.returncode == 0, first.stdout + first.stderr
     running, most = 0, 0
     for line in first.stdout.splitlines():
@@ -679,9 +709,14 @@ def test_run_all_smoke(tiny, tmp_path):
     names = [line.split("|")[1].strip() for line in table[2:]]
     assert names == [name for name, _ in smf.TABLE_ROWS]
     for line in table[2:]:
-        cells = [c.strip() for c in line.split("|")[3:-1:2]]                  # the four metric columns
-        assert len(cells) == 4 and all(math.isfinite(float(c.split(" ± ")[0])) for c in cells), line
-    assert len(open(out / "table.csv").read().splitlines()) == 12
+        cells = [c.strip() for c in line.split("|")[2:-1:2]]                  # the five metric columns
+        assert len(cells) == 5 and all(math.isfinite(float(c.split()[0])) for c in cells), line
+        assert all(c.endswith("(n=1)") and "±" not in c for c in cells), line  # one seed: no ± 0.00
+    for line in table[3:]:                                                    # Δ with a paired interval, but ppl
+        deltas = [c.strip() for c in line.split("|")[3:-1:2]]
+        assert [("[" in d) for d in deltas] == [True, True, False, True, True], line
+    log = open(out / "logs" / "lora_seed1.log").read()
+    assert "\r" not in log and "train lora: step 2/2" in log                   # lines a person can read
     for mode in ("replacement", "additive", "additive_scale"):
         for sel in ("kl", "tfidf"):
             meta = smf.checkpoint_meta(str(out / f"smf_{mode}_{sel}" / "seed1" / "model"))
@@ -690,16 +725,26 @@ def test_run_all_smoke(tiny, tmp_path):
             assert meta["train"]["selector"] == sel and meta["train"]["train_scale"] == (mode == "additive_scale")
             size = lambda row: os.path.getsize(out / row / "seed1" / "model" / "weights.safetensors")
             assert size(f"smf_{mode}_{sel}") < size(parent) / 4
-    again = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    again = run_all(env)
     assert again.returncode == 0 and again.stdout.count("skip ") == 11 and "done " not in again.stdout
 
+    other = run_all({**env, "EVAL_LIMIT": "6", "MAX_STEPS": "3"})              # other settings: refused, in one line
+    assert other.returncode == 2 and "start " not in other.stdout, other.stdout
+    assert (f"error: stage base/seed1 in {out} was made with EVAL_LIMIT=8; this run has EVAL_LIMIT=6 — choose another "
+            f"OUT, or move {out}/base/seed1 away to redo it") in other.stderr.splitlines()
+    assert "was made with MAX_STEPS=2 EVAL_LIMIT=8" in other.stderr or "MAX_STEPS=2" in other.stderr
+
+    r = json.load(open(out / "base" / "seed1" / "eval.json"))                 # one probe is not a finished stage
+    json.dump({"model": r["model"], "medmcqa": r["medmcqa"]}, open(out / "base" / "seed1" / "eval.json", "w"))
+    partial = run_all(env)
+    assert partial.returncode == 0 and "done  base seed 1" in partial.stdout and partial.stdout.count("skip ") == 10
+
     rows = ("base", "retrofit_additive", "smf_additive_kl")                    # one at a time, as without GPUS
-    env = {**smoke_env(tiny, tmp_path / "serial"), "ROWS": " ".join(rows)}
-    serial = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+    serial = run_all({**smoke_env(tiny, tmp_path / "serial"), "ROWS": " ".join(rows)})
     assert serial.returncode == 0 and serial.stdout.count("done ") == 3, serial.stdout + serial.stderr
     names = [name for name, folder in smf.TABLE_ROWS if folder in rows]
-    csv_rows = lambda path: [line for line in open(path).read().splitlines() if line.split(",")[0] in names]
-    assert csv_rows(tmp_path / "serial" / "table.csv") == csv_rows(out / "table.csv") and len(names) == 3
+    table_rows = lambda path: [line for line in open(path).read().splitlines() if line.split("|")[1].strip() in names]
+    assert table_rows(tmp_path / "serial" / "table.md") == table_rows(out / "table.md") and len(names) == 3
 
 
 def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
@@ -721,26 +766,30 @@ def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
     assert one.returncode == 0 and json.load(open(tmp_path / "res" / "base" / "seed1" / "eval.json"))["medmcqa"]
 
 
-def test_run_all_stops_at_a_failing_stage_and_resumes(tiny, tmp_path):
-    env = {**smoke_env(tiny, tmp_path / "results"), "ROWS": "base lora", "TRIVIAQA": str(tmp_path / "missing.jsonl")}
-    failed = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
+def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_path):
+    """Relative paths (data, OUT) are the caller's, as for any command; a failed stage stops new starts."""
+    work = tmp_path / "mydata"
+    work.mkdir()
+    for name in ("medmcqa", "wikitext", "background"):
+        os.symlink(tiny[name], work / os.path.basename(tiny[name]))
+    env = {**smoke_env(tiny, "myresults"), "ROWS": "base lora", "TRIVIAQA": "missing.jsonl", "MEDMCQA": "medmcqa.jsonl",
+           "MEDMCQA_EVAL": "medmcqa.jsonl", "WIKITEXT": "wikitext.jsonl", "BACKGROUND": "oasst1.jsonl"}
+    failed = run_all(env, cwd=work)
     assert failed.returncode != 0 and "FAILED stage base seed 1" in failed.stderr and "logs/base_seed1.log" in failed.stderr
-    assert "lora" not in failed.stdout
-    env["TRIVIAQA"] = tiny["triviaqa"]
-    ok = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], env=env, capture_output=True, text=True)
-    assert ok.returncode == 0 and "done  base" in ok.stdout and "done  lora" in ok.stdout
-    assert "missing" in open(tmp_path / "results" / "table.md").read()       # rows not run are shown, not dropped
+    assert "lora" not in failed.stdout and (work / "myresults" / "logs" / "base_seed1.log").exists()
+    os.symlink(tiny["triviaqa"], work / "missing.jsonl")
+    ok = run_all(env, cwd=work)
+    assert ok.returncode == 0 and "done  base" in ok.stdout and "done  lora" in ok.stdout, ok.stderr
+    assert "missing" in open(work / "myresults" / "table.md").read()       # rows not run are shown, not dropped
+    assert sorted(os.listdir(work)) == ["medmcqa.jsonl", "missing.jsonl", "myresults", "oasst1.jsonl", "wikitext.jsonl"]
 
 
 def test_bench_prints_every_row(capsys):
-    run("bench", "--shape", "tiny", "--steps", "1", "--seq-len", "64", "--batch-size", "2", "--eval-n", "4",
-        "--eval-batch-size", "4")
+    run("bench", "--shape", "tiny", "--steps", "1", "--seq-len", "64", "--batch-size", "2")
     out = capsys.readouterr().out
-    for row in ("full ", "lora ", "smf ", "retrofit ", "memory layer fwd+bwd", "eval batch   1", "eval batch   4"):
-        assert row in out
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1] in (["full"], ["smf"])}
-    assert float(rows["full"][1]) > 0 and float(rows["smf"][1]) > 0 and rows["smf"][-1].endswith("%")
-    ratio = float(out.split("2048 tokens, torch.float32): ")[1].split()[0])
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if "ms/step" in line}
+    assert sorted(rows) == ["full", "lora", "retrofit", "smf"] and all(float(r[1]) > 0 for r in rows.values())
+    ratio = float(out.split("2048 tokens): ")[1].split()[0])
     assert 0 < ratio < 1                                                 # memory cheaper than the FFN on a CPU
 
 
@@ -824,7 +873,10 @@ def test_lora_forward_is_the_formula_and_dropout_sees_the_input():
     lora.dropout = type("Recorder", (torch.nn.Module,), {"forward": lambda self, t: seen.append(t.shape) or t})()
     lora(x)
     assert seen == [x.shape]                                          # on the input (6 wide), not the output (4)
-    assert torch.allclose(lora.merged()(x), lora(x), atol=1e-6)
+    wrapped = torch.nn.Sequential(lora)
+    expected = lora(x)
+    smf.merge_lora(wrapped)
+    assert wrapped[0] is base and torch.allclose(base(x), expected, atol=1e-6)
 
 
 def test_retrofit_trains_every_memory_tensor_and_alpha(tiny):
@@ -980,8 +1032,6 @@ def test_smf_continues_from_an_smf_checkpoint_and_memory_is_never_nested(tiny, t
     assert not torch.equal(logits(loaded, ids), logits(first.eval(), ids))
     assert "already has memory" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit", "--model", tmp_path / "s1"))
     assert "already has memory" in error_of(capsys, *train_args(tiny, tmp_path / "x", "full", "--model", tmp_path / "r"))
-    assert "already has memory" in error_of(capsys, "eval", "--model", tmp_path / "r", "--add-memory",
-                                            "--probe", "wikitext", "--wikitext", tiny["wikitext"], *MEM)
 
 
 def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_path, capsys):
@@ -995,10 +1045,11 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert lora["train"]["warmup"] == 0 and "selector" not in lora["train"] and "top_t" not in lora["train"]
     assert "lora_r" not in smf_meta["train"] and smf_meta["train"]["selector"] == "kl"
     stats = str(tmp_path / "r" / "background_stats.safetensors")     # made by the retrofit, shared by its SMF runs
-    assert smf_meta["data"] == {"train": tiny["medmcqa"], "background": stats}
-    assert retrofit["data"]["background"] == tiny["background"]
+    assert smf_meta["train"]["medmcqa"] == tiny["medmcqa"] and smf_meta["background_stats"] == stats
+    assert "background" not in smf_meta["train"] and "background_examples" not in smf_meta["train"]
     assert open(stats, "rb").read() == open(tmp_path / "s" / "background_stats.safetensors", "rb").read()
-    assert retrofit["data"]["train"] == tiny["background"] and set(lora["versions"]) == {"torch", "transformers"}
+    assert retrofit["train"]["background"] == tiny["background"] and "medmcqa" not in retrofit["train"]
+    assert set(lora["versions"]) == {"torch", "transformers"} and "background" not in lora["train"]
     assert smf_meta["parent_sha256"] == smf.fingerprint(str(tmp_path / "r"))
     smf.load_model(str(tmp_path / "s"))
     run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--overwrite",
@@ -1007,34 +1058,63 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert "has changed since it was trained" in err
 
 
-def test_out_never_destroys_a_model(tiny, tmp_path, capsys):
+def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(tiny, tmp_path, capsys, monkeypatch):
+    """Rule 1: each case of the lean-and-safe issue's table is refused in one line, before any model loads."""
     run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
     run(*train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT))
+    run(*train_args(tiny, tmp_path / "runs" / "lora", "lora", *SHORT))
+    run(*train_args(tiny, tmp_path / "nest", "lora", *SHORT))
+    run(*train_args(tiny, tmp_path / "nest" / "inner", "lora", *SHORT))     # a checkpoint inside a checkpoint
+    (tmp_path / "runs" / "lora" / "NOTES.md").write_text("my notes")
+    (tmp_path / "mydata.jsonl").write_text(open(tiny["medmcqa"]).read())
+    (tmp_path / "empty").mkdir()
+    os.symlink(tiny["model"], tmp_path / "base")
     snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     before = snapshot()
-    base = str(tmp_path / "base")
-    os.symlink(tiny["model"], base)
-    cases = [("smf", "r", "r", "is the model this run starts from"), ("smf", "s", "r", "is the model this run starts"),
-             ("smf", "s", "s", "is the model"), ("lora", base, base, "is the model"),
-             ("lora", tiny["model"], "s", "already holds a checkpoint — pass --overwrite"),
-             ("retrofit", tiny["model"], tmp_path, "holds files that are not an smf checkpoint")]
-    for method, model, out, message in cases:
-        extra = ["--top-t", "4"] if method == "smf" else []
-        assert message in error_of(capsys, *train_args(tiny, tmp_path / out, method, "--model", tmp_path / model,
-                                                       *extra, *SHORT, *["--overwrite"] * ("overwrite" not in message)))
-    assert snapshot() == before
-    smf.load_model(str(tmp_path / "s"))
+    monkeypatch.setattr(smf, "load_model", lambda *a, **kw: pytest.fail("a model loaded before the outputs were checked"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    t, real = lambda p: str(tmp_path / p), lambda p: os.path.realpath(tmp_path / p)
+    probes = ["--eval-medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"]]
+    cases = [  # (command, what the one-line error says)
+        (train_args(tiny, t("r"), "smf", "--model", t("r"), "--top-t", "4"), f"--out {t('r')} is {real('r')}, which this run reads"),
+        (train_args(tiny, t("r"), "smf", "--model", t("s"), "--top-t", "4", "--overwrite"), f"is {real('r')}, which this run reads"),
+        (train_args(tiny, t("base"), "lora", "--model", t("base"), "--overwrite"), f"is {real('base')}, which this run reads"),
+        (train_args(tiny, "~/r", "smf", "--model", t("r"), "--top-t", "4"), f"--out {t('r')} is"),     # ~ expanded
+        (train_args(tiny, t("s"), "lora"), "already holds a checkpoint — pass --overwrite"),
+        (train_args(tiny, str(tmp_path), "retrofit"), "holds files that are not an smf checkpoint"),
+        (train_args(tiny, t("mydata.jsonl"), "lora", "--medmcqa", t("mydata.jsonl")), f"is {real('mydata.jsonl')}, which this run reads"),
+        (train_args(tiny, t("mydata.jsonl"), "lora"), f"--out {t('mydata.jsonl')} is a file — give a new folder"),
+        (train_args(tiny, t("runs/lora"), "lora", "--overwrite"), "also holds NOTES.md, which replacing the checkpoint would delete"),
+        (train_args(tiny, t("nest"), "lora", "--overwrite"), "also holds inner, which replacing"),
+        (train_args(tiny, t("ck"), "lora", "--eval-out", t("ck/config.json"), *probes), f"--eval-out {t('ck/config.json')} lies inside {real('ck')}, which this run writes"),
+        (train_args(tiny, t("ck"), "lora", "--eval-out", t("empty"), *probes), f"--eval-out {t('empty')} is a folder — give a new file name"),
+        (train_args(tiny, t("ck"), "lora", "--eval-out", t("mydata.jsonl/e.json"), *probes), "cannot be written"),
+        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")], f"lies inside {real('r')}, which this run reads"),
+        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} is a folder"),
+        (["table", t("empty/x")], "holds no <row>/seed<S>/eval.json"),
+    ]
+    for argv, message in cases:
+        assert message in error_of(capsys, *argv), argv
+    monkeypatch.chdir(tmp_path / "empty")
+    assert "which is the current folder" in error_of(capsys, *train_args(tiny, ".", "lora"))
+    assert snapshot() == before and not (tmp_path / "ck").exists()
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old" in p.name]
 
 
-def test_a_second_run_into_the_same_out_is_refused(tiny, tmp_path, capsys):
-    out = tmp_path / "ckpt"
-    lock = tmp_path / ".ckpt.lock"
-    lock.write_text(str(os.getppid()))                                  # a live process holds it
-    err = error_of(capsys, *train_args(tiny, out, "lora", "--model", tiny["model"], *SHORT))
-    assert f"another run (process {os.getppid()}) is writing" in err and not out.exists()
-    lock.write_text("999999999")                                         # a dead one: the lock is stale
-    run(*train_args(tiny, out, "lora", "--model", tiny["model"], *SHORT))
-    assert not lock.exists() and smf.checkpoint_meta(str(out))["kind"] == "lora"
+def test_a_run_that_another_run_overtakes_keeps_both_checkpoints(tiny, tmp_path, capsys, monkeypatch):
+    """Two runs into one --out: the one that finishes second neither replaces the first one's checkpoint nor
+    loses its own (no lock file is needed for that)."""
+    out, real_train = tmp_path / "ckpt", smf.train
+    def overtaken(*a, **kw):                                           # another run finishes while this one trains
+        monkeypatch.setattr(smf, "train", real_train)
+        run(*train_args(tiny, out, "lora", *SHORT))
+        return real_train(*a, **kw)
+    monkeypatch.setattr(smf, "train", overtaken)
+    err = error_of(capsys, *train_args(tiny, out, "full", *SHORT))
+    assert f"another run wrote {out} while this one trained" in err, err
+    kept = err.split("is kept in ")[1].split(": move")[0]
+    assert smf.checkpoint_meta(str(out))["kind"] == "lora" and smf.checkpoint_meta(kept)["kind"] == "full"
+    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", os.path.basename(kept)])
 
 
 def test_saved_files_have_normal_permissions_and_the_log_is_json(tiny, tmp_path, monkeypatch):
@@ -1061,16 +1141,6 @@ def test_a_run_that_cannot_learn_says_so(tiny, tmp_path, capsys):
 
 
 def test_sources_are_checked_before_training(tiny, tmp_path, capsys):
-    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
-    run(*train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT))
-    stats = tmp_path / "s" / "background_stats.safetensors"
-    other = train_args(tiny, tmp_path / "x", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT,
-                       "--background-stats")
-    from safetensors.torch import load_file, save_file
-    t = load_file(stats)
-    save_file({**t, "0.df": t["0.df"][:10]}, tmp_path / "bad.safetensors")
-    assert "are for another memory" in error_of(capsys, *other, tmp_path / "bad.safetensors")
-    assert "could not be read" in error_of(capsys, *other, tmp_path / "nope.safetensors")
     err = error_of(capsys, *train_args(tiny, tmp_path / "l", "lora", "--model", tiny["model"], *SHORT, "--eval-out",
                                        tmp_path / "e.json", "--eval-medmcqa", tiny["medmcqa"], "--wikitext",
                                        tiny["wikitext"], "--triviaqa", tmp_path / "missing.jsonl"))
@@ -1095,7 +1165,9 @@ def test_table_and_run_all_refuse_what_they_cannot_use(tiny, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert "holds no <row>/seed<S>/eval.json" in error_of(capsys, "table", tmp_path / "empty")
     assert os.listdir(tmp_path / "empty") == []
-    for env, message in (({"ROWS": "base lora_typo"}, "unknown row 'lora_typo'"), ({"SEEDS": " "}, "SEEDS is empty")):
+    for env, message in (({"ROWS": "base lora_typo"}, "unknown row 'lora_typo'"), ({"SEEDS": " "}, "SEEDS is empty"),
+                         ({"GPUS": "banana"}, "error: GPUS=\"banana\": 'banana' is not a slot — give \"cpu\" or GPU ids"),
+                         ({"GPUS": "cpu 3"}, "'3' is not a slot")):
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                            env={**smoke_env(tiny, tmp_path / "res"), **env})
         assert p.returncode != 0 and message in p.stderr and not (tmp_path / "res").exists()
