@@ -423,7 +423,8 @@ def replacing(out, overwrite=False):
         yield staged
         umask = os.umask(0)
         os.umask(umask)
-        for name in os.listdir(staged):  # safetensors writes 0600: give the files the permissions of the rest
+        os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes 0700 and safetensors 0600: give the usual permissions
+        for name in os.listdir(staged):
             os.chmod(os.path.join(staged, name), 0o666 & ~umask)
         try:
             if overwrite and os.path.exists(out):
