@@ -92,8 +92,8 @@ def is_local(path):
             or path.endswith((".jsonl", ".json", ".txt")))
 
 def read_rows(source, hub_config=None, split="train"):
-    """(where, row) pairs of a data source; `where` places the row for error messages: a file's line (1-based,
-    every line counted) or a row's number. Local files are read here; hub ids go through `datasets`."""
+    """(where, row) pairs, `where` placing a row for error messages: its line in a file (1-based, every line
+    counted) or its number. Local files are read here; hub ids go through `datasets`."""
     if not is_local(source):
         try:
             import datasets  # imported here so that `eval`/`bench` run where `datasets` is not installed
@@ -102,25 +102,23 @@ def read_rows(source, hub_config=None, split="train"):
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, or pass "
                             "a local file in the same schema") from e
     path, kind, where = os.path.expanduser(source), source.rsplit(".", 1)[-1], "its start"
-    problem = "is a folder" if os.path.isdir(path) else "does not exist" if not os.path.isfile(path) else \
-        "has an unknown format" if kind not in ("jsonl", "json", "txt") else None
-    require(problem is None, f"data file {source} {problem} — check the path; give a .jsonl, .json or .txt file")
+    require(os.path.isfile(path) and kind in ("jsonl", "json", "txt"), f"data file {source} " + ("is a folder" if
+            os.path.isdir(path) else "has an unknown format" if os.path.isfile(path) else "does not exist") +
+            " — check the path; give a .jsonl, .json or .txt file")
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        if kind == "txt":
-            return [(f"line {i}", {"text": line}) for i, line in enumerate(text.split("\n"), 1)]
+            lines = f.read().split("\n")
         if kind == "json":
-            data = json.loads(text)
+            data = json.loads("\n".join(lines))
             data = data.get("data") if isinstance(data, dict) else data
             require(isinstance(data, list), f"data file {source} holds no list of rows — write a JSON list of "
                     'objects, or {"data": [...]}')
             return [(f"row {i}", r) for i, r in enumerate(data, 1)]
         rows = []
-        for i, line in enumerate(text.split("\n"), 1):
+        for i, line in enumerate(lines, 1):
             where = f"line {i}"
-            if line.strip():
-                rows.append((where, json.loads(line)))
+            if kind == "txt" or line.strip():
+                rows.append((where, {"text": line} if kind == "txt" else json.loads(line)))
         return rows
     except (ValueError, OSError) as e:
         raise UserError(f"data file {source} could not be read at {where} ({e}) — is it complete and in that "
@@ -367,24 +365,23 @@ def read_json(path, fix):
 def write_atomic(path, text):
     """Writes under a temporary name, then renames: a reader never sees half a file, nor a stray temporary one."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "w") as f:
+        with open(f"{path}.tmp{os.getpid()}", "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        os.replace(f.name, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
+            os.remove(f"{path}.tmp{os.getpid()}")
 
-def check_outputs(writes, reads):
-    """Rule 1, for every path a command writes, before any model or data loads. writes: (flag, path, is_folder).
-    A checkpoint folder is not a file and a results file not a folder, its place is writable, and it neither
-    is, holds nor lies inside the current folder, anything the run reads (model, parents, data) or else writes."""
+def check_outputs(writes, reads, overwrite=False):
+    """Rule 1, for every path a command writes (flag, path, is_folder), before any model or data loads: a folder
+    is not a file nor a file a folder, its place is writable, and it neither is, holds nor lies inside the
+    current folder, what the run reads (model, parents, data) or else writes. An existing checkpoint folder is
+    replaced only with `overwrite`, and only if it holds nothing but the files it lists in its config.json."""
     for flag, path, is_folder in writes:
         real, cwd = os.path.realpath(path), os.getcwd()
-        others = [(os.path.realpath(p), "this run reads") for p in reads] + [(cwd, "is the current folder")] + [
-            (os.path.realpath(p), "this run writes") for _, p, folder in writes if folder and p != path]
-        for other, what in others:
+        for other, what in [(os.path.realpath(p), "this run reads") for p in reads] + [(cwd, "is the current folder")] \
+                + [(os.path.realpath(p), "this run writes") for _, p, folder in writes if folder and p != path]:
             relation = "is" if real == other else "holds" if other.startswith(real + os.sep) else "lies inside" \
                 if real.startswith(other + os.sep) and other != cwd else None
             require(relation is None, f"{flag} {path} {relation} {other}, which {what} — choose another path")
@@ -395,26 +392,21 @@ def check_outputs(writes, reads):
             place = os.path.dirname(place)
         require(os.path.isdir(place) and os.access(place, os.W_OK), f"{flag} {path} cannot be written ({place} is "
                 f"{'not writable' if os.path.isdir(place) else 'a file'}) — choose a writable place")
-
-def check_replaceable(out, overwrite):
-    """An existing --out is replaced only if it is an smf checkpoint holding just the files it was written with
-    (config.json lists them), and only with --overwrite."""
-    if os.path.isdir(out) and os.listdir(out):
-        meta = checkpoint_meta(out)
-        require(meta, f"--out {out} holds files that are not an smf checkpoint — choose a new, empty folder")
-        extra = sorted(set(os.listdir(out)) - set(meta.get("files", ())))
-        require(not extra, f"--out {out} also holds {', '.join(extra)}, which replacing the checkpoint would delete "
-                "— move them out, or choose another --out")
-        require(overwrite, f"--out {out} already holds a checkpoint — pass --overwrite to replace it (once the new "
-                "one is complete), or choose a new folder")
+        if is_folder and os.path.isdir(path) and os.listdir(path):
+            meta = checkpoint_meta(path)
+            require(meta, f"{flag} {path} holds files that are not an smf checkpoint — choose a new, empty folder")
+            extra = sorted(set(os.listdir(path)) - set(meta.get("files", ())))
+            require(not extra, f"{flag} {path} also holds {', '.join(extra)}, which replacing the checkpoint would "
+                    "delete — move them out, or choose another folder")
+            require(overwrite, f"{flag} {path} already holds a checkpoint — pass --overwrite to replace it (once the "
+                    "new one is complete), or choose a new folder")
 
 @contextlib.contextmanager
 def replacing(out, overwrite=False):
-    """Yields an empty staging folder, this run's own, to build a checkpoint and its log in; if the block
-    ends without error it becomes `out`. Without `overwrite` that is one rename, which fails if another run
-    wrote `out` meanwhile (this run's checkpoint is then kept, and named). With it the old checkpoint is renamed
-    aside first, and back if the second rename fails or is interrupted (Ctrl-C is an exception the rollback
-    sees). An error before the swap leaves `out` as it was."""
+    """Yields an empty staging folder, this run's own, to build a checkpoint and its log in; if the block ends
+    without error it becomes `out`. Without `overwrite` that is one rename, which fails if another run wrote
+    `out` meanwhile (this run's checkpoint is then kept, and named). With it the old checkpoint is renamed aside
+    first, and back if the second rename fails or is interrupted (Ctrl-C is an exception the rollback sees)."""
     place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system, so that a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
@@ -488,27 +480,24 @@ def model_memory(path):
     return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
 
 def fingerprint(path):
-    """sha256 of a local model's weight files (None for a hub id). A child checkpoint records its parent's, so
-    loading it onto weights that changed since is an error rather than a silent mix."""
+    """sha256 of a local model's weight files (None for a hub id), naming a damaged (say, truncated) one, which
+    transformers and safetensors would not. A child checkpoint records its parent's, so loading it onto
+    weights that changed since is an error rather than a silent mix."""
     if not (is_local(path) and os.path.isdir(path)):
         return None
-    digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        if name.endswith((".safetensors", ".bin")) and name != STATS:
-            with open(os.path.join(path, name), "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
-
-def check_weight_files(folder):
-    """Names a damaged (say, truncated) weight file, which transformers and safetensors would not."""
     from safetensors import safe_open
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+    digest = hashlib.sha256()
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))):
         try:
-            with safe_open(file, "pt"):
+            with safe_open(file, "pt") if file.endswith(".safetensors") else contextlib.nullcontext():
                 pass
         except Exception as e:
             raise UserError(f"{file} is damaged ({' '.join(str(e).split())}) — restore it, or train or download "
-                            f"{folder} again") from e
+                            f"{path} again") from e
+        if not file.endswith(STATS):
+            with open(file, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 def smf_patch(before, trained):
     """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed since
@@ -528,7 +517,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging Face model nor an smf "
                 "checkpoint (no config.json) — point --model at the folder holding config.json" if os.path.isdir(path)
                 else f"model path {path} does not exist — check the path or give a hub id")
-        check_weight_files(path)
+        fingerprint(path)  # names a damaged weight file
     meta = checkpoint_meta(path)
     if meta is None or meta["kind"] == "full":
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -653,17 +642,6 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
     for b in blocks:
         b.memory.read_hook = None
     return stats
-
-def stats_tensors(stats):
-    """The content of background_stats.safetensors; read_background_stats reads it back."""
-    return {"batches": torch.tensor(stats[0].batches)} | {f"{j}.{k}": getattr(s, k).cpu() for j, s in
-                                                          enumerate(stats) for k in ("df", "reads")}
-
-def read_background_stats(path, model):
-    """The statistics stats_tensors wrote (load_model has checked the file), one per memory layer of `model`."""
-    from safetensors.torch import load_file
-    t = load_file(path)
-    return [BackgroundStats(t[f"{j}.df"], t[f"{j}.reads"], int(t["batches"])) for j in range(len(memory_blocks(model)))]
 
 # -----------------------------------------------------------------------------------------------------------
 # Training: one plain loop for every method
@@ -882,14 +860,8 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
     tokens no earlier window scored, so every token but the first (which has no context) counts once."""
     ids = tokenizer(text)["input_ids"]
     assert len(ids) >= 2, "perplexity needs at least two tokens"
-    spans, start, scored_to = [], 0, 1  # (window start, window end, first token this window scores)
-    while True:
-        end = min(start + window, len(ids))
-        spans.append((start, end, scored_to))
-        scored_to = end
-        if end == len(ids):
-            break
-        start += stride
+    ends = [min(start + window, len(ids)) for start in range(0, max(1, len(ids) - window + stride), stride)]
+    spans = [(i * stride, end, ends[i - 1] if i else 1) for i, end in enumerate(ends)]  # (start, end, first scored)
     nll, count = 0.0, 0
     for b in progress(range(0, len(spans), batch_size), "wikitext"):
         chunk = spans[b:b + batch_size]
@@ -921,39 +893,31 @@ def exact_match(prediction, aliases):
     answers = {norm(line[:m.start()]) for m in re.finditer(r"[.,;:!?](?=\s|$)", line)} | {norm(line)}
     return bool((answers - {""}) & {norm(a) for a in aliases})
 
-def cache_kwargs(model, cache):
-    """The KV-cache argument under its name in this transformers version (`cache` from 5.2x, else `past_key_values`)."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
-
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_penalty=1.0):
     """Greedy continuations of a batch of prompts, as `generate(do_sample=False)` makes them one at a time:
-    left padding, positions counted from each prompt's first real token, a KV cache, and HF's repetition
-    penalty (the logit of a token already in the prompt or the generation is divided by the penalty when
-    positive, multiplied when negative) over real tokens only, so pads never count and batching changes nothing."""
-    from transformers import DynamicCache
+    left padding, positions counted from each prompt's first real token, and HF's repetition penalty (a logit of
+    a token already in the prompt or the generation is divided by it when positive, multiplied when negative)
+    over real tokens only, so pads never count and batching changes nothing. No KV cache: each step reruns the
+    short sequences, which on a GPU costs about the same kernel launches, and works with every transformers."""
     device = next(model.parameters()).device
     ids, mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, left=True,
                           device=device)
-    cache, pos, rows = DynamicCache(), (mask.cumsum(-1) - 1).clamp(min=0), torch.arange(len(prompts), device=device)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
-                   **cache_kwargs(model, cache)).logits[:, -1].float()                    # (B, vocab)
-    seen = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ids, mask) > 0      # (B, vocab) real tokens
-    done, out = torch.zeros(len(prompts), dtype=torch.bool, device=device), []
+    start, seen, done = ids.shape[1], None, torch.zeros(len(prompts), dtype=torch.bool, device=device)
     for _ in range(max_new_tokens):
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=1).logits[:, -1].float()                            # (B, vocab)
+        if seen is None:  # (B, vocab): which tokens each row holds, pads not counted
+            seen = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ids, mask) > 0
         penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
         nxt = torch.where(seen, penalised, logits).argmax(-1).masked_fill(done, tokenizer.pad_token_id)  # (B,)
-        out.append(nxt)
-        seen[rows, nxt] |= ~done
+        seen[torch.arange(len(nxt)), nxt] |= ~done
+        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, (~done)[:, None].long()], 1)
         done |= nxt == tokenizer.eos_token_id
         if done.all():
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
-                       **cache_kwargs(model, cache)).logits[:, -1].float()
     eos = tokenizer.eos_token_id
-    new = [row[:row.index(eos)] if eos in row else row for row in torch.stack(out, 1).tolist()]
+    new = [row[:row.index(eos)] if eos in row else row for row in ids[:, start:].tolist()]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repetition_penalty=None):
@@ -1026,42 +990,42 @@ def load_probes(args, names=PROBES):
     return data
 
 def train_checkpoint(out, parent, cfg, mem_cfg, record, texts, background, overwrite=False, device="cpu"):
-    """Trains cfg.method on top of `parent` into the checkpoint folder `out`, built with its training log in a
-    staging folder and swapped in whole; config.json records `record` as the recipe. Returns the model."""
+    """Trains cfg.method on top of `parent` into the checkpoint folder `out` (built with its log in a staging
+    folder, swapped in whole); config.json records `record` as the recipe. Returns the trained model."""
     import transformers
+    from safetensors.torch import load_file
     method, t0, local = cfg.method, time.time(), is_local(parent)
     stats_file = os.path.join(parent, STATS) if method == "smf" and os.path.isfile(os.path.join(parent, STATS)) else None
-    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
-            "parent": os.path.relpath(parent, out) if local else parent,
-            "parent_abs": os.path.abspath(parent) if local else parent, "parent_sha256": fingerprint(parent),
-            "train": record, "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-            **({"memory": dataclasses.asdict(mem_cfg)} if method == "retrofit" else {}),
+    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed, "train": record,
+            "parent": os.path.relpath(parent, out) if local else parent, "parent_abs": os.path.abspath(parent) if local
+            else parent, "parent_sha256": fingerprint(parent), "versions": {"torch": torch.__version__,
+            "transformers": transformers.__version__}, **({"memory": vars(mem_cfg)} if method == "retrofit" else {}),
             **({"background_stats": os.path.abspath(stats_file)} if stats_file else {})}
     with replacing(out, overwrite) as staged:
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_model(parent, device)
         prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
         trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        bg_stats = lambda: background_stats(model, tokenizer, background[:cfg.background_examples], cfg.max_len,
-                                            device=device)
-        if method == "smf":
-            stats = read_background_stats(stats_file, model) if stats_file else bg_stats()
+        make_stats = lambda: background_stats(model, tokenizer, background[:cfg.background_examples], cfg.max_len,
+                                              device=device)
+        if method == "smf":  # the parent's statistics (saved as below), or made now
+            saved = load_file(stats_file) if stats_file else None
+            stats = [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"])) for j in
+                     range(len(memory_blocks(model)))] if saved else make_stats()
             before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
         history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
                         os.path.join(staged, "train_log.jsonl"))
         meta["train"]["total_steps"] = len(history)
-        if method == "retrofit":  # and its background statistics: every SMF run from it shares them
-            stats = bg_stats()
+        stats = make_stats() if method == "retrofit" else stats if method == "smf" else None  # SMF runs reuse them
+        extra = {STATS: {"batches": torch.tensor(stats[0].batches)} | {f"{j}.{k}": getattr(s, k) for j, s in
+                 enumerate(stats) for k in ("df", "reads")}} if stats else None
         save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained,
-                        model if method == "full" else None, tokenizer,
-                        {STATS: stats_tensors(stats)} if method in ("retrofit", "smf") else None)
+                        model if method == "full" else None, tokenizer, extra)
     size, last = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)), history[-1]
-    watch = "".join(f"\n   {k.replace('_', ' ')} per layer (last step) {last[k]}" for k in ("rows_updated", "alpha")
-                    if k in last)
     print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}\n   checkpoint {out} ({size / 2 ** 20:.1f} MB, kind "
-          f"{meta['kind']}, parent {meta['parent']}; log train_log.jsonl){watch}\n   evaluate: python smf.py eval "
-          f"--model {out} --probe all")
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out} ({size / 2 ** 20:.1f} MB, kind "
+          f"{meta['kind']}, log train_log.jsonl)" + "".join(f"\n   {k} per layer in the last step: {last[k]}" for k in
+          ("rows_updated", "alpha") if k in last) + f"\n   evaluate: python smf.py eval --model {out} --probe all")
     return model
 
 def run_train(args, device):
@@ -1070,20 +1034,19 @@ def run_train(args, device):
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
     has_memory, has_stats = bool(model_memory(args.model)), os.path.isfile(os.path.join(args.model, STATS))
-    one_liner = cfg.method == "smf" and not has_memory
-    retrofit = TrainConfig(method="retrofit", **{k: getattr(cfg, k) for k in RETROFIT_SHARES})
-    retrofit_record = recorded(retrofit, argparse.Namespace(**{**vars(args), "method": "retrofit", "eval_out": None}))
-    parent = args.out.rstrip("/") + "_retrofit" if one_liner else args.model
+    parent = args.out.rstrip("/") + "_retrofit" if cfg.method == "smf" and not has_memory else args.model
     texts = None if cfg.method == "retrofit" else \
         [medmcqa_text(r) for r in load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
     background = load_background(cfg.background) if option_rules(args, has_memory, has_stats)["background"][0] else None
     probes = load_probes(args) if args.eval_out else None
-    if one_liner:
+    if parent != args.model:  # the one-liner
+        retrofit = TrainConfig(method="retrofit", **{k: getattr(cfg, k) for k in RETROFIT_SHARES})
         steps = math.ceil(retrofit.epochs * math.ceil(len(background) / (retrofit.micro_batch * retrofit.grad_accum)))
         print(f"{args.model} has no memory layers: retrofitting it first into {parent} with the retrofit recipe: "
               f"{len(background):,} background texts x {retrofit.epochs:g} epochs = {steps:,} steps. For a shorter "
               "one, retrofit it yourself (train --method retrofit --max-steps N --out R) and train SMF from R.")
-        train_checkpoint(parent, args.model, retrofit, mem_cfg, retrofit_record, background, background, False, device)
+        record = recorded(retrofit, argparse.Namespace(**{**vars(args), "method": "retrofit", "eval_out": None}))
+        train_checkpoint(parent, args.model, retrofit, mem_cfg, record, background, background, False, device)
     model = train_checkpoint(args.out, parent, cfg, mem_cfg, recorded(cfg, args, has_memory, has_stats),
                              texts or background, background, args.overwrite, device)
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
@@ -1141,7 +1104,8 @@ def run_bench(args, device):
     """Training steps of every method on random tokens of a random-weight model (after two warm-up steps), and
     one memory layer against the SwiGLU FFN beside it at the real width."""
     from transformers import AutoModelForCausalLM, Qwen2Config
-    cuda, B, T = str(device).startswith("cuda"), args.batch_size, args.seq_len
+    cuda = str(device).startswith("cuda")
+    B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
     config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
     L = config.num_hidden_layers
     mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # layers 6, 12, 18 of 24
@@ -1369,24 +1333,17 @@ def check_args(args):
                 f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — a forward pass holds "
                 "whole micro-batches")
         args.out = args.out or os.path.join("runs", args.method)
-    if args.command == "bench":
-        cuda = str(args.device).startswith("cuda")
-        args.batch_size, args.seq_len = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
-    writes = []  # (flag, path, is_folder) of everything the command writes
-    if args.command == "train":
-        writes = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
-        writes += [("--out", args.out.rstrip("/") + "_retrofit", True)] if args.method == "smf" and not memory else []
-    elif args.command in ("eval", "table"):
-        writes = [("--out", args.out, False)] if args.command == "eval" else [
-            ("the table", os.path.join(args.results_dir, "table.md"), False)]
-    reads = checkpoint_chain(args.model) if args.command in ("train", "eval") else []
-    reads += [path for path in (getattr(args, name, None) for name in DATA_OPTIONS) if path and os.path.exists(path)]
-    check_outputs([w for w in writes if w[1]], reads)
-    if args.command == "train":
-        check_replaceable(args.out, args.overwrite)
+    writes = {"train": [("--out", args.out, True), ("--eval-out", args.eval_out, False)] if args.command == "train"
+              else [], "eval": [("--out", getattr(args, "out", None), False)], "bench": [],  # (flag, path, is_folder)
+              "table": [("the table", os.path.join(getattr(args, "results_dir", ""), "table.md"), False)]}[args.command]
+    if args.command == "train" and args.method == "smf" and not memory:  # the one-liner's retrofit
         retrofit = args.out.rstrip("/") + "_retrofit"
-        require(memory or args.method != "smf" or not os.path.exists(retrofit), f"{retrofit} exists — train SMF "
-                f"from it (--model {retrofit}), or move it away to retrofit again")
+        require(not os.path.exists(retrofit), f"{retrofit} exists — train SMF from it (--model {retrofit}), or move "
+                "it away to retrofit again")
+        writes.append(("--out", retrofit, True))
+    reads = checkpoint_chain(args.model) if args.command in ("train", "eval") else []
+    check_outputs([w for w in writes if w[1]], reads + [p for p in (getattr(args, n, None) for n in DATA_OPTIONS)
+                                                        if p and os.path.exists(p)], getattr(args, "overwrite", False))
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
