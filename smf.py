@@ -66,7 +66,6 @@ class EvalConfig:  # the probes' data and settings; the comments are their --hel
     eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or local file
     medmcqa_mode: str = "answer"                     # score ' L. option text' (the paper's) or the letter alone
     wikitext: str = "Salesforce/wikitext"            # WikiText probe (test split): hub id or local file
-    wikitext_config: str = "wikitext-103-v1"         # hub config of --wikitext
     triviaqa: str = "mandarjoshi/trivia_qa"          # TriviaQA probe (rc.nocontext validation): hub id or local file
     repetition_penalty: float = None                 # TriviaQA: default the model's generation_config (1.0: greedy)
     limit: int = 1000                                # examples per probe (lines of WikiText)
@@ -135,19 +134,15 @@ def check_fields(rows, fields, source):
                     f"not {'a value' if kind is object else kind.__name__} — the file must use the hub schema")
     require(rows, f"{source}: no examples left after filtering — check the file and the filters")
 
-def answer_index(cop, where):
-    """MedMCQA's `cop` as 0..3 (0 = opa). Files written by other tools may hold "2" or 2.0: read those too."""
-    with contextlib.suppress(ValueError, TypeError):
-        if not isinstance(cop, bool) and float(cop) in (0, 1, 2, 3):
-            return int(float(cop))
-    raise UserError(f"{where} has cop={cop!r} — cop must be an integer 0..3 (0 = opa)")
-
 def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
     """Single-answer rows (`choice_type == "single"`, kept when absent), shuffled with `seed`, the first `limit`."""
     rows = [(w, r) for w, r in read_rows(source, None, split) if not isinstance(r, dict) or
             r.get("choice_type", "single") == "single"]
     check_fields(rows, dict.fromkeys(("question", "opa", "opb", "opc", "opd"), str) | {"cop": object}, source)
-    rows = [{**r, "cop": answer_index(r["cop"], f"{source}: {where}")} for where, r in rows]
+    for where, r in rows:  # cop is 0..3 (0 = opa); other tools' exports may write "2" or 2.0
+        require(str(r["cop"]).removesuffix(".0") in ("0", "1", "2", "3"), f"{source}: {where} has cop={r['cop']!r} — "
+                "cop must be an integer 0..3 (0 = opa)")
+    rows = [{**r, "cop": int(float(r["cop"]))} for _, r in rows]
     if seed is not None:
         random.Random(seed).shuffle(rows)
     return rows[:limit]
@@ -434,19 +429,14 @@ def replacing(out, overwrite=False):
         if not keep:
             shutil.rmtree(staged, ignore_errors=True)
 
-def save_checkpoint(folder, meta, tensors=None, model=None, tokenizer=None, extra=None):
-    """Writes `tensors` to weights.safetensors (a `full` checkpoint: the whole HF `model` and `tokenizer`), the
-    `extra` {file name: tensors}, and `meta` with the list of the folder's files as config.json's `smf`."""
+def save_checkpoint(folder, meta, tensors, extra=None):
+    """Writes `tensors` ({parameter name: tensor}) to weights.safetensors, `extra` ({file name: tensors}), and
+    `meta` with the list of the folder's files as the `smf` entry of config.json."""
     from safetensors.torch import save_file
-    if model is not None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-    for name, named in (({"weights.safetensors": tensors} if model is None else {}) | (extra or {})).items():
+    for name, named in ({"weights.safetensors": tensors} | (extra or {})).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, os.path.join(folder, name))
-    config = read_json(os.path.join(folder, "config.json"), "") if model is not None else {}
-    meta = {**meta, "files": sorted(set(os.listdir(folder)) | {"config.json"})}
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({**config, "smf": meta}, f, indent=2)
+        json.dump({"smf": {**meta, "files": sorted(set(os.listdir(folder)) | {"config.json"})}}, f, indent=2)
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
@@ -469,7 +459,7 @@ def checkpoint_chain(path):
     while is_local(path) and os.path.isfile(os.path.join(path, "config.json")) and path not in chain:
         chain.append(path)
         meta = checkpoint_meta(path)
-        if meta is None or meta["kind"] == "full":
+        if meta is None:
             break
         path = parent_of(path, meta)
     return chain
@@ -519,7 +509,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
                 else f"model path {path} does not exist — check the path or give a hub id")
         fingerprint(path)  # names a damaged weight file
     meta = checkpoint_meta(path)
-    if meta is None or meta["kind"] == "full":
+    if meta is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         require(not is_local(path) or any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json",
                 "tokenizer.model", "vocab.json")), f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or "
@@ -653,19 +643,6 @@ def get_lr(step, total, peak, warmup):
     progress = (step - warmup) / max(1, total - warmup)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
-def length_grouped_batches(lengths, batch, rng):
-    """Shuffled batches of similar lengths, so padding wastes little: sort within random chunks of 64
-    batches, cut, then shuffle the batches."""
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    chunk = 64 * batch
-    batches = []
-    for c in range(0, len(order), chunk):
-        part = sorted(order[c:c + chunk], key=lambda i: lengths[i])
-        batches += [part[i:i + batch] for i in range(0, len(part), batch)]
-    rng.shuffle(batches)
-    return batches
-
 class RowSparseAdamW:
     """AdamW (or SGD) that updates only the given rows of 2-D parameters. The moments and step count of a row
     change only when it is selected, so rows chosen earlier never drift (masking the gradient of a dense
@@ -707,14 +684,13 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
           record_selected=False):
     """Trains `model` in place on `texts`. Which parameters train is already set (requires_grad) by the
     caller; for SMF, `background` holds one BackgroundStats per memory layer. Returns the per-step history."""
-    smf = cfg.method == "smf"
+    smf, sgd = cfg.method == "smf", cfg.optimizer == "sgd"
     blocks = memory_blocks(model) if smf else []
     values = [b.memory.values for b in blocks]
     alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # logged each step
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
-    lr_peak, sgd = cfg.lr, cfg.optimizer == "sgd"
-    dense_opt = (torch.optim.SGD(dense, lr=lr_peak, weight_decay=cfg.weight_decay) if sgd else torch.optim.AdamW(
-        dense, lr=lr_peak, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
+    dense_opt = (torch.optim.SGD(dense, lr=cfg.lr, weight_decay=cfg.weight_decay) if sgd else torch.optim.AdamW(
+        dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=sgd)
     background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
 
@@ -725,15 +701,18 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     total = math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step))
     total = min(total, cfg.max_steps or total)
     if cfg.warmup >= total:
-        print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {lr_peak:g} and "
+        print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {cfg.lr:g} and "
               "this run learns little — lower --warmup or train longer", file=sys.stderr)
     score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
     queue, history, log = [], [], open(log_path, "w", buffering=1) if log_path else None  # line-buffered
     model.train()
     bar = progress(range(total), f"train {cfg.method}")
     for step in bar:
-        if not queue:  # a new seeded shuffle at each epoch boundary
-            queue = length_grouped_batches([len(e) for e in examples], seqs_per_step, rng)
+        if not queue:  # each epoch a new seeded shuffle, sorted by length within chunks of 64 steps (little padding)
+            order, chunk = rng.sample(range(len(examples)), len(examples)), 64 * seqs_per_step
+            parts = [sorted(order[c:c + chunk], key=lambda i: len(examples[i])) for c in range(0, len(order), chunk)]
+            queue = [part[i:i + seqs_per_step] for part in parts for i in range(0, len(part), seqs_per_step)]
+            rng.shuffle(queue)
         batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
         n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
         t0, loss_sum, n_tokens = time.perf_counter(), 0.0, sum(len(examples[i]) for i in batch)
@@ -761,7 +740,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         for v in values:
             v.grad = None
         grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + union_grads, cfg.clip)
-        lr = get_lr(step, total, lr_peak, cfg.warmup)
+        lr = get_lr(step, total, cfg.lr, cfg.warmup)
         if dense_opt:
             for param_group in dense_opt.param_groups:
                 param_group["lr"] = lr
@@ -772,10 +751,8 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                   "tokens": n_tokens, "tokens_per_s": n_tokens / step_time}
-        if alphas:  # the additive memory's reach, and its values' gradient, scale with alpha: worth watching
-            record["alpha"] = [round(a.item(), 6) for a in alphas]
-        if smf:
-            record["rows_updated"] = [len(u) for u in union]
+        record |= {"alpha": [round(a.item(), 6) for a in alphas]} if alphas else {}  # its reach scales with alpha
+        record |= {"rows_updated": [len(u) for u in union]} if smf else {}
         if log:  # JSON has no NaN: a non-finite number is written as null
             log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
                                   for k, v in record.items()}) + "\n")
@@ -943,22 +920,17 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repe
 # Commands: train, eval, bench, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
-PROBE_OPTIONS = {"eval_medmcqa": "medmcqa", "medmcqa_mode": "medmcqa", "wikitext": "wikitext",  # the rest: all
-                 "wikitext_config": "wikitext", "triviaqa": "triviaqa", "repetition_penalty": "triviaqa"}
 DATA_OPTIONS = ("medmcqa", "background", "eval_medmcqa", "wikitext", "triviaqa")
 RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background", "background_examples")
 
 def option_rules(args, has_memory=False, has_stats=False):
     """Rule 2: {option: (whether it applies to this run, what it applies to)} for each option whose use depends
     on the run. A given option that does not apply is refused, and config.json records only those that apply."""
-    probes = PROBES if args.command == "train" or args.probe == "all" else (args.probe,)
-    rules = {}
-    for f in dataclasses.fields(EvalConfig):
-        probe = PROBE_OPTIONS.get(f.name)
-        rules[f.name] = (bool(args.eval_out), "--eval-out") if args.command == "train" else \
-            (probe in probes or probe is None, f"--probe {probe} or all")
-    if args.command == "eval":
-        return rules
+    if args.command == "eval":  # a probe's options apply when it runs
+        probe = {"eval_medmcqa": "medmcqa", "medmcqa_mode": "medmcqa", "wikitext": "wikitext",
+                 "triviaqa": "triviaqa", "repetition_penalty": "triviaqa"}
+        return {name: (args.probe in (p, "all"), f"--probe {p} or all") for name, p in probe.items()}
+    rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}
     method = args.method
     new_memory = method == "retrofit" or (method == "smf" and not has_memory)
     rules |= dict.fromkeys(("selector", "top_t", "train_scale"), (method == "smf", "--method smf"))
@@ -979,7 +951,7 @@ def recorded(cfg, args, has_memory=False, has_stats=False):
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
     loaders = {"medmcqa": lambda: load_medmcqa(args.eval_medmcqa, "validation", args.limit),
-               "wikitext": lambda: load_wikitext(args.wikitext, args.wikitext_config, args.limit),
+               "wikitext": lambda: load_wikitext(args.wikitext, limit=args.limit),
                "triviaqa": lambda: load_triviaqa(args.triviaqa, args.limit)}
     data = {}
     for name in names:
@@ -1019,8 +991,7 @@ def train_checkpoint(out, parent, cfg, mem_cfg, record, texts, background, overw
         stats = make_stats() if method == "retrofit" else stats if method == "smf" else None  # SMF runs reuse them
         extra = {STATS: {"batches": torch.tensor(stats[0].batches)} | {f"{j}.{k}": getattr(s, k) for j, s in
                  enumerate(stats) for k in ("df", "reads")}} if stats else None
-        save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained,
-                        model if method == "full" else None, tokenizer, extra)
+        save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained, extra)
     size, last = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)), history[-1]
     print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
           f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out} ({size / 2 ** 20:.1f} MB, kind "
@@ -1200,17 +1171,11 @@ def run_table(args, device=None):
 
 class Parser(argparse.ArgumentParser):
     def __init__(self, **kwargs):  # no abbreviations: `eval --medmcqa` must not silently mean --medmcqa-mode
-        super().__init__(**{"allow_abbrev": False, "formatter_class": HelpFormatter, **kwargs})
+        super().__init__(**{"allow_abbrev": False, **kwargs})
 
     def error(self, message):  # a mistyped flag gets the same one-line error as every other mistake
         print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
         sys.exit(2)
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    def _get_help_string(self, action):  # show each default unless there is none or the text gives it
-        text = action.help or ""
-        no_default = any(action.default is v for v in (None, False, argparse.SUPPRESS))
-        return text if no_default or "default" in text else text + " (default: %(default)s)"
 
 def config_comments(cls):
     """{field: the comment beside it in the source}: a config class is the one place a setting is explained."""
@@ -1224,8 +1189,7 @@ def config_comments(cls):
     return comments
 
 CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf"),
-           "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter"),
-           "wikitext_config": ("wikitext-103-v1", "wikitext-2-raw-v1")}
+           "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
 
 def add_config_flags(group, cls, prefix=""):
     """A flag per field of a config dataclass, its comment as the help. Every flag defaults to None, so that
@@ -1238,27 +1202,23 @@ def add_config_flags(group, cls, prefix=""):
         group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None, **kind,
                            help=comments[f.name] + (f" (default: {f.default})" if shown else ""))
 
-def fill_defaults(args, cls, prefix=""):
-    for f in dataclasses.fields(cls):
-        if getattr(args, prefix + f.name, None) is None:
-            setattr(args, prefix + f.name, f.default)
-
 def build_parser():
     p = Parser(description=__doc__.split("\n\n")[0], epilog="examples: see README.md")
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N "
+                        "(default: cuda when there is a GPU)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
     e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint")
-    e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"])
+    e.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, HF folder or smf checkpoint (default: {DEFAULT_MODEL})")
+    e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"], help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
 
     t = sub.add_parser("train", parents=[common], help="retrofit, smf, lora or full finetuning")
     t.add_argument("--model", default=DEFAULT_MODEL, help="start from: a base model (hub id or folder), a retrofit "
-                   "or an smf checkpoint (smf)")
+                   f"or an smf checkpoint (smf) (default: {DEFAULT_MODEL})")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
                    "is complete")
@@ -1270,10 +1230,10 @@ def build_parser():
     add_config_flags(probes, EvalConfig)
 
     b = sub.add_parser("bench", parents=[common], help="training speed of every method on a random-weight model")
-    b.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    b.add_argument("--shape", default="tiny", choices=list(SHAPES), help="(default: tiny)")
     b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, help="tokens per sequence; default 512 on a GPU, 256 on a CPU")
-    b.add_argument("--steps", type=int, default=5, help="timed optimizer steps per method")
+    b.add_argument("--steps", type=int, default=5, help="timed optimizer steps per method (default: 5)")
 
     tb = sub.add_parser("table", help="the results table of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
@@ -1291,9 +1251,9 @@ RANGES = [  # (flags, test, what a good value is)
 PATH_OPTIONS = ("model", "out", "eval_out", "results_dir") + DATA_OPTIONS
 
 def check_args(args):
-    """Every mistake in the options, caught before any model or data loads: values out of range, the device,
-    options that do not apply to this run (rule 2), and every path the command writes (rule 1). Then fills in
-    the defaults of the options not given."""
+    """Every mistake in the options, caught before any model or data loads: a value out of range, the device, an
+    option that does not apply to this run (rule 2), a path the command must not write (rule 1). Fills in the
+    defaults of the options not given."""
     for names, ok, need in RANGES:
         for name in names.split():
             value = getattr(args, name, None)
@@ -1308,42 +1268,38 @@ def check_args(args):
                 "— use cpu, cuda or cuda:N")
         require(args.device == "cpu" or int(args.device[5:] or 0) < n_gpus, f"--device {args.device}: this torch "
                 f"sees {n_gpus} CUDA GPU(s) — use --device cpu, or a CUDA build of torch on a machine with a GPU")
-    memory = None
+    memory = model_memory(args.model) if args.command == "train" else None
     if args.command in ("train", "eval"):
         args.method = getattr(args, "method", None) or "smf"
-        memory = model_memory(args.model) if args.command == "train" else None
-        has_stats = os.path.isfile(os.path.join(args.model, STATS))
-        for name, (applies, where) in option_rules(args, bool(memory), has_stats).items():
+        rules = option_rules(args, bool(memory), os.path.isfile(os.path.join(args.model, STATS)))
+        for name, (applies, where) in rules.items():
             require(applies or getattr(args, name, None) is None, f"--{name.replace('_', '-')} applies only to "
                     f"{where} — drop it from this run")
-        fill_defaults(args, EvalConfig)
+    for cls, prefix in ((TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")):  # the defaults
+        for f in dataclasses.fields(cls):
+            if getattr(args, prefix + f.name, 0) is None:
+                setattr(args, prefix + f.name, f.default)
+    writes = [("--out", getattr(args, "out", None), args.command == "train")]  # (flag, path, is_folder)
     if args.command == "train":
-        fill_defaults(args, TrainConfig)
-        fill_defaults(args, MemoryConfig, "memory_")
         require(not memory or args.method not in ("retrofit", "full"), f"{args.model} already has memory layers — "
                 f"{args.method} starts from a model without memory; train this one with --method smf")
         require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
                 f"{args.memory_n_keys} — lower it")
-        require(len(set(args.memory_layers)) == len(args.memory_layers), f"--memory-layers {args.memory_layers} "
-                "names a layer twice — give each layer once")
-        n_rows = (memory or {"n_keys": args.memory_n_keys})["n_keys"] ** 2
-        require(args.method != "smf" or args.top_t <= n_rows, f"--top-t {args.top_t} is larger than the memory — it "
-                f"has {n_rows} rows")
         require(not args.forward_batch or args.forward_batch % args.micro_batch == 0, f"--forward-batch "
                 f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — a forward pass holds "
                 "whole micro-batches")
         args.out = args.out or os.path.join("runs", args.method)
-    writes = {"train": [("--out", args.out, True), ("--eval-out", args.eval_out, False)] if args.command == "train"
-              else [], "eval": [("--out", getattr(args, "out", None), False)], "bench": [],  # (flag, path, is_folder)
-              "table": [("the table", os.path.join(getattr(args, "results_dir", ""), "table.md"), False)]}[args.command]
-    if args.command == "train" and args.method == "smf" and not memory:  # the one-liner's retrofit
-        retrofit = args.out.rstrip("/") + "_retrofit"
-        require(not os.path.exists(retrofit), f"{retrofit} exists — train SMF from it (--model {retrofit}), or move "
-                "it away to retrofit again")
-        writes.append(("--out", retrofit, True))
+        writes = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
+        if args.method == "smf" and not memory:  # the one-liner's retrofit
+            retrofit = args.out.rstrip("/") + "_retrofit"
+            require(not os.path.exists(retrofit), f"{retrofit} exists — train SMF from it (--model {retrofit}), or "
+                    "move it away to retrofit again")
+            writes.append(("--out", retrofit, True))
+    if args.command == "table":
+        writes = [("the table", os.path.join(args.results_dir, "table.md"), False)]
     reads = checkpoint_chain(args.model) if args.command in ("train", "eval") else []
-    check_outputs([w for w in writes if w[1]], reads + [p for p in (getattr(args, n, None) for n in DATA_OPTIONS)
-                                                        if p and os.path.exists(p)], getattr(args, "overwrite", False))
+    reads += [path for path in (getattr(args, name, None) for name in DATA_OPTIONS) if path and os.path.exists(path)]
+    check_outputs([w for w in writes if w[1]], reads, getattr(args, "overwrite", False))
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
