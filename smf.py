@@ -220,10 +220,9 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
 
 class ProductKeyMemory(nn.Module):
-    """N = n_keys**2 value rows, looked up without scoring all N: each head splits its query in two halves,
-    takes the top-k sub-keys of each half, re-ranks the k*k sums and reads the best k rows. Row index is
-    i1 * n_keys + i2. Set `read_hook` to see the rows each token reads (counting them, as the selectors do)
-    and, if it returns a mask, to let only those reads pass gradient to the values (how SMF trains few rows)."""
+    """N = n_keys**2 value rows, looked up without scoring all N: each head takes the top-k sub-keys of each half
+    of its query, re-ranks the k*k sums and reads the best k rows (row i1 * n_keys + i2). `read_hook` sees the
+    rows each token reads and may return a mask: only those reads pass gradient to the values (how SMF learns)."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -234,11 +233,7 @@ class ProductKeyMemory(nn.Module):
         self.values = nn.Parameter(torch.empty(n_keys * n_keys, dim))
         self.w1, self.w2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.read_hook = None  # rows (M, H*k) -> None, or bool (M, H*k): the reads whose value rows may learn
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        dim = self.values.shape[1]
-        nn.init.uniform_(self.keys, -self.key_dim ** -0.5, self.key_dim ** -0.5)
+        nn.init.uniform_(self.keys, -key_dim ** -0.5, key_dim ** -0.5)
         nn.init.normal_(self.values, std=dim ** -0.5)
         nn.init.xavier_uniform_(self.query.weight)
         nn.init.zeros_(self.query.bias)
@@ -590,21 +585,16 @@ def count_reads(rows, group, n_groups, n_rows):
     return counts.view(n_groups, n_rows).long()
 
 @torch.no_grad()
-def select_reads(rows, group, n_groups, background, score_fn, top_t):
-    """SMF's choice inside one forward pass that holds several micro-batches: each micro-batch chooses its
-    top_t rows, and a read may pass gradient to its value row only if its own micro-batch chose that row.
-    rows (M, S): rows read by each token; group (M,): the token's micro-batch, -1 for pads.
-    Returns keep (M, S) bool and the chosen rows as a (n_groups, N) mask. No host sync: it runs mid-forward."""
+def select_reads(rows, group, n_groups, background, score_fn, top_t, step_chosen=None):
+    """SMF's choice in a forward pass of several micro-batches: each chooses its top_t rows, and a read passes
+    gradient to its value row only if its own micro-batch chose the row. rows (M, S): the rows each token reads;
+    group (M,): its micro-batch, -1 for pads. Returns keep (M, S) and the chosen rows (n_groups, N), adding them
+    to `step_chosen` (N,) for the optimizer when given (as the read hook). No host sync: it runs mid-forward."""
     counts = count_reads(rows, group, n_groups, background.df.shape[0])                  # (G, N)
     chosen = select_rows(score_fn(counts, background), counts, top_t)
+    if step_chosen is not None:
+        step_chosen |= chosen.any(0)
     return chosen[group.clamp(min=0)[:, None], rows] & (group >= 0)[:, None], chosen
-
-def gate_reads(rows, step_chosen, **select):
-    """The read hook SMF installs in a memory layer for one forward pass (its inputs bound by the caller):
-    select_reads, plus the rows any micro-batch chose added to `step_chosen` (N,) for the optimizer."""
-    keep, chosen = select_reads(rows, **select)
-    step_chosen |= chosen.any(0)
-    return keep
 
 def add_background_reads(rows, group, n_examples, stats):
     """The read hook behind background_stats: df counts the examples that read a row, not the reads."""
@@ -721,11 +711,10 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         for c in range(0, len(batch), forward_batch):
             ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id,
                                   device=device)
-            for j, b in enumerate(blocks):  # this pass's token groups, bound in: the hook runs inside layer j
-                b.memory.read_hook = functools.partial(
-                    gate_reads, step_chosen=step_chosen[j], group=token_groups(mask, cfg.micro_batch),
-                    n_groups=math.ceil(len(ids) / cfg.micro_batch), background=background[j], score_fn=score_fn,
-                    top_t=cfg.top_t)
+            group, n_groups = token_groups(mask, cfg.micro_batch), math.ceil(len(ids) / cfg.micro_batch)
+            for j, b in enumerate(blocks):  # the hook runs inside layer j; this pass's groups are bound in
+                b.memory.read_hook = lambda rows, j=j, group=group, n_groups=n_groups: select_reads(
+                    rows, group, n_groups, background[j], score_fn, cfg.top_t, step_chosen[j])[0]
             with autocast(device):
                 logits = model(input_ids=ids, attention_mask=mask).logits               # (B, T, vocab)
             labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                  # pads never count
