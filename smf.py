@@ -175,13 +175,11 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     rows = read_rows(source, "rc.nocontext", "validation")[:limit]
     check_fields(rows, {"question": str, "answer": dict}, source)
     out = []
-    for where, r in rows:
+    for where, r in rows:  # aliases as a string would be an alias per character
         aliases, value = r["answer"].get("aliases") or [], r["answer"].get("value") or ""
-        require(isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value]), f"{source}: "
-                f"{where} has answer aliases that are not a list of strings — the file must use the hub schema")
-        aliases = aliases + [value] if value else aliases  # (a string would have become an alias per character)
-        require(aliases, f"{source}: {where} has no answer aliases — the file must use the hub schema")
-        out.append((r["question"], aliases))
+        require(isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value]) and (aliases or value),
+                f"{source}: {where} has no answer aliases as a list of strings — the file must use the hub schema")
+        out.append((r["question"], aliases + [value] if value else aliases))
     return out
 
 def load_background(source="OpenAssistant/oasst1", limit=None):
@@ -209,8 +207,7 @@ def progress(iterable, desc):
 def pad_batch(seqs, pad_id, left=False, device="cpu"):
     """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    ids, mask = torch.full((len(seqs), T), pad_id, dtype=torch.long), torch.zeros((len(seqs), T), dtype=torch.long)
     for i, s in enumerate(seqs):
         sl = slice(T - len(s), T) if left else slice(0, len(s))
         ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
@@ -364,10 +361,9 @@ def write_atomic(path, text):
             os.remove(f"{path}.tmp{os.getpid()}")
 
 def check_outputs(writes, reads, overwrite=False):
-    """Rule 1, for every path a command writes (flag, path, is_folder), before any model or data loads: a folder
-    is not a file nor a file a folder, its place is writable, and it neither is, holds nor lies inside the
-    current folder, what the run reads (model, parents, data) or else writes. An existing checkpoint folder is
-    replaced only with `overwrite`, and only if it holds nothing but the files it lists in its config.json."""
+    """Rule 1, for each (flag, path, is_folder) a command writes, before anything loads: the right kind, a writable
+    place, and neither is, holds nor lies in the current folder, what the run reads (model, parents, data) or
+    else writes. A checkpoint is replaced only with `overwrite`, holding just the files its config.json lists."""
     for flag, path, is_folder in writes:
         real, cwd = os.path.realpath(path), os.getcwd()
         for other, what in [(os.path.realpath(p), "this run reads") for p in reads] + [(cwd, "is the current folder")] \
@@ -393,10 +389,9 @@ def check_outputs(writes, reads, overwrite=False):
 
 @contextlib.contextmanager
 def replacing(out, overwrite=False):
-    """Yields an empty staging folder, this run's own, to build a checkpoint and its log in; if the block ends
-    without error it becomes `out`. Without `overwrite` that is one rename, which fails if another run wrote
-    `out` meanwhile (this run's checkpoint is then kept, and named). With it the old checkpoint is renamed aside
-    first, and back if the second rename fails or is interrupted (Ctrl-C is an exception the rollback sees)."""
+    """Yields a staging folder, this run's own, that becomes `out` if the block ends without error: one rename,
+    which fails if another run wrote `out` meanwhile (this checkpoint is then kept and named); with `overwrite`
+    the old one is renamed aside first, and back if that fails or is interrupted (Ctrl-C is an exception)."""
     place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system, so that a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
@@ -465,9 +460,8 @@ def model_memory(path):
     return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
 
 def fingerprint(path):
-    """sha256 of a local model's weight files (None for a hub id), naming a damaged (say, truncated) one, which
-    transformers and safetensors would not. A child checkpoint records its parent's, so loading it onto
-    weights that changed since is an error rather than a silent mix."""
+    """sha256 of a local model's weight files (None for a hub id), naming a damaged one. A child checkpoint records
+    its parent's, so loading it onto weights that changed since is an error rather than a silent mix."""
     if not (is_local(path) and os.path.isdir(path)):
         return None
     from safetensors import safe_open
@@ -506,9 +500,8 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     meta = checkpoint_meta(path)
     if meta is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        require(not is_local(path) or any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.json",
-                "tokenizer.model", "vocab.json")), f"{path} has no tokenizer (no tokenizer.json, tokenizer.model or "
-                "vocab.json) — save the model's tokenizer into it with tokenizer.save_pretrained")
+        require(not is_local(path) or glob.glob(os.path.join(path, "tokenizer*")) or glob.glob(os.path.join(path,
+                "vocab.*")), f"{path} has no tokenizer — save the model's tokenizer into it (tokenizer.save_pretrained)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -634,9 +627,8 @@ def get_lr(step, total, peak, warmup):
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 class RowSparseAdamW:
-    """AdamW (or SGD) that updates only the given rows of 2-D parameters. The moments and step count of a row
-    change only when it is selected, so rows chosen earlier never drift (masking the gradient of a dense
-    AdamW would keep moving them through their stale moments)."""
+    """AdamW (or SGD) updating only the given rows of 2-D parameters, their moments and step counts too: rows chosen
+    earlier never drift (masking the gradient of a dense AdamW would move them through their stale moments)."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
         self.params, self.betas, self.eps, self.wd, self.sgd = list(params), betas, eps, weight_decay, sgd
@@ -757,9 +749,9 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     return history
 
 def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
-    """Adds what the method trains and freezes the rest: retrofit = every memory tensor; smf = the value
-    tables (+ alpha with train_scale); lora = A and B; full = everything. On a GPU the frozen weights are
-    kept in bf16 (they only ever run under bf16 autocast) and the trainable ones in fp32."""
+    """Adds what the method trains and freezes the rest: retrofit = every memory tensor; smf = the value tables
+    (+ alpha with train_scale); lora = A and B; full = all. On a GPU frozen weights are bf16 (they only run
+    under bf16 autocast), trainable ones fp32."""
     if method == "retrofit":
         add_memory(model, mem_cfg)
     blocks = memory_blocks(model)
@@ -784,9 +776,8 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
 
 def tail_logprobs(model, seqs, n_scored, pad_id):
-    """[(n,) log-probabilities of the last n tokens of each sequence given all tokens before them], from one
-    forward pass: left padding, positions counted from each sequence's first real token (so a row scores as
-    it would alone), and logits kept only where a scored token is predicted."""
+    """[(n,) log-probabilities of the last n tokens of each sequence] from one forward: left padding, positions
+    from each sequence's first real token (a row scores as it would alone), logits only where a scored token is."""
     ids, mask = pad_batch(seqs, pad_id, left=True, device=next(model.parameters()).device)
     k = max(n_scored)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
@@ -850,10 +841,9 @@ def alias_contained(prediction, aliases):
     return any(a and a in pred for a in map(normalize_answer, aliases))
 
 def exact_match(prediction, aliases):
-    """The stricter metric: the answer equals an alias. The answer is the generation's first non-empty line, or
-    a start of it that ends where a sentence or clause does (`Paris. It is...`, `Beatles.`): at a period, comma,
-    colon, semicolon, ! or ? that is followed by a space or the end, so `St. Louis`, `3.14`, `Washington, D.C.`
-    stay whole. Thousands separators are dropped first (`1,000` equals `1000`)."""
+    """The answer equals an alias: the first non-empty line, or a start of it ending where a sentence or clause does
+    (`Paris. It is...`), at . , : ; ! ? before a space or the end, so `St. Louis`, `3.14`, `Washington, D.C.` stay
+    whole. Thousands separators are dropped (`1,000` equals `1000`)."""
     norm = lambda s: normalize_answer(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s))
     line = next((line.strip() for line in prediction.split("\n") if line.strip()), "")
     answers = {norm(line[:m.start()]) for m in re.finditer(r"[.,;:!?](?=\s|$)", line)} | {norm(line)}
@@ -861,11 +851,10 @@ def exact_match(prediction, aliases):
 
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_penalty=1.0):
-    """Greedy continuations of a batch of prompts, as `generate(do_sample=False)` makes them one at a time:
-    left padding, positions counted from each prompt's first real token, and HF's repetition penalty (a logit of
-    a token already in the prompt or the generation is divided by it when positive, multiplied when negative)
-    over real tokens only, so pads never count and batching changes nothing. No KV cache: each step reruns the
-    short sequences, which on a GPU costs about the same kernel launches, and works with every transformers."""
+    """Greedy continuations, as `generate(do_sample=False)` makes them one at a time: left padding, positions from
+    each prompt's first real token, and HF's repetition penalty (the logit of a token already in the row is divided
+    by it if positive, multiplied if negative) over real tokens only, so batching changes nothing. No KV cache:
+    rerunning the short rows costs a GPU about the same launches, and works with every transformers version."""
     device = next(model.parameters()).device
     ids, mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, left=True,
                           device=device)
@@ -887,10 +876,9 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_pen
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
 
 def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repetition_penalty=None):
-    """Alias-containment accuracy (the paper's) and exact match, both from one greedy generation per question.
-    The paper's code calls generate(do_sample=False), which applies the repetition penalty of the model's own
-    generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless `repetition_penalty` is given.
-    Questions are batched by prompt length to waste little padding; answers do not depend on the batching."""
+    """Alias containment (the paper's) and exact match of one greedy generation per question, batched by prompt
+    length. The paper's generate(do_sample=False) applies the repetition penalty of the model's own
+    generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless `repetition_penalty` is given."""
     penalty = repetition_penalty or getattr(getattr(model, "generation_config", None), "repetition_penalty", 0) or 1.0
     prompts = [f"Question: {q}\nAnswer:" for q, _ in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
@@ -932,11 +920,6 @@ def option_rules(args, has_memory=False, has_stats=False):
     rules["medmcqa"] = (method != "retrofit", "--method smf, lora or full (a retrofit trains on --background)")
     return rules
 
-def recorded(cfg, args, has_memory=False, has_stats=False):
-    """The recipe config.json records: the TrainConfig fields that apply to the run."""
-    rules = option_rules(args, has_memory, has_stats)
-    return {k: v for k, v in vars(cfg).items() if rules.get(k, (True,))[0]}
-
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
     loaders = {"medmcqa": lambda: load_medmcqa(args.eval_medmcqa, "validation", args.limit),
@@ -950,19 +933,40 @@ def load_probes(args, names=PROBES):
             raise UserError(f"--{'eval-medmcqa' if name == 'medmcqa' else name}: {e}") from e
     return data
 
-def train_checkpoint(out, parent, cfg, mem_cfg, record, texts, background, overwrite=False, device="cpu"):
-    """Trains cfg.method on top of `parent` into the checkpoint folder `out` (built with its log in a staging
-    folder, swapped in whole); config.json records `record` as the recipe. Returns the trained model."""
+def run_train(args, device):
+    """`train`: checks every source first, trains in a staging folder that becomes --out (with its log), prints a
+    summary, and evaluates the checkpoint with --eval-out. SMF from a model without memory first retrofits it
+    into <out>_retrofit, with the retrofit recipe and the settings both stages share."""
     import transformers
     from safetensors.torch import load_file
-    method, t0, local = cfg.method, time.time(), is_local(parent)
+    cfg, t0 = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}), time.time()
+    mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
+    method, has_memory, has_stats = cfg.method, bool(model_memory(args.model)), os.path.isfile(os.path.join(args.model, STATS))
+    parent = args.out.rstrip("/") + "_retrofit" if method == "smf" and not has_memory else args.model
+    rules = option_rules(args, has_memory, has_stats)
+    texts = None if method == "retrofit" else \
+        [medmcqa_text(r) for r in load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
+    background = load_background(cfg.background) if rules["background"][0] else None
+    probes = load_probes(args) if args.eval_out else None
+    if parent != args.model:  # the one-liner
+        shared = {f.name: getattr(args, f.name) if f.name in RETROFIT_SHARES else f.default for f in
+                  dataclasses.fields(TrainConfig)} | {"method": "retrofit"}
+        retrofit = TrainConfig(**shared)
+        steps = math.ceil(retrofit.epochs * math.ceil(len(background) / (retrofit.micro_batch * retrofit.grad_accum)))
+        print(f"{args.model} has no memory layers: retrofitting it first into {parent} with the retrofit recipe: "
+              f"{len(background):,} background texts x {retrofit.epochs:g} epochs = {steps:,} steps (shorter: train "
+              "--method retrofit --max-steps N --out R, then SMF from R)")
+        run_train(argparse.Namespace(**{**vars(args), **shared, "out": parent, "eval_out": None, "overwrite": False}),
+                  device)
     stats_file = os.path.join(parent, STATS) if method == "smf" and os.path.isfile(os.path.join(parent, STATS)) else None
-    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed, "train": record,
-            "parent": os.path.relpath(parent, out) if local else parent, "parent_abs": os.path.abspath(parent) if local
-            else parent, "parent_sha256": fingerprint(parent), "versions": {"torch": torch.__version__,
+    local = is_local(parent)
+    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
+            "train": {k: v for k, v in vars(cfg).items() if rules.get(k, (True,))[0]},  # what applies (rule 2)
+            "parent": os.path.relpath(parent, args.out) if local else parent, "parent_abs": os.path.abspath(parent)
+            if local else parent, "parent_sha256": fingerprint(parent), "versions": {"torch": torch.__version__,
             "transformers": transformers.__version__}, **({"memory": vars(mem_cfg)} if method == "retrofit" else {}),
             **({"background_stats": os.path.abspath(stats_file)} if stats_file else {})}
-    with replacing(out, overwrite) as staged:
+    with replacing(args.out, args.overwrite) as staged:
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_model(parent, device)
         prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
@@ -974,41 +978,18 @@ def train_checkpoint(out, parent, cfg, mem_cfg, record, texts, background, overw
             stats = [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"])) for j in
                      range(len(memory_blocks(model)))] if saved else make_stats()
             before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
-        history = train(model, tokenizer, texts, cfg, stats if method == "smf" else None, device,
+        history = train(model, tokenizer, texts or background, cfg, stats if method == "smf" else None, device,
                         os.path.join(staged, "train_log.jsonl"))
         meta["train"]["total_steps"] = len(history)
         stats = make_stats() if method == "retrofit" else stats if method == "smf" else None  # SMF runs reuse them
         extra = {STATS: {"batches": torch.tensor(stats[0].batches)} | {f"{j}.{k}": getattr(s, k) for j, s in
                  enumerate(stats) for k in ("df", "reads")}} if stats else None
         save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained, extra)
-    size, last = sum(os.path.getsize(os.path.join(out, n)) for n in os.listdir(out)), history[-1]
+    size, last = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)), history[-1]
     print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out} ({size / 2 ** 20:.1f} MB, kind "
-          f"{meta['kind']}, log train_log.jsonl)" + "".join(f"\n   {k} per layer in the last step: {last[k]}" for k in
-          ("rows_updated", "alpha") if k in last) + f"\n   evaluate: python smf.py eval --model {out} --probe all")
-    return model
-
-def run_train(args, device):
-    """`train`: SMF from a model without memory first retrofits it into <out>_retrofit with the retrofit recipe;
-    then the run itself; then, with --eval-out, the new checkpoint's evaluation."""
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
-    has_memory, has_stats = bool(model_memory(args.model)), os.path.isfile(os.path.join(args.model, STATS))
-    parent = args.out.rstrip("/") + "_retrofit" if cfg.method == "smf" and not has_memory else args.model
-    texts = None if cfg.method == "retrofit" else \
-        [medmcqa_text(r) for r in load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
-    background = load_background(cfg.background) if option_rules(args, has_memory, has_stats)["background"][0] else None
-    probes = load_probes(args) if args.eval_out else None
-    if parent != args.model:  # the one-liner
-        retrofit = TrainConfig(method="retrofit", **{k: getattr(cfg, k) for k in RETROFIT_SHARES})
-        steps = math.ceil(retrofit.epochs * math.ceil(len(background) / (retrofit.micro_batch * retrofit.grad_accum)))
-        print(f"{args.model} has no memory layers: retrofitting it first into {parent} with the retrofit recipe: "
-              f"{len(background):,} background texts x {retrofit.epochs:g} epochs = {steps:,} steps. For a shorter "
-              "one, retrofit it yourself (train --method retrofit --max-steps N --out R) and train SMF from R.")
-        record = recorded(retrofit, argparse.Namespace(**{**vars(args), "method": "retrofit", "eval_out": None}))
-        train_checkpoint(parent, args.model, retrofit, mem_cfg, record, background, background, False, device)
-    model = train_checkpoint(args.out, parent, cfg, mem_cfg, recorded(cfg, args, has_memory, has_stats),
-                             texts or background, background, args.overwrite, device)
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} ({size / 2 ** 20:.1f} MB, "
+          f"kind {meta['kind']}, log train_log.jsonl)" + "".join(f"\n   {k} per layer in the last step: {last[k]}" for
+          k in ("rows_updated", "alpha") if k in last) + f"\n   evaluate: python smf.py eval --model {args.out} --probe all")
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
         run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "probe": "all"}),
                  device, probes)
@@ -1020,11 +1001,10 @@ def run_eval(args, device, probes=None):
     names = PROBES if args.probe == "all" else (args.probe,)
     probes = probes or load_probes(args, names)
     model, tokenizer = load_model(args.model, device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, args.medmcqa_mode == "letter",
-                                                     args.batch_size),
-                "wikitext": lambda text: eval_wikitext(model, tokenizer, text, batch_size=max(1, args.batch_size // 2)),
-                "triviaqa": lambda rows: eval_triviaqa(model, tokenizer, rows, 2 * args.batch_size,
-                                                       repetition_penalty=args.repetition_penalty)}
+    bs, letter, penalty = args.batch_size, args.medmcqa_mode == "letter", args.repetition_penalty
+    evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, letter, bs),
+                "wikitext": lambda text: eval_wikitext(model, tokenizer, text, batch_size=max(1, bs // 2)),
+                "triviaqa": lambda rows: eval_triviaqa(model, tokenizer, rows, 2 * bs, repetition_penalty=penalty)}
     results = {"model": args.model}
     try:
         for probe in names:
@@ -1051,18 +1031,9 @@ class IdsTokenizer:
     eos_token_id = pad_token_id = 0
     __call__ = staticmethod(lambda ids: {"input_ids": list(ids)})
 
-def timed(fn, device, repeats=3):
-    """Seconds per call of fn, after one warm-up call, quietly (no progress bars between bench's rows)."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        fn()
-        t0 = sync(device) or time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        return (sync(device) or time.perf_counter() - t0) / repeats
-
 def run_bench(args, device):
     """Training steps of every method on random tokens of a random-weight model (after two warm-up steps), and
-    one memory layer against the SwiGLU FFN beside it at the real width."""
+    one memory layer's fwd+bwd against the SwiGLU FFN's beside it, at the real width."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     cuda = str(device).startswith("cuda")
     B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
@@ -1070,10 +1041,8 @@ def run_bench(args, device):
     L = config.num_hidden_layers
     mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # layers 6, 12, 18 of 24
     examples = torch.randint(0, config.vocab_size, (B * (args.steps + 2), T), generator=torch.Generator().manual_seed(0))
-    background = [BackgroundStats(torch.randint(0, 50, (128 ** 2,)), torch.randint(0, 500, (128 ** 2,)), 2000)
-                  for _ in mem_cfg.layers]
-    print(f"bench: {args.shape} ({L} layers, hidden {config.hidden_size}) on "
-          f"{torch.cuda.get_device_name() if cuda else 'cpu'}; batch {B} x {T} tokens, {args.steps} timed steps")
+    background = [BackgroundStats(torch.randint(0, 50, (128 ** 2,)), torch.randint(0, 500, (128 ** 2,)), 2000)] * 3
+    print(f"bench: {args.shape} on {torch.cuda.get_device_name() if cuda else 'cpu'}, {B} x {T} tokens a step")
     tokens_per_s = {}
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
@@ -1084,28 +1053,25 @@ def run_bench(args, device):
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
         cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B), max_len=T,
                           max_steps=args.steps + 2, warmup=1)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
             history = train(model, IdsTokenizer(), examples.tolist(), cfg, background, device)[2:]
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
-        memory = f", peak {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GB" if cuda else ""
-        print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step{memory}")
-        del model
+        print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
     print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     ffn_in, ffn_out = nn.Linear(896, 2 * 4864, bias=False).to(device), nn.Linear(4864, 896, bias=False).to(device)
-    memory = ProductKeyMemory(896).to(device)
-    swiglu = lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:])
-
-    def fwd_bwd(f):
-        with autocast(device):
-            y = f(x)
-        y.float().sum().backward()
-    t_ffn, t_mem = timed(lambda: fwd_bwd(swiglu), device), timed(lambda: fwd_bwd(memory), device)
-    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): {t_mem / t_ffn:.2f} "
-          f"({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
+    seconds = {}
+    for name, layer in (("memory", ProductKeyMemory(896).to(device)),
+                        ("ffn", lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:]))):
+        for i in range(4):  # a warm-up, then three timed fwd+bwd
+            if i == 1:
+                t0 = sync(device) or time.perf_counter()
+            with autocast(device):
+                layer(x).float().sum().backward()
+        seconds[name] = (sync(device) or time.perf_counter() - t0) / 3
+    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): "
+          f"{seconds['memory'] / seconds['ffn']:.2f} ({1000 * seconds['memory']:.1f} ms vs {1000 * seconds['ffn']:.1f} ms)")
 
 TABLE_ROWS = [  # (row name, results folder)
     ("Base", "base"), ("Retrofit (additive)", "retrofit_additive"), ("Retrofit (replacement)", "retrofit_replacement"),
@@ -1120,9 +1086,8 @@ TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question va
     ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100)]
 
 def paired_delta(runs, base, key, scale):
-    """(Δ, half-width of its 95% interval) of a row against Base, paired over the questions: per question, the
-    row's mean over its seeds minus Base's; then the mean and 1.96 standard errors of those differences.
-    None unless every run scored the same number of questions (at least two)."""
+    """(Δ, half-width of its 95% interval) against Base, paired over questions: per question the row's mean over
+    seeds minus Base's, then the mean and 1.96 standard errors. None unless all runs scored the same questions."""
     if len({len(r[key]) for r in runs + base}) != 1 or len(runs[0][key]) < 2:
         return None
     per_question = lambda rs: [statistics.mean(q) for q in zip(*(r[key] for r in rs))]
@@ -1240,9 +1205,8 @@ RANGES = [  # (flags, test, what a good value is)
 PATH_OPTIONS = ("model", "out", "eval_out", "results_dir") + DATA_OPTIONS
 
 def check_args(args):
-    """Every mistake in the options, caught before any model or data loads: a value out of range, the device, an
-    option that does not apply to this run (rule 2), a path the command must not write (rule 1). Fills in the
-    defaults of the options not given."""
+    """Every mistake in the options, before any model or data loads: a value out of range, the device, an option
+    that does not apply to this run (rule 2), a path it must not write (rule 1). Fills in the defaults."""
     for names, ok, need in RANGES:
         for name in names.split():
             value = getattr(args, name, None)
@@ -1275,8 +1239,7 @@ def check_args(args):
         require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
                 f"{args.memory_n_keys} — lower it")
         require(not args.forward_batch or args.forward_batch % args.micro_batch == 0, f"--forward-batch "
-                f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — a forward pass holds "
-                "whole micro-batches")
+                f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — make it one")
         args.out = args.out or os.path.join("runs", args.method)
         writes = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
         if args.method == "smf" and not memory:  # the one-liner's retrofit

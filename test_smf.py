@@ -618,9 +618,9 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     (tmp_path / "wrapped.json").write_text(json.dumps({"data": [good]}))
     assert smf.load_medmcqa(str(tmp_path / "wrapped.json")) == [good]
     no_alias = [{"question": "q?", "answer": {"aliases": [], "value": ""}}]
-    assert "no answer aliases" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
+    assert "line 1 has no answer aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
     one_string = [{"question": "q?", "answer": {"aliases": "Paris", "value": "Paris"}}]  # not per-character aliases
-    assert "not a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
+    assert "no answer aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
     assert "'text'" in probe("wikitext", write_jsonl(tmp_path / "wiki.jsonl", [{"body": "x"}]))
     assert "field 'text' is of type list, not str" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
     assert "'text'" in error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"),
