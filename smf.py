@@ -6,7 +6,7 @@ LoRA and full finetuning on three probes: MedMCQA accuracy (learning), WikiText 
 accuracy (forgetting), with the paper's numbers as defaults; every section below lifts out with its imports.
 Start with `python smf.py train --method smf --selector kl` and `python smf.py eval --probe all`; see --help.
 """
-import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, json, math, os, random, re
+import argparse, contextlib, dataclasses, functools, glob, inspect, io, json, math, os, random, re
 import shutil, statistics, sys, tempfile, time
 from dataclasses import dataclass
 
@@ -83,12 +83,12 @@ def require(ok, message):
         raise UserError(message)
 
 # -----------------------------------------------------------------------------------------------------------
-# Data: every source is a hub id by default or a local .jsonl/.json/.txt file in the hub's schema
+# Data: every source is a hub id by default or a local .jsonl (or .txt) file in the hub's schema
 
 def is_local(path):
     """A path on this machine (it exists, or is spelled like one) rather than a hub id."""
     return (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
-            or path.endswith((".jsonl", ".json", ".txt")))
+            or path.endswith((".jsonl", ".txt")))
 
 def read_rows(source, hub_config=None, split="train"):
     """(where, row) pairs, `where` placing a row for error messages: its line in a file (1-based, every line
@@ -101,18 +101,12 @@ def read_rows(source, hub_config=None, split="train"):
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, or pass "
                             "a local file in the same schema") from e
     path, kind, where = os.path.expanduser(source), source.rsplit(".", 1)[-1], "its start"
-    require(os.path.isfile(path) and kind in ("jsonl", "json", "txt"), f"data file {source} " + ("is a folder" if
+    require(os.path.isfile(path) and kind in ("jsonl", "txt"), f"data file {source} " + ("is a folder" if
             os.path.isdir(path) else "has an unknown format" if os.path.isfile(path) else "does not exist") +
-            " — check the path; give a .jsonl, .json or .txt file")
+            " — check the path; give a .jsonl (what datasets' to_json writes) or .txt file")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
-        if kind == "json":
-            data = json.loads("\n".join(lines))
-            data = data.get("data") if isinstance(data, dict) else data
-            require(isinstance(data, list), f"data file {source} holds no list of rows — write a JSON list of "
-                    'objects, or {"data": [...]}')
-            return [(f"row {i}", r) for i, r in enumerate(data, 1)]
         rows = []
         for i, line in enumerate(lines, 1):
             where = f"line {i}"
@@ -293,10 +287,10 @@ def add_memory(model, cfg: MemoryConfig):
     require(cfg.mode in ("additive", "replacement"), f"memory mode {cfg.mode} is unknown — use additive/replacement")
     require(len(set(cfg.layers)) == len(cfg.layers), f"memory layers {list(cfg.layers)} name a layer twice — give "
             "each layer once")
-    for i in cfg.layers:
-        require(0 <= i < len(layers), f"memory layer {i} is out of range — the model has layers 0..{len(layers) - 1}")
-        require(not memory_blocks(layers[i]), f"layer {i} already has memory — start from the base model, or train "
-                "this checkpoint's memory with --method smf")
+    require(all(0 <= i < len(layers) for i in cfg.layers), f"memory layers {list(cfg.layers)} are out of range — the "
+            f"model has layers 0..{len(layers) - 1}")
+    require(not memory_blocks(model), "the model already has memory — start from the base model, or train its memory "
+            "with --method smf")
     device = next(model.parameters()).device
     for i in cfg.layers:
         memory = ProductKeyMemory(model.config.hidden_size, cfg.n_keys, cfg.heads, cfg.key_dim, cfg.topk)
@@ -459,24 +453,16 @@ def model_memory(path):
     metas = [checkpoint_meta(p) for p in checkpoint_chain(path)]
     return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
 
-def fingerprint(path):
-    """sha256 of a local model's weight files (None for a hub id), naming a damaged one. A child checkpoint records
-    its parent's, so loading it onto weights that changed since is an error rather than a silent mix."""
-    if not (is_local(path) and os.path.isdir(path)):
-        return None
+def check_weight_files(folder):
+    """Names a damaged (say, truncated) weight file, which transformers and safetensors would not."""
     from safetensors import safe_open
-    digest = hashlib.sha256()
-    for file in sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))):
+    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
         try:
-            with safe_open(file, "pt") if file.endswith(".safetensors") else contextlib.nullcontext():
+            with safe_open(file, "pt"):
                 pass
         except Exception as e:
             raise UserError(f"{file} is damaged ({' '.join(str(e).split())}) — restore it, or train or download "
-                            f"{path} again") from e
-        if not file.endswith(STATS):
-            with open(file, "rb") as f:
-                digest.update(hashlib.file_digest(f, "sha256").digest())
-    return digest.hexdigest()
+                            f"{folder} again") from e
 
 def smf_patch(before, trained):
     """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed since
@@ -496,7 +482,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging Face model nor an smf "
                 "checkpoint (no config.json) — point --model at the folder holding config.json" if os.path.isdir(path)
                 else f"model path {path} does not exist — check the path or give a hub id")
-        fingerprint(path)  # names a damaged weight file
+        check_weight_files(path)
     meta = checkpoint_meta(path)
     if meta is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -513,8 +499,8 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     parent = parent_of(path, meta)
     require(not is_local(parent) or os.path.isfile(os.path.join(parent, "config.json")), f"the parent "
             f"{meta['parent']} of {path} is missing — restore it, or train {path} again")
-    require(meta.get("parent_sha256") in (None, fingerprint(parent)), f"the parent {meta['parent']} of {path} has "
-            f"changed since it was trained — restore that parent, or train {path} again")
+    require(meta.get("parent_id") == (checkpoint_meta(parent) or {}).get("id"), f"the parent {meta['parent']} of "
+            f"{path} has been trained again since — restore that parent, or train {path} again")
     model, tokenizer = load_model(parent, device, dtype)
     from safetensors.torch import load_file
     weights = os.path.join(path, "weights.safetensors")
@@ -669,7 +655,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     smf, sgd = cfg.method == "smf", cfg.optimizer == "sgd"
     blocks = memory_blocks(model) if smf else []
     values = [b.memory.values for b in blocks]
-    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # logged each step
+    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # logged: the reach scales with alpha
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
     dense_opt = (torch.optim.SGD(dense, lr=cfg.lr, weight_decay=cfg.weight_decay) if sgd else torch.optim.AdamW(
         dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
@@ -680,13 +666,12 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     examples = [e for e in (tokenizer(t)["input_ids"][: cfg.max_len] for t in texts[: cfg.limit_train]) if len(e) > 1]
     require(examples, "no training text has two tokens or more — check the training data")
     rng, seqs_per_step = random.Random(cfg.seed), cfg.micro_batch * cfg.grad_accum
-    total = math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step))
-    total = min(total, cfg.max_steps or total)
+    total = min(math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step)), cfg.max_steps or math.inf)
     if cfg.warmup >= total:
         print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {cfg.lr:g} and "
               "this run learns little — lower --warmup or train longer", file=sys.stderr)
     score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
-    queue, history, log = [], [], open(log_path, "w", buffering=1) if log_path else None  # line-buffered
+    queue, history, log = [], [], open(log_path or os.devnull, "w", buffering=1)  # line-buffered
     model.train()
     bar = progress(range(total), f"train {cfg.method}")
     for step in bar:
@@ -723,8 +708,7 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + union_grads, cfg.clip)
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
         if dense_opt:
-            for param_group in dense_opt.param_groups:
-                param_group["lr"] = lr
+            dense_opt.param_groups[0]["lr"] = lr
             dense_opt.step()
         sparse_opt.step(union, union_grads, lr)
         for p in dense:
@@ -732,19 +716,17 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
         step_time = sync(device) or time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
                   "tokens": n_tokens, "tokens_per_s": n_tokens / step_time}
-        record |= {"alpha": [round(a.item(), 6) for a in alphas]} if alphas else {}  # its reach scales with alpha
-        record |= {"rows_updated": [len(u) for u in union]} if smf else {}
-        if log:  # JSON has no NaN: a non-finite number is written as null
-            log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None
-                                  for k, v in record.items()}) + "\n")
+        record |= ({"alpha": [round(a.item(), 6) for a in alphas]} if alphas else {}) | (
+            {"rows_updated": [len(u) for u in union]} if smf else {})
+        log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None  # JSON has no NaN
+                              for k, v in record.items()}) + "\n")
         history.append(record | ({"selected": [u.cpu() for u in union]} if record_selected else {}))
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         if bar.disable and (step + 1) % max(1, total // 10) == 0:  # no bar (a log file): a line every 10%
             print(f"train {cfg.method}: step {step + 1}/{total}, loss {loss_sum:.4f}", file=sys.stderr, flush=True)
     for b in blocks:
         b.memory.read_hook = None
-    if log:
-        log.close()
+    log.close()
     model.eval()
     return history
 
@@ -961,9 +943,10 @@ def run_train(args, device):
     stats_file = os.path.join(parent, STATS) if method == "smf" and os.path.isfile(os.path.join(parent, STATS)) else None
     local = is_local(parent)
     meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
+            "id": os.urandom(8).hex(), "parent_id": (checkpoint_meta(parent) or {}).get("id"),  # a retrained parent
             "train": {k: v for k, v in vars(cfg).items() if rules.get(k, (True,))[0]},  # what applies (rule 2)
             "parent": os.path.relpath(parent, args.out) if local else parent, "parent_abs": os.path.abspath(parent)
-            if local else parent, "parent_sha256": fingerprint(parent), "versions": {"torch": torch.__version__,
+            if local else parent, "versions": {"torch": torch.__version__,
             "transformers": transformers.__version__}, **({"memory": vars(mem_cfg)} if method == "retrofit" else {}),
             **({"background_stats": os.path.abspath(stats_file)} if stats_file else {})}
     with replacing(args.out, args.overwrite) as staged:
@@ -1217,10 +1200,8 @@ def check_args(args):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
     if args.command != "table":
         n_gpus = torch.cuda.device_count()
-        require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device), f"--device {args.device} is not a device this runs on "
-                "— use cpu, cuda or cuda:N")
-        require(args.device == "cpu" or int(args.device[5:] or 0) < n_gpus, f"--device {args.device}: this torch "
-                f"sees {n_gpus} CUDA GPU(s) — use --device cpu, or a CUDA build of torch on a machine with a GPU")
+        require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device) and (args.device == "cpu" or int(args.device[5:] or 0) <
+                n_gpus), f"--device {args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
     memory = model_memory(args.model) if args.command == "train" else None
     if args.command in ("train", "eval"):
         args.method = getattr(args, "method", None) or "smf"

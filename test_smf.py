@@ -280,9 +280,6 @@ def test_medmcqa_prompt_and_filters(tiny):
 
 
 def test_local_formats_read_the_same(tiny, tmp_path):
-    rows = [json.loads(line) for line in open(tiny["medmcqa"])]
-    json.dump(rows, open(tmp_path / "m.json", "w"))
-    assert smf.load_medmcqa(str(tmp_path / "m.json")) == smf.load_medmcqa(tiny["medmcqa"])
     wiki = [json.loads(line)["text"] for line in open(tiny["wikitext"])]
     (tmp_path / "w.txt").write_text("\r\n\r\n".join(wiki))          # the HF rows joined by a blank line, CRLF
     assert smf.load_wikitext(str(tmp_path / "w.txt")) == smf.load_wikitext(tiny["wikitext"])
@@ -572,8 +569,8 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--max-len", "1"], "--max-len 1 is out of range — give a value >= 2"),
     (["--memory-key-dim", "15"], "--memory-key-dim 15 is out of range — give a value even"),
     (["--memory-topk", "9", "--memory-n-keys", "8"], "--memory-topk 9 exceeds --memory-n-keys 8"),
-    (["--device", "cuda"], "this torch sees 0 CUDA GPU(s) — use --device cpu"),
-    (["--device", "banana"], "--device banana is not a device"),
+    (["--device", "cuda"], "--device cuda: this torch sees 0 CUDA GPU(s) — use cpu, cuda or cuda:N"),
+    (["--device", "banana"], "--device banana: this torch sees 0 CUDA GPU(s) — use cpu"),
 ])
 def test_bad_train_flags(flags, message, capsys):
     assert message in error_of(capsys, "train", *flags)
@@ -613,10 +610,8 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     assert "no examples left" in probe("medmcqa", write_jsonl(tmp_path / "multi.jsonl", [{**good, "choice_type": "multi"}]))
     (tmp_path / "broken.jsonl").write_text(json.dumps(good) + '\n{"question": "x", "opa"')
     assert "could not be read at line 2" in probe("medmcqa", tmp_path / "broken.jsonl")
-    (tmp_path / "obj.json").write_text('{"rows": 3}')
-    assert "holds no list of rows" in probe("medmcqa", tmp_path / "obj.json")
-    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [good]}))
-    assert smf.load_medmcqa(str(tmp_path / "wrapped.json")) == [good]
+    (tmp_path / "list.json").write_text(json.dumps([good]))
+    assert "unknown format" in probe("medmcqa", tmp_path / "list.json")
     no_alias = [{"question": "q?", "answer": {"aliases": [], "value": ""}}]
     assert "line 1 has no answer aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
     one_string = [{"question": "q?", "answer": {"aliases": "Paris", "value": "Paris"}}]  # not per-character aliases
@@ -1048,12 +1043,12 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert open(stats, "rb").read() == open(tmp_path / "s" / "background_stats.safetensors", "rb").read()
     assert retrofit["train"]["background"] == tiny["background"] and "medmcqa" not in retrofit["train"]
     assert set(lora["versions"]) == {"torch", "transformers"} and "background" not in lora["train"]
-    assert smf_meta["parent_sha256"] == smf.fingerprint(str(tmp_path / "r"))
+    assert smf_meta["parent_id"] == smf.checkpoint_meta(str(tmp_path / "r"))["id"] and smf_meta["id"] != smf_meta["parent_id"]
     smf.load_model(str(tmp_path / "s"))
     run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--overwrite",
                     "--seed", "9"))
     err = error_of(capsys, "eval", "--model", tmp_path / "s", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    assert "has changed since it was trained" in err
+    assert "has been trained again since" in err
 
 
 def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(tiny, tmp_path, capsys, monkeypatch):
