@@ -467,13 +467,10 @@ def check_weight_files(folder):
 def smf_patch(before, trained):
     """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed since
     `before` (as `<name>.index` and `<name>.rows`), anything else (alpha, with --train-scale) whole."""
-    patch = {}
-    for name, t in trained.items():
-        if name in before:
-            patch[f"{name}.index"] = index = (before[name] != t).any(dim=1).nonzero()[:, 0]
-            patch[f"{name}.rows"] = t[index]
-        else:
-            patch[name] = t
+    patch = {name: t for name, t in trained.items() if name not in before}
+    for name in before:
+        index = (before[name] != trained[name]).any(dim=1).nonzero()[:, 0]   # exact: a change of 1e-9 counts
+        patch |= {f"{name}.index": index, f"{name}.rows": trained[name][index]}
     return patch
 
 def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
@@ -662,8 +659,9 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=sgd)
     background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
 
-    # The texts as they are, cut at max_len; no EOS (see medmcqa_text). A text of one token has no target.
-    examples = [e for e in (tokenizer(t)["input_ids"][: cfg.max_len] for t in texts[: cfg.limit_train]) if len(e) > 1]
+    # The texts as they are (or token ids), cut at max_len; no EOS (see medmcqa_text). One token has no target.
+    examples = [e for e in ((t if isinstance(t, list) else tokenizer(t)["input_ids"])[: cfg.max_len]
+                            for t in texts[: cfg.limit_train]) if len(e) > 1]
     require(examples, "no training text has two tokens or more — check the training data")
     rng, seqs_per_step = random.Random(cfg.seed), cfg.micro_batch * cfg.grad_accum
     total = min(math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step)), cfg.max_steps or math.inf)
@@ -1009,11 +1007,6 @@ SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
 
-class IdsTokenizer:
-    """Stands in for a tokenizer when `bench` trains on made-up token ids (given as the `texts`)."""
-    eos_token_id = pad_token_id = 0
-    __call__ = staticmethod(lambda ids: {"input_ids": list(ids)})
-
 def run_bench(args, device):
     """Training steps of every method on random tokens of a random-weight model (after two warm-up steps), and
     one memory layer's fwd+bwd against the SwiGLU FFN's beside it, at the real width."""
@@ -1037,7 +1030,7 @@ def run_bench(args, device):
         cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B), max_len=T,
                           max_steps=args.steps + 2, warmup=1)
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            history = train(model, IdsTokenizer(), examples.tolist(), cfg, background, device)[2:]
+            history = train(model, argparse.Namespace(pad_token_id=0), examples.tolist(), cfg, background, device)[2:]
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
         print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
@@ -1080,26 +1073,24 @@ def paired_delta(runs, base, key, scale):
 def run_table(args, device=None):
     """RESULTS_DIR/table.md: each row's mean ± sample std over its seeds (n counted per column; an evaluation
     marked unfinished is reported, never averaged in) and its change against Base."""
-    found = {folder: [(f, read_json(f, "rerun that stage's evaluation")) for f in sorted(glob.glob(
-        os.path.join(args.results_dir, folder, "seed*", "eval.json")))] for _, folder in TABLE_ROWS}
+    found = {folder: [read_json(f, "rerun that stage's evaluation") for f in sorted(glob.glob(os.path.join(
+        args.results_dir, folder, "seed*", "eval.json")))] for _, folder in TABLE_ROWS}
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
             "point at its OUT folder")
-    done = {folder: [r for _, r in runs if "unfinished" not in r] for folder, runs in found.items()}
-    lines = ["| row | " + " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS) + " |",
-             "|---" * (1 + 2 * len(TABLE_COLUMNS)) + "|"]
+    lines = ["| row | " + " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS) + " |", "|---" * 11 + "|"]
     for name, folder in TABLE_ROWS:
-        cells = []
+        cells, done = [], [r for r in found[folder] if "unfinished" not in r]
         for _, probe, key, per_question, scale in TABLE_COLUMNS:
-            runs, base = [r[probe] for r in done[folder] if probe in r], [r[probe] for r in done["base"] if probe in r]
+            runs, base = ([r[probe] for r in found[f] if probe in r and "unfinished" not in r] for f in (folder, "base"))
             xs = [scale * r[key] for r in runs]
-            cells.append("missing" if not xs else f"{statistics.mean(xs):.2f}" +
-                         (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "") + f" (n={len(xs)})")
+            cells.append(f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "") +
+                         f" (n={len(xs)})" if xs else "missing")
             paired = paired_delta(runs, base, per_question, scale) if per_question and runs and base else None
             delta = statistics.mean(xs) - scale * statistics.mean(r[key] for r in base) if runs and base else None
-            cells.append("" if delta is None or folder == "base" else f"{paired[0]:+.2f} [{paired[0] - paired[1]:+.2f}, "
-                         f"{paired[0] + paired[1]:+.2f}]" if paired else f"{delta:+.2f}")
-        unfinished = [f for f, r in found[folder] if "unfinished" in r]
-        lines.append(f"| {name}{f' ({len(unfinished)} unfinished)' if unfinished else ''} | " + " | ".join(cells) + " |")
+            cells.append("" if delta is None or folder == "base" else f"{delta:+.2f}" if not paired else
+                         f"{paired[0]:+.2f} [{paired[0] - paired[1]:+.2f}, {paired[0] + paired[1]:+.2f}]")
+        unfinished = len(found[folder]) - len(done)
+        lines.append(f"| {name}{f' ({unfinished} unfinished)' if unfinished else ''} | " + " | ".join(cells) + " |")
     write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -1116,14 +1107,7 @@ class Parser(argparse.ArgumentParser):
 
 def config_comments(cls):
     """{field: the comment beside it in the source}: a config class is the one place a setting is explained."""
-    comments, name = {}, None
-    for line in inspect.getsource(cls).splitlines()[1:]:
-        match = re.match(r"\s+(\w+): [^#]*# (.*)", line)
-        if match:
-            name, comments[match[1]] = match[1], match[2]
-        elif line.strip().startswith("#") and name:
-            comments[name] += " " + line.strip("# ")
-    return comments
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", inspect.getsource(cls), re.M))
 
 CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf"),
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
