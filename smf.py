@@ -271,8 +271,7 @@ class MemoryBlock(nn.Module):
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
-        self.mlp = mlp if mode == "additive" else None  # replacement drops the FFN's weights
-        self.memory = memory
+        self.mlp, self.memory = mlp if mode == "additive" else None, memory  # replacement drops the FFN's weights
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init))) if mode == "additive" else None
 
     def forward(self, x):
@@ -285,6 +284,7 @@ def add_memory(model, cfg: MemoryConfig):
     require(layers is not None and all(hasattr(layer, "mlp") for layer in layers), f"{type(model).__name__} has no "
             "model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-style causal LM")
     require(cfg.mode in ("additive", "replacement"), f"memory mode {cfg.mode} is unknown — use additive/replacement")
+    require(cfg.topk <= cfg.n_keys, f"--memory-topk {cfg.topk} exceeds --memory-n-keys {cfg.n_keys} — lower it")
     require(len(set(cfg.layers)) == len(cfg.layers), f"memory layers {list(cfg.layers)} name a layer twice — give "
             "each layer once")
     require(all(0 <= i < len(layers) for i in cfg.layers), f"memory layers {list(cfg.layers)} are out of range — the "
@@ -720,8 +720,6 @@ def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cp
                               for k, v in record.items()}) + "\n")
         history.append(record | ({"selected": [u.cpu() for u in union]} if record_selected else {}))
         bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-        if bar.disable and (step + 1) % max(1, total // 10) == 0:  # no bar (a log file): a line every 10%
-            print(f"train {cfg.method}: step {step + 1}/{total}, loss {loss_sum:.4f}", file=sys.stderr, flush=True)
     for b in blocks:
         b.memory.read_hook = None
     log.close()
@@ -1130,16 +1128,16 @@ def build_parser():
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N "
                         "(default: cuda when there is a GPU)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    model = Parser(add_help=False)
+    model.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint; train starts from "
+                       f"a base model, a retrofit (smf) or an smf checkpoint (smf) (default: {DEFAULT_MODEL})")
 
-    e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes")
-    e.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id, HF folder or smf checkpoint (default: {DEFAULT_MODEL})")
+    e = sub.add_parser("eval", parents=[common, model], help="evaluate a model on the probes")
     e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"], help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
 
-    t = sub.add_parser("train", parents=[common], help="retrofit, smf, lora or full finetuning")
-    t.add_argument("--model", default=DEFAULT_MODEL, help="start from: a base model (hub id or folder), a retrofit "
-                   f"or an smf checkpoint (smf) (default: {DEFAULT_MODEL})")
+    t = sub.add_parser("train", parents=[common, model], help="retrofit, smf, lora or full finetuning")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
                    "is complete")
@@ -1201,8 +1199,6 @@ def check_args(args):
     if args.command == "train":
         require(not memory or args.method not in ("retrofit", "full"), f"{args.model} already has memory layers — "
                 f"{args.method} starts from a model without memory; train this one with --method smf")
-        require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
-                f"{args.memory_n_keys} — lower it")
         require(not args.forward_batch or args.forward_batch % args.micro_batch == 0, f"--forward-batch "
                 f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — make it one")
         args.out = args.out or os.path.join("runs", args.method)

@@ -532,6 +532,8 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
                                       "--memory-layers", "0", "7")
     assert "name a layer twice" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                             "--memory-layers", "1", "1")
+    assert "--memory-topk 9 exceeds --memory-n-keys 8" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
+                                                                   "--memory-topk", "9", "--memory-n-keys", "8")
     assert cfg["smf"]["kind"] == "memory"
     os.rename(tmp_path / "mem", tmp_path / "moved")                     # neither beside it nor where it was
     assert "the parent ../mem of" in ev(tmp_path / "smf") and "is missing" in ev(tmp_path / "smf")
@@ -568,7 +570,6 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--epochs", "nan"], "--epochs nan is out of range"),
     (["--max-len", "1"], "--max-len 1 is out of range — give a value >= 2"),
     (["--memory-key-dim", "15"], "--memory-key-dim 15 is out of range — give a value even"),
-    (["--memory-topk", "9", "--memory-n-keys", "8"], "--memory-topk 9 exceeds --memory-n-keys 8"),
     (["--device", "cuda"], "--device cuda: this torch sees 0 CUDA GPU(s) — use cpu, cuda or cuda:N"),
     (["--device", "banana"], "--device banana: this torch sees 0 CUDA GPU(s) — use cpu"),
 ])
@@ -709,7 +710,7 @@ def test_run_all_smoke(tiny, tmp_path):
         deltas = [c.strip() for c in line.split("|")[3:-1:2]]
         assert [("[" in d) for d in deltas] == [True, True, False, True, True], line
     log = open(out / "logs" / "lora_seed1.log").read()
-    assert "\r" not in log and "train lora: step 2/2" in log                   # lines a person can read
+    assert "\r" not in log and "== lora finished: 2 steps" in log              # lines a person can read, no bars
     for mode in ("replacement", "additive", "additive_scale"):
         for sel in ("kl", "tfidf"):
             meta = smf.checkpoint_meta(str(out / f"smf_{mode}_{sel}" / "seed1" / "model"))
