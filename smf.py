@@ -383,13 +383,13 @@ def check_outputs(writes, reads, overwrite=False):
 
 @contextlib.contextmanager
 def replacing(out, overwrite=False):
-    """Yields a staging folder, this run's own, that becomes `out` if the block ends without error: one rename,
-    which fails if another run wrote `out` meanwhile (this checkpoint is then kept and named); with `overwrite`
-    the old one is renamed aside first, and back if that fails or is interrupted (Ctrl-C is an exception)."""
+    """Yields a staging folder, this run's own, that becomes `out` if the block ends without error: one rename, which
+    fails if another run wrote `out` meanwhile; with `overwrite` the old checkpoint is renamed aside first, and back
+    if the second rename fails or is interrupted (Ctrl-C is an exception). Before the swap, `out` is untouched."""
     place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system, so that a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
-    old, keep = staged + ".old", False
+    old = staged + ".old"
     try:
         yield staged
         umask = os.umask(0)
@@ -401,17 +401,13 @@ def replacing(out, overwrite=False):
             if overwrite and os.path.exists(out):
                 os.rename(out, old)
             os.rename(staged, out)
-        except BaseException as e:
+        except BaseException:
             if os.path.exists(old) and not os.path.exists(out):
                 os.rename(old, out)
-            keep = isinstance(e, OSError) and not overwrite and os.path.isdir(out)
-            require(not keep, f"another run wrote {out} while this one trained — this run's checkpoint is kept in "
-                    f"{staged}: move it where you want it")
             raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
-        if not keep:
-            shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
 
 def save_checkpoint(folder, meta, tensors, extra=None):
     """Writes `tensors` ({parameter name: tensor}) to weights.safetensors, `extra` ({file name: tensors}), and
@@ -484,7 +480,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     if meta is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         require(not is_local(path) or glob.glob(os.path.join(path, "tokenizer*")) or glob.glob(os.path.join(path,
-                "vocab.*")), f"{path} has no tokenizer — save the model's tokenizer into it (tokenizer.save_pretrained)")
+                "vocab.*")), f"{path} has no tokenizer — save the model's tokenizer into it (save_pretrained)")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
@@ -511,8 +507,6 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     with torch.no_grad():
         for key, t in tensors.items():  # whole tensors, or smf_patch's changed rows of a value table
             name = key.removesuffix(".rows").removesuffix(".index")
-            require(name in params and (key != name or params[name].shape == t.shape), f"{path}: {key} does not "
-                    "fit the model it builds on — train the checkpoint again")
             if key.endswith(".rows"):
                 params[name][tensors[f"{name}.index"]] = t.to(dtype)
             elif key == name:
@@ -645,8 +639,7 @@ def clip_grads(grads, max_norm):
             g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
     return float(norm)
 
-def train(model, tokenizer, texts, cfg: TrainConfig, background=None, device="cpu", log_path=None,
-          record_selected=False):
+def train(model, tokenizer, texts, cfg, background=None, device="cpu", log_path=None, record_selected=False):
     """Trains `model` in place on `texts`. Which parameters train is already set (requires_grad) by the
     caller; for SMF, `background` holds one BackgroundStats per memory layer. Returns the per-step history."""
     smf, sgd = cfg.method == "smf", cfg.optimizer == "sgd"
@@ -777,11 +770,10 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
             assert ids[:len(prompt)] == prompt, "the prompt must tokenize as a prefix of prompt + answer"
             seqs.append(ids)
             n_answer.append(len(ids) - len(prompt))
-    scores = []
-    for s in progress(range(0, len(seqs), 4 * batch_size), "medmcqa"):
-        chunk = slice(s, s + 4 * batch_size)  # batch_size questions, their four options each
-        scores += [lp.mean().item() for lp in tail_logprobs(model, seqs[chunk], n_answer[chunk], tokenizer.pad_token_id)]
-    scores = [scores[i:i + 4] for i in range(0, len(scores), 4)]
+    means, b, pad = [], 4 * batch_size, tokenizer.pad_token_id  # batch_size questions, their 4 options each
+    for s in progress(range(0, len(seqs), b), "medmcqa"):
+        means += [lp.mean().item() for lp in tail_logprobs(model, seqs[s:s + b], n_answer[s:s + b], pad)]
+    scores = [means[i:i + 4] for i in range(0, len(means), 4)]
     preds = [max(range(4), key=s.__getitem__) for s in scores]
     correct = [int(p == row["cop"]) for p, row in zip(preds, rows)]
     gold_nlls = [-s[row["cop"]] for s, row in zip(scores, rows)]
@@ -881,11 +873,7 @@ RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_le
 def option_rules(args, has_memory=False, has_stats=False):
     """Rule 2: {option: (whether it applies to this run, what it applies to)} for each option whose use depends
     on the run. A given option that does not apply is refused, and config.json records only those that apply."""
-    if args.command == "eval":  # a probe's options apply when it runs
-        probe = {"eval_medmcqa": "medmcqa", "medmcqa_mode": "medmcqa", "wikitext": "wikitext",
-                 "triviaqa": "triviaqa", "repetition_penalty": "triviaqa"}
-        return {name: (args.probe in (p, "all"), f"--probe {p} or all") for name, p in probe.items()}
-    rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}
+    rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}  # train's
     method = args.method
     new_memory = method == "retrofit" or (method == "smf" and not has_memory)
     rules |= dict.fromkeys(("selector", "top_t", "train_scale"), (method == "smf", "--method smf"))
@@ -919,7 +907,8 @@ def run_train(args, device):
     from safetensors.torch import load_file
     cfg, t0 = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}), time.time()
     mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
-    method, has_memory, has_stats = cfg.method, bool(model_memory(args.model)), os.path.isfile(os.path.join(args.model, STATS))
+    method, has_memory = cfg.method, bool(model_memory(args.model))
+    has_stats = os.path.isfile(os.path.join(args.model, STATS))
     parent = args.out.rstrip("/") + "_retrofit" if method == "smf" and not has_memory else args.model
     rules = option_rules(args, has_memory, has_stats)
     texts = None if method == "retrofit" else \
@@ -936,8 +925,8 @@ def run_train(args, device):
               "--method retrofit --max-steps N --out R, then SMF from R)")
         run_train(argparse.Namespace(**{**vars(args), **shared, "out": parent, "eval_out": None, "overwrite": False}),
                   device)
-    stats_file = os.path.join(parent, STATS) if method == "smf" and os.path.isfile(os.path.join(parent, STATS)) else None
-    local = is_local(parent)
+    stats_file, local = os.path.join(parent, STATS), is_local(parent)
+    stats_file = stats_file if method == "smf" and os.path.isfile(stats_file) else None
     meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
             "id": os.urandom(8).hex(), "parent_id": (checkpoint_meta(parent) or {}).get("id"),  # a retrained parent
             "train": {k: v for k, v in vars(cfg).items() if rules.get(k, (True,))[0]},  # what applies (rule 2)
@@ -965,10 +954,10 @@ def run_train(args, device):
                  enumerate(stats) for k in ("df", "reads")}} if stats else None
         save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained, extra)
     size, last = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)), history[-1]
+    watch = "".join(f"\n   {k} per layer in the last step: {last[k]}" for k in ("rows_updated", "alpha") if k in last)
     print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
           f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} ({size / 2 ** 20:.1f} MB, "
-          f"kind {meta['kind']}, log train_log.jsonl)" + "".join(f"\n   {k} per layer in the last step: {last[k]}" for
-          k in ("rows_updated", "alpha") if k in last) + f"\n   evaluate: python smf.py eval --model {args.out} --probe all")
+          f"kind {meta['kind']}, log train_log.jsonl){watch}\n   evaluate: python smf.py eval --model {args.out}")
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
         run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "probe": "all"}),
                  device, probes)
@@ -979,7 +968,7 @@ def run_eval(args, device, probes=None):
     `unfinished`, if one fails)."""
     names = PROBES if args.probe == "all" else (args.probe,)
     probes = probes or load_probes(args, names)
-    model, tokenizer = load_model(args.model, device, torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+    model, tokenizer = load_model(args.model, device, torch.bfloat16 if "cuda" in str(device) else torch.float32)
     bs, letter, penalty = args.batch_size, args.medmcqa_mode == "letter", args.repetition_penalty
     evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, letter, bs),
                 "wikitext": lambda text: eval_wikitext(model, tokenizer, text, batch_size=max(1, bs // 2)),
@@ -1014,7 +1003,7 @@ def run_bench(args, device):
     config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
     L = config.num_hidden_layers
     mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # layers 6, 12, 18 of 24
-    examples = torch.randint(0, config.vocab_size, (B * (args.steps + 2), T), generator=torch.Generator().manual_seed(0))
+    examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T), generator=torch.Generator().manual_seed(0))
     background = [BackgroundStats(torch.randint(0, 50, (128 ** 2,)), torch.randint(0, 500, (128 ** 2,)), 2000)] * 3
     print(f"bench: {args.shape} on {torch.cuda.get_device_name() if cuda else 'cpu'}, {B} x {T} tokens a step")
     tokens_per_s = {}
@@ -1044,8 +1033,9 @@ def run_bench(args, device):
             with autocast(device):
                 layer(x).float().sum().backward()
         seconds[name] = (sync(device) or time.perf_counter() - t0) / 3
-    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): "
-          f"{seconds['memory'] / seconds['ffn']:.2f} ({1000 * seconds['memory']:.1f} ms vs {1000 * seconds['ffn']:.1f} ms)")
+    t_mem, t_ffn = seconds["memory"], seconds["ffn"]
+    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): {t_mem / t_ffn:.2f} "
+          f"({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
 
 TABLE_ROWS = [  # (row name, results folder)
     ("Base", "base"), ("Retrofit (additive)", "retrofit_additive"), ("Retrofit (replacement)", "retrofit_replacement"),
@@ -1079,7 +1069,8 @@ def run_table(args, device=None):
     for name, folder in TABLE_ROWS:
         cells, done = [], [r for r in found[folder] if "unfinished" not in r]
         for _, probe, key, per_question, scale in TABLE_COLUMNS:
-            runs, base = ([r[probe] for r in found[f] if probe in r and "unfinished" not in r] for f in (folder, "base"))
+            runs, base = ([r[probe] for r in found[f] if probe in r and "unfinished" not in r] for f in (folder,
+                                                                                                          "base"))
             xs = [scale * r[key] for r in runs]
             cells.append(f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "") +
                          f" (n={len(xs)})" if xs else "missing")
@@ -1131,12 +1122,10 @@ def build_parser():
     model = Parser(add_help=False)
     model.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint; train starts from "
                        f"a base model, a retrofit (smf) or an smf checkpoint (smf) (default: {DEFAULT_MODEL})")
-
     e = sub.add_parser("eval", parents=[common, model], help="evaluate a model on the probes")
     e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"], help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
-
     t = sub.add_parser("train", parents=[common, model], help="retrofit, smf, lora or full finetuning")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
@@ -1147,13 +1136,11 @@ def build_parser():
     probes = t.add_argument_group("evaluation after training (only with --eval-out)")
     probes.add_argument("--eval-out", help="after training, evaluate the checkpoint on all probes into this JSON")
     add_config_flags(probes, EvalConfig)
-
     b = sub.add_parser("bench", parents=[common], help="training speed of every method on a random-weight model")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES), help="(default: tiny)")
     b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, help="tokens per sequence; default 512 on a GPU, 256 on a CPU")
     b.add_argument("--steps", type=int, default=5, help="timed optimizer steps per method (default: 5)")
-
     tb = sub.add_parser("table", help="the results table of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -1185,8 +1172,8 @@ def check_args(args):
         require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device) and (args.device == "cpu" or int(args.device[5:] or 0) <
                 n_gpus), f"--device {args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
     memory = model_memory(args.model) if args.command == "train" else None
-    if args.command in ("train", "eval"):
-        args.method = getattr(args, "method", None) or "smf"
+    if args.command == "train":
+        args.method = args.method or "smf"
         rules = option_rules(args, bool(memory), os.path.isfile(os.path.join(args.model, STATS)))
         for name, (applies, where) in rules.items():
             require(applies or getattr(args, name, None) is None, f"--{name.replace('_', '-')} applies only to "
