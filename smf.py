@@ -91,8 +91,7 @@ def is_local(path):
             or path.endswith((".jsonl", ".txt")))
 
 def read_rows(source, hub_config=None, split="train"):
-    """(where, row) pairs, `where` placing a row for error messages: its line in a file (1-based, every line
-    counted) or its number. Local files are read here; hub ids go through `datasets`."""
+    """(where, row) pairs, `where` a row's place for errors: its line in a file (every line counted) or its number."""
     if not is_local(source):
         try:
             import datasets  # imported here so that `eval`/`bench` run where `datasets` is not installed
@@ -150,9 +149,8 @@ def medmcqa_answer(row, option, letter_only=False):
     return f" {'ABCD'[option]}" + ("" if letter_only else f". {row['op' + 'abcd'[option]]}")
 
 def medmcqa_text(row):
-    """One training example: prompt, gold answer, and the explanation line when there is one. No EOS is
-    appended (the published code appends none): it would teach the model to stop early, which moves the
-    TriviaQA probe for a reason that is not forgetting."""
+    """Prompt, gold answer and the explanation line if any. No EOS (the published code appends none): it would teach
+    the model to stop early, which moves the TriviaQA probe for a reason that is not forgetting."""
     text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
     return text + f"\nExplanation: {row['exp']}" if (row.get("exp") or "").strip() else text
 
@@ -233,8 +231,7 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def lookup(self, x):  # x (M, dim) -> scores (M, heads, topk), rows (M, heads, topk)
-        """In fp32 even under bf16 autocast or bf16 weights (it costs M*H*2*n_keys*half multiply-adds): in
-        bf16, rounding could let a padding or batch change alter which rows a token reads."""
+        """In fp32 even under bf16 (it is cheap): bf16 rounding could let padding or batching change the rows read."""
         k, half = self.topk, self.key_dim // 2
         with torch.autocast(x.device.type, enabled=False):
             q = F.linear(x.float(), self.query.weight.float(), self.query.bias.float())
@@ -355,9 +352,8 @@ def write_atomic(path, text):
             os.remove(f"{path}.tmp{os.getpid()}")
 
 def check_outputs(writes, reads, overwrite=False):
-    """Rule 1, for each (flag, path, is_folder) a command writes, before anything loads: the right kind, a writable
-    place, and neither is, holds nor lies in the current folder, what the run reads (model, parents, data) or
-    else writes. A checkpoint is replaced only with `overwrite`, holding just the files its config.json lists."""
+    """Rule 1, for each (flag, path, is_folder) written: the right kind, a writable place, not the current folder nor
+    what the run reads or else writes; a checkpoint is replaced only with `overwrite`, if it holds only its files."""
     for flag, path, is_folder in writes:
         real, cwd = os.path.realpath(path), os.getcwd()
         for other, what in [(os.path.realpath(p), "this run reads") for p in reads] + [(cwd, "is the current folder")] \
@@ -410,8 +406,7 @@ def replacing(out, overwrite=False):
         shutil.rmtree(staged, ignore_errors=True)
 
 def save_checkpoint(folder, meta, tensors, extra=None):
-    """Writes `tensors` ({parameter name: tensor}) to weights.safetensors, `extra` ({file name: tensors}), and
-    `meta` with the list of the folder's files as the `smf` entry of config.json."""
+    """weights.safetensors, the `extra` {file: tensors}, and config.json's `smf`: `meta` and the folder's files."""
     from safetensors.torch import save_file
     for name, named in ({"weights.safetensors": tensors} | (extra or {})).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, os.path.join(folder, name))
@@ -426,8 +421,7 @@ def checkpoint_meta(path):
     return content.get("smf") if isinstance(content, dict) else None
 
 def parent_of(path, meta):
-    """A checkpoint's parent: beside it as recorded (the two moved together), else where it was at training time
-    (the checkpoint was copied alone), else as written (a hub id)."""
+    """A checkpoint's parent: beside it as recorded (moved together), else where it was (copied alone), or a hub id."""
     for parent in (os.path.join(path, meta["parent"]), meta.get("parent_abs", "")):
         if os.path.isfile(os.path.join(parent, "config.json")):
             return parent
@@ -523,8 +517,7 @@ class BackgroundStats:
     batches: int          # B, the number of background batches
 
 def tfidf_scores(counts, background: BackgroundStats):
-    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches.
-    counts (N,) for one micro-batch, or (G, N) for G of them."""
+    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches. counts (N,) or (G, N)."""
     tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     return tf * torch.log((background.batches + 1) / (background.df.double() + 1))
 
@@ -535,15 +528,13 @@ def kl_scores(counts, background: BackgroundStats):
     return torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
 
 def select_rows(scores, counts, top_t):
-    """Boolean mask of the top_t accessed rows by score, ties broken by lower row index; unaccessed rows are
-    never chosen. scores, counts: (N,) or (G, N), one row of choices per micro-batch."""
+    """Mask of the top_t read rows by score (ties: lower row first; unread: never). (N,) or (G, N) per micro-batch."""
     scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
     best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_t]  # stable: index order
     return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
 
 def token_groups(mask, group_size):
-    """(B*T,) the group of each token (sequence index // group_size), -1 for pads: micro-batches in training,
-    single examples for the background statistics."""
+    """(B*T,) each token's group (sequence index // group_size: a micro-batch, or an example), -1 for pads."""
     group = torch.arange(mask.shape[0], device=mask.device)[:, None] // group_size
     return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
 
@@ -556,10 +547,9 @@ def count_reads(rows, group, n_groups, n_rows):
 
 @torch.no_grad()
 def select_reads(rows, group, n_groups, background, score_fn, top_t, step_chosen=None):
-    """SMF's choice in a forward pass of several micro-batches: each chooses its top_t rows, and a read passes
-    gradient to its value row only if its own micro-batch chose the row. rows (M, S): the rows each token reads;
-    group (M,): its micro-batch, -1 for pads. Returns keep (M, S) and the chosen rows (n_groups, N), adding them
-    to `step_chosen` (N,) for the optimizer when given (as the read hook). No host sync: it runs mid-forward."""
+    """SMF's choice in a forward of several micro-batches: each picks its top_t rows, and a read passes gradient only
+    if its own micro-batch picked its row. rows (M, S) read by each token of group (M,) (-1: pad). Returns keep
+    (M, S) and the picks (n_groups, N), also ORed into `step_chosen` (N,). No host sync: it runs mid-forward."""
     counts = count_reads(rows, group, n_groups, background.df.shape[0])                  # (G, N)
     chosen = select_rows(score_fn(counts, background), counts, top_t)
     if step_chosen is not None:
@@ -574,8 +564,7 @@ def add_background_reads(rows, group, n_examples, stats):
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, device="cpu"):
-    """df, total reads and B for each memory layer, from the model in eval mode with one example per batch
-    (examples are run `batch_size` at a time, but each counts as its own background batch)."""
+    """df, reads and B per memory layer, in eval mode; examples run `batch_size` at a time, each its own batch."""
     blocks = memory_blocks(model)
     n = blocks[0].memory.values.shape[0]
     stats = [BackgroundStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), len(texts))
@@ -640,8 +629,7 @@ def clip_grads(grads, max_norm):
     return float(norm)
 
 def train(model, tokenizer, texts, cfg, background=None, device="cpu", log_path=None, record_selected=False):
-    """Trains `model` in place on `texts`. Which parameters train is already set (requires_grad) by the
-    caller; for SMF, `background` holds one BackgroundStats per memory layer. Returns the per-step history."""
+    """Trains the parameters that require grad in place; SMF gets one BackgroundStats per layer. Returns the history."""
     smf, sgd = cfg.method == "smf", cfg.optimizer == "sgd"
     blocks = memory_blocks(model) if smf else []
     values = [b.memory.values for b in blocks]
@@ -651,10 +639,8 @@ def train(model, tokenizer, texts, cfg, background=None, device="cpu", log_path=
         dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=sgd)
     background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
-
-    # The texts as they are (or token ids), cut at max_len; no EOS (see medmcqa_text). One token has no target.
-    examples = [e for e in ((t if isinstance(t, list) else tokenizer(t)["input_ids"])[: cfg.max_len]
-                            for t in texts[: cfg.limit_train]) if len(e) > 1]
+    examples = [e for e in ((t if isinstance(t, list) else tokenizer(t)["input_ids"])[: cfg.max_len]  # or token ids
+                            for t in texts[: cfg.limit_train]) if len(e) > 1]  # no EOS (see medmcqa_text)
     require(examples, "no training text has two tokens or more — check the training data")
     rng, seqs_per_step = random.Random(cfg.seed), cfg.micro_batch * cfg.grad_accum
     total = min(math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step)), cfg.max_steps or math.inf)
@@ -720,9 +706,8 @@ def train(model, tokenizer, texts, cfg, background=None, device="cpu", log_path=
     return history
 
 def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
-    """Adds what the method trains and freezes the rest: retrofit = every memory tensor; smf = the value tables
-    (+ alpha with train_scale); lora = A and B; full = all. On a GPU frozen weights are bf16 (they only run
-    under bf16 autocast), trainable ones fp32."""
+    """Adds what the method trains, freezes the rest (retrofit: all memory; smf: values, + alpha with train_scale;
+    lora: A, B; full: all). On a GPU frozen weights are bf16 (run under autocast only), trainable ones fp32."""
     if method == "retrofit":
         add_memory(model, mem_cfg)
     blocks = memory_blocks(model)
@@ -758,10 +743,9 @@ def tail_logprobs(model, seqs, n_scored, pad_id):
 
 @torch.no_grad()
 def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
-    """Accuracy of argmax over the 4 options of the mean per-token log-likelihood of ` {L}. {option}` after
-    the prompt. The mean (not the sum) keeps long options from being penalised for their length; the letter
-    mode scores ` A`..` D` alone. The gold answer's negative mean log-likelihood (gold NLL) moves long before
-    the argmax flips, so it shows learning that accuracy on 1,000 questions cannot yet resolve."""
+    """Accuracy of the argmax over the 4 options of the mean per-token log-likelihood of ` {L}. {option}` (the mean
+    keeps long options from losing for their length; letter mode: ` A`..` D`). The gold answer's NLL moves long
+    before the argmax flips: it shows learning that accuracy on 1,000 questions cannot yet resolve."""
     seqs, n_answer = [], []  # prompt + answer token ids, four per question, and the answer's length
     for row in rows:
         prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
@@ -871,8 +855,8 @@ DATA_OPTIONS = ("medmcqa", "background", "eval_medmcqa", "wikitext", "triviaqa")
 RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background", "background_examples")
 
 def option_rules(args, has_memory=False, has_stats=False):
-    """Rule 2: {option: (whether it applies to this run, what it applies to)} for each option whose use depends
-    on the run. A given option that does not apply is refused, and config.json records only those that apply."""
+    """Rule 2: {option: (applies to this run, to what)}. A given option that does not apply is refused, and
+    config.json records only those that apply."""
     rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}  # train's
     method = args.method
     new_memory = method == "retrofit" or (method == "smf" and not has_memory)
@@ -900,9 +884,8 @@ def load_probes(args, names=PROBES):
     return data
 
 def run_train(args, device):
-    """`train`: checks every source first, trains in a staging folder that becomes --out (with its log), prints a
-    summary, and evaluates the checkpoint with --eval-out. SMF from a model without memory first retrofits it
-    into <out>_retrofit, with the retrofit recipe and the settings both stages share."""
+    """`train` into a staging folder that becomes --out, then --eval-out. SMF from a model without memory first
+    retrofits it into <out>_retrofit, with the retrofit recipe and the settings both stages share."""
     import transformers
     from safetensors.torch import load_file
     cfg, t0 = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}), time.time()
@@ -964,8 +947,7 @@ def run_train(args, device):
     return model
 
 def run_eval(args, device, probes=None):
-    """`eval`: the chosen probes, a printed line each, and the results JSON (with the probes that finished, and
-    `unfinished`, if one fails)."""
+    """`eval`: a line per probe and the results JSON (if one fails: those that finished, and `unfinished`)."""
     names = PROBES if args.probe == "all" else (args.probe,)
     probes = probes or load_probes(args, names)
     model, tokenizer = load_model(args.model, device, torch.bfloat16 if "cuda" in str(device) else torch.float32)
@@ -995,8 +977,7 @@ SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
 
 def run_bench(args, device):
-    """Training steps of every method on random tokens of a random-weight model (after two warm-up steps), and
-    one memory layer's fwd+bwd against the SwiGLU FFN's beside it, at the real width."""
+    """Every method's training steps on random tokens and weights, and a memory layer's fwd+bwd against the FFN's."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     cuda = str(device).startswith("cuda")
     B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
@@ -1059,8 +1040,7 @@ def paired_delta(runs, base, key, scale):
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
 def run_table(args, device=None):
-    """RESULTS_DIR/table.md: each row's mean ± sample std over its seeds (n counted per column; an evaluation
-    marked unfinished is reported, never averaged in) and its change against Base."""
+    """table.md: mean ± sample std over seeds (n per column; unfinished runs reported, not averaged), Δ vs Base."""
     found = {folder: [read_json(f, "rerun that stage's evaluation") for f in sorted(glob.glob(os.path.join(
         args.results_dir, folder, "seed*", "eval.json")))] for _, folder in TABLE_ROWS}
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
@@ -1164,9 +1144,7 @@ def check_args(args):
             value = getattr(args, name, None)
             require(value is None or ok(value), f"--{name.replace('_', '-')} {value} is out of range — give a value "
                     f"{need}")
-    for name in PATH_OPTIONS:  # `~/x` is a path for every option that takes one
-        if getattr(args, name, None):
-            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    vars(args).update({n: os.path.expanduser(getattr(args, n)) for n in PATH_OPTIONS if getattr(args, n, None)})  # ~/x
     if args.command != "table":
         n_gpus = torch.cuda.device_count()
         require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device) and (args.device == "cpu" or int(args.device[5:] or 0) <

@@ -1095,9 +1095,9 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old" in p.name]
 
 
-def test_a_run_that_another_run_overtakes_keeps_both_checkpoints(tiny, tmp_path, capsys, monkeypatch):
-    """Two runs into one --out: the one that finishes second neither replaces the first one's checkpoint nor
-    loses its own (no lock file is needed for that)."""
+def test_a_run_that_another_run_overtakes_never_replaces_its_checkpoint(tiny, tmp_path, capsys, monkeypatch):
+    """Two runs into one --out, neither with --overwrite: the one that finishes second fails at its swap and leaves
+    the first one's checkpoint as it was, and no staging folder behind (no lock file is needed for that)."""
     out, real_train = tmp_path / "ckpt", smf.train
     def overtaken(*a, **kw):                                           # another run finishes while this one trains
         monkeypatch.setattr(smf, "train", real_train)
@@ -1105,10 +1105,9 @@ def test_a_run_that_another_run_overtakes_keeps_both_checkpoints(tiny, tmp_path,
         return real_train(*a, **kw)
     monkeypatch.setattr(smf, "train", overtaken)
     err = error_of(capsys, *train_args(tiny, out, "full", *SHORT))
-    assert f"another run wrote {out} while this one trained" in err, err
-    kept = err.split("is kept in ")[1].split(": move")[0]
-    assert smf.checkpoint_meta(str(out))["kind"] == "lora" and smf.checkpoint_meta(kept)["kind"] == "full"
-    assert sorted(os.listdir(tmp_path)) == sorted(["ckpt", os.path.basename(kept)])
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "Directory not empty" in err and smf.checkpoint_meta(str(out))["kind"] == "lora"
+    assert os.listdir(tmp_path) == ["ckpt"] and sorted(first) == sorted(smf.checkpoint_meta(str(out))["files"])
 
 
 def test_saved_files_have_normal_permissions_and_the_log_is_json(tiny, tmp_path, monkeypatch):
