@@ -1156,7 +1156,8 @@ def check_args(args):
         for name, (applies, where) in rules.items():
             require(applies or getattr(args, name, None) is None, f"--{name.replace('_', '-')} applies only to "
                     f"{where} — drop it from this run")
-    for cls, prefix in ((TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")):  # the defaults
+    configs = {"train": ((TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")), "eval": ((EvalConfig, ""),)}
+    for cls, prefix in configs.get(args.command, ()):  # the defaults of the options not given
         for f in dataclasses.fields(cls):
             if getattr(args, prefix + f.name, 0) is None:
                 setattr(args, prefix + f.name, f.default)

@@ -1,5 +1,5 @@
 """Tests for smf.py: a tiny Qwen2 and synthetic data in the hub schemas, all built here, nothing downloaded."""
-import functools, json, math, os, random, subprocess, sys
+import functools, json, math, os, random, statistics, subprocess, sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -689,8 +689,8 @@ def run_all(env, *args, cwd=None):
 
 
 def test_run_all_smoke(tiny, tmp_path):
-    """Every stage on two parallel slots; then a rerun that skips them all, and a serial run of some rows that
-    gives the same rows of the table (the schedule never changes a number)."""
+    """Every stage on two parallel slots; a rerun skips them all, a rerun with other settings is refused, and a
+    stage whose eval.json lacks a probe runs again, to the same numbers."""
     out, env = tmp_path / "results", {**smoke_env(tiny, tmp_path / "results"), "GPUS": "cpu cpu"}
     first = run_all(env)
     assert first.returncode == 0, first.stdout + first.stderr
@@ -728,17 +728,12 @@ def test_run_all_smoke(tiny, tmp_path):
             f"OUT, or move {out}/base/seed1 away to redo it") in other.stderr.splitlines()
     assert "was made with MAX_STEPS=2 EVAL_LIMIT=8" in other.stderr or "MAX_STEPS=2" in other.stderr
 
+    base_row = [line for line in open(out / "table.md") if line.startswith("| Base |")]
     r = json.load(open(out / "base" / "seed1" / "eval.json"))                 # one probe is not a finished stage
     json.dump({"model": r["model"], "medmcqa": r["medmcqa"]}, open(out / "base" / "seed1" / "eval.json", "w"))
     partial = run_all(env)
     assert partial.returncode == 0 and "done  base seed 1" in partial.stdout and partial.stdout.count("skip ") == 10
-
-    rows = ("base", "retrofit_additive", "smf_additive_kl")                    # one at a time, as without GPUS
-    serial = run_all({**smoke_env(tiny, tmp_path / "serial"), "ROWS": " ".join(rows)})
-    assert serial.returncode == 0 and serial.stdout.count("done ") == 3, serial.stdout + serial.stderr
-    names = [name for name, folder in smf.TABLE_ROWS if folder in rows]
-    table_rows = lambda path: [line for line in open(path).read().splitlines() if line.split("|")[1].strip() in names]
-    assert table_rows(tmp_path / "serial" / "table.md") == table_rows(out / "table.md") and len(names) == 3
+    assert [line for line in open(out / "table.md") if line.startswith("| Base |")] == base_row   # the same numbers
 
 
 def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
@@ -779,8 +774,9 @@ def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_
 
 
 def test_bench_prints_every_row(capsys):
-    run("bench", "--shape", "tiny", "--steps", "1", "--seq-len", "64", "--batch-size", "2")
+    run("bench", "--shape", "tiny", "--steps", "1", "--seq-len", "64")
     out = capsys.readouterr().out
+    assert "on cpu, 4 x 64 tokens a step" in out                        # the CPU default batch
     rows = {line.split()[0]: line.split() for line in out.splitlines() if "ms/step" in line}
     assert sorted(rows) == ["full", "lora", "retrofit", "smf"] and all(float(r[1]) > 0 for r in rows.values())
     ratio = float(out.split("2048 tokens): ")[1].split()[0])
@@ -1164,3 +1160,258 @@ def test_table_and_run_all_refuse_what_they_cannot_use(tiny, tmp_path, capsys):
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                            env={**smoke_env(tiny, tmp_path / "res"), **env})
         assert p.returncode != 0 and message in p.stderr and not (tmp_path / "res").exists()
+
+
+# ----------------------------------------------------------------------------------------------- the probes as the
+# paper ran them, and a table whose deltas a reader can trust
+
+EXACT_MATCH_CASES = [  # (generation, aliases, exact match)
+    (" St. Louis", ["St. Louis"], True), (" Washington, D.C.", ["Washington, D.C."], True), (" 3.14", ["3.14"], True),
+    (" 1,000", ["1000"], True), ("\nParis", ["Paris"], True), (" Paris. It is the capital of France.", ["Paris"], True),
+    (" The Beatles.\nQuestion: next", ["beatles"], True), (" I do not know", ["no"], False),
+    (" Beatles and more", ["beatles"], False), (" Paris, France", ["France"], False), (" ", ["a"], False),
+    ("\n\n", ["x"], False), (" London", ["Paris"], False)]
+
+
+@pytest.mark.parametrize("generation, aliases, expected", EXACT_MATCH_CASES)
+def test_exact_match_gets_common_answers_right(generation, aliases, expected):
+    assert smf.exact_match(generation, aliases) is expected
+
+
+def test_generation_applies_the_models_repetition_penalty_as_generate_does(tiny):
+    model, tok = load(tiny)
+    qa = smf.load_triviaqa(tiny["triviaqa"], limit=8)
+    prompts = [f"Question: {q}\nAnswer:" for q, _ in qa]
+    model.generation_config.repetition_penalty = 1.3                    # as a generation_config.json would set it
+    r = smf.eval_triviaqa(model, tok, qa, batch_size=3, max_new_tokens=32)
+    assert r["protocol"].endswith("repetition penalty 1.3")
+    for prompt, pred in zip(prompts, r["predictions"]):                   # HF generate, one question at a time
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=32,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        assert pred == tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    plain = smf.eval_triviaqa(model, tok, qa, batch_size=3, repetition_penalty=1.0)   # the override: pure greedy
+    assert plain["protocol"].endswith("repetition penalty 1") and plain["predictions"] != r["predictions"]
+
+
+def write_eval(path, medmcqa=None, triviaqa=None, ppl=None, unfinished=False):
+    """An eval.json as `eval` writes it, from per-question correctness lists."""
+    r = {"model": "m"}
+    if medmcqa is not None:
+        r["medmcqa"] = {"acc": sum(medmcqa[0]) / len(medmcqa[0]), "correct": medmcqa[0], "gold_nlls": medmcqa[1],
+                        "gold_nll": sum(medmcqa[1]) / len(medmcqa[1])}
+    if triviaqa is not None:
+        r["triviaqa"] = {"alias_contains_acc": sum(triviaqa) / len(triviaqa), "alias_correct": triviaqa,
+                         "exact_match": sum(triviaqa) / len(triviaqa), "exact_correct": triviaqa}
+    if ppl is not None:
+        r["wikitext"] = {"ppl": ppl}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    json.dump(r | ({"unfinished": ["triviaqa"]} if unfinished else {}), open(path, "w"))
+
+
+def test_table_shows_sample_std_paired_intervals_n_per_column_and_unfinished_runs(tmp_path, capsys):
+    base = ([1, 0, 0, 1, 0], [1.0, 2.0, 2.0, 1.0, 3.0])
+    write_eval(tmp_path / "base" / "seed0" / "eval.json", base, [1, 0, 1, 0], ppl=10.0)
+    write_eval(tmp_path / "lora" / "seed0" / "eval.json", ([1, 1, 0, 1, 0], [0.5, 1.0, 2.0, 1.0, 2.5]), [1, 0, 0, 0],
+               ppl=11.0)
+    write_eval(tmp_path / "lora" / "seed1" / "eval.json", ([1, 1, 1, 1, 0], [0.5, 1.0, 1.0, 1.0, 2.5]), ppl=12.0)
+    write_eval(tmp_path / "full" / "seed0" / "eval.json", base, [1, 0, 1, 0], ppl=9.0, unfinished=True)
+    run("table", tmp_path)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in open(tmp_path / "table.md").read().splitlines()[2:]}
+    lora = rows["LoRA"]
+    # MedMCQA acc: seeds 60 and 80 -> mean 70, sample std 14.14 (n - 1); per question d = mean(seeds) - base
+    assert lora[0] == "70.00 ± 14.14 (n=2)"
+    d = [100 * x for x in (0.0, 1.0, 0.5, 0.0, 0.0)]
+    half = 1.96 * statistics.stdev(d) / math.sqrt(5)
+    assert lora[1] == f"+30.00 [{30 - half:+.2f}, {30 + half:+.2f}]"
+    assert lora[2] == "1.30 ± 0.14 (n=2)" and lora[3].startswith("-0.50 [")    # gold NLL: 1.4 and 1.2
+    assert lora[4] == "11.50 ± 0.71 (n=2)" and lora[5] == "+1.50"       # WikiText: no interval
+    assert lora[6] == "25.00 (n=1)"                                     # TriviaQA counted apart: one seed, no ±
+    assert rows["Base"][0] == "40.00 (n=1)" and rows["Base"][1] == ""
+    assert rows["Full finetuning (1 unfinished)"][0] == "missing"       # reported, never averaged in
+    assert rows["SMF additive KL"][0] == "missing"
+
+
+def test_smf_checkpoint_stores_every_changed_row_and_scale_checkpoints_their_alpha(tiny, tmp_path):
+    before = {"v": torch.zeros(6, 3)}
+    trained = {"v": torch.zeros(6, 3), "alpha": torch.tensor(0.5)}
+    trained["v"][4, 1] = 5e-7                                          # a tiny move is still a change
+    patch = smf.smf_patch(before, trained)
+    assert patch["v.index"].tolist() == [4] and torch.equal(patch["v.rows"], trained["v"][[4]])
+    assert torch.equal(patch["alpha"], trained["alpha"])
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35, 8, 9, 7]])
+    trained = run(*train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", "--train-scale",
+                              "--lr", "1e-9", "--max-steps", "1", "--limit-train", "8"))
+    loaded, retrofit = smf.load_model(str(tmp_path / "s"))[0], smf.load_model(str(tmp_path / "r"))[0]
+    for a, b, c in zip(smf.memory_blocks(loaded), smf.memory_blocks(trained), smf.memory_blocks(retrofit)):
+        assert torch.equal(a.memory.values, b.memory.values) and not torch.equal(b.memory.values, c.memory.values)
+        assert a.alpha.item() == b.alpha.item() != c.alpha.item()       # the trained alpha, not the retrofit's
+    assert torch.equal(logits(loaded, ids), logits(trained.eval(), ids))
+
+
+def test_a_fresh_memory_has_the_documented_defaults(tiny):
+    cfg = smf.MemoryConfig()
+    assert (cfg.layers, cfg.mode, cfg.n_keys, cfg.heads, cfg.key_dim, cfg.topk, cfg.alpha_init) == \
+        ((6, 12, 18), "additive", 128, 4, 256, 16, 0.01)
+    mem = smf.ProductKeyMemory(896)
+    assert mem.values.shape == (16384, 896) and mem.keys.shape == (4, 2, 128, 128) and mem.topk == 16
+    assert mem.query.out_features == 4 * 256
+    args = smf.build_parser().parse_args(["train", "--model", tiny["model"], "--out", "x"])
+    smf.check_args(args)                                                # the CLI's defaults are the same
+    assert (tuple(args.memory_layers), args.memory_n_keys, args.memory_alpha_init, args.top_t) == ((6, 12, 18), 128, 0.01, 512)
+    model, _ = load(tiny)
+    block = smf.add_memory(model, smf.MemoryConfig(layers=(1,), n_keys=8, heads=2, key_dim=16, topk=4))[0]
+    assert block.alpha.item() == pytest.approx(0.01) and block.mlp is not None
+
+
+def test_full_finetuning_trains_every_parameter_the_tied_embeddings_included(tiny):
+    model, tok = load(tiny)
+    assert model.lm_head.weight is model.model.embed_tokens.weight     # tied, as in Qwen2.5-0.5B
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    smf.prepare_model(model, "full")
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
+    smf.train(model, tok, texts, smf.TrainConfig(method="full", lr=1e-3, warmup=0, max_steps=1))
+    unmoved = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not unmoved and len(before) == len(list(model.parameters()))
+
+
+def test_each_epoch_is_a_new_seeded_shuffle_of_every_example_once(tiny):
+    model, tok = load(tiny)
+    texts = [f"text number {i} " + sentence(random.Random(i), i % 7 + 1) for i in range(21)]   # 21: a partial batch
+    def epochs(seed):
+        seen = []
+        hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()), with_kwargs=True)
+        smf.prepare_model(model, "full")
+        smf.train(model, tok, texts, smf.TrainConfig(method="full", lr=0.0, warmup=0, epochs=2, micro_batch=2,
+                                                     grad_accum=2, seed=seed))
+        hook.remove()
+        steps = [sorted(tok.decode([t for t in row if t != tok.pad_token_id]) for row in batch) for batch in seen]
+        return steps[:6], steps[6:]                                     # ceil(21 / 4) = 6 steps an epoch
+    first, second = epochs(3)
+    for epoch in (first, second):
+        assert sorted(t for step in epoch for t in step) == sorted(texts)   # each example exactly once
+    assert first != second and epochs(3) == (first, second) and epochs(4) != (first, second)
+
+
+def test_wikitext_default_window_is_1024_with_stride_512(tiny):
+    model, tok = load(tiny)
+    text = " ".join(sentence(random.Random(5), 40) for _ in range(12))
+    ids = tok(text)["input_ids"]
+    assert 1600 < len(ids) < 2048
+    starts = {}                                                         # token t is scored from its window's start
+    for t in range(1, len(ids)):
+        starts.setdefault(0 if t < 1024 else 512 * math.ceil((t - 1023) / 512), []).append(t)
+    nll = 0.0
+    for start, tokens in starts.items():
+        lp = logits(model, torch.tensor([ids[start:max(tokens) + 1]]))[0].log_softmax(-1)
+        nll -= sum(lp[t - 1 - start, ids[t]].item() for t in tokens)
+    r = smf.eval_wikitext(model, tok, text)
+    assert r["protocol"] == "token perplexity, window 1024, stride 512" and r["tokens"] == len(ids) - 1
+    assert r["ppl"] == pytest.approx(math.exp(nll / (len(ids) - 1)), rel=1e-5)
+
+
+RANGE_CASES = {  # every option of the range table, by hand: (command, a value to refuse)
+    "lr": "inf", "epochs": "nan", "lora_alpha": "-1", "repetition_penalty": "inf", "micro_batch": "0", "grad_accum": "0",
+    "forward_batch": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
+    "batch_size": "0", "limit": "0", "memory_n_keys": "0", "memory_heads": "0", "memory_topk": "0", "steps": "0",
+    "seq_len": "0", "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1", "max_len": "1",
+    "memory_key_dim": "15"}
+
+
+@pytest.mark.parametrize("name", sorted(RANGE_CASES))
+def test_every_range_refuses_its_bad_value(name, capsys):
+    command = "bench" if name in ("steps", "seq_len") else "eval" if name in ("limit", "repetition_penalty") else "train"
+    flag = "--" + name.replace("_", "-")
+    err = error_of(capsys, command, f"{flag}={RANGE_CASES[name]}")
+    assert err.startswith(f"error: {flag} ") and "is out of range — give a value" in err
+
+
+def test_the_range_table_is_tested_whole():
+    assert sorted(n for names, _, _ in smf.RANGES for n in names.split()) == sorted(RANGE_CASES)
+
+
+def test_three_overwrites_in_a_row_leave_nothing_beside_the_checkpoint(tiny, tmp_path):
+    out = tmp_path / "ckpt"
+    for k in range(3):
+        run(*train_args(tiny, out, "lora", *SHORT, "--seed", k, *["--overwrite"] * (k > 0)))
+        assert os.listdir(tmp_path) == ["ckpt"] and smf.checkpoint_meta(str(out))["seed"] == k
+    assert sorted(os.listdir(out)) == sorted(smf.checkpoint_meta(str(out))["files"])
+
+
+def test_a_flag_that_does_not_apply_is_refused_and_config_records_what_applied(tiny, tmp_path, capsys):
+    """Rule 2 where it depends on the model: an SMF run from a retrofit takes its memory and statistics from it."""
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    smf_args = train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT)
+    for flags, message in ((["--background-examples", "3"], "--background-examples applies only to a retrofit"),
+                           (["--background", tiny["background"]], "--background applies only to a retrofit"),
+                           (["--memory-n-keys", "16"], "--memory-n-keys applies only to a new memory"),
+                           (["--memory-mode", "replacement"], "--memory-mode applies only to a new memory"),
+                           (["--limit", "3"], "--limit applies only to --eval-out")):
+        assert message in error_of(capsys, *smf_args, *flags)
+    assert not (tmp_path / "s").exists()
+    run(*smf_args)
+    recipe = smf.checkpoint_meta(str(tmp_path / "s"))["train"]
+    assert "background_examples" not in recipe and "lora_r" not in recipe and recipe["top_t"] == 4
+
+
+def test_checkpoints_find_their_parents_wherever_they_are_copied(tiny, tmp_path, monkeypatch):
+    run(*train_args(tiny, tmp_path / "runs" / "r", "retrofit", *SHORT))
+    run(*train_args(tiny, tmp_path / "runs" / "s", "smf", "--model", tmp_path / "runs" / "r", "--top-t", "4", *SHORT))
+    ids = torch.tensor([[3, 14, 15, 92, 65, 35]])
+    expected = logits(smf.load_model(str(tmp_path / "runs" / "s"))[0], ids)
+    import shutil
+    shutil.copytree(tmp_path / "runs" / "s", tmp_path / "elsewhere" / "deep" / "s")      # copied alone
+    assert torch.equal(logits(smf.load_model(str(tmp_path / "elsewhere" / "deep" / "s"))[0], ids), expected)
+    monkeypatch.chdir(tmp_path / "runs")                                                  # from another folder
+    assert torch.equal(logits(smf.load_model("s")[0], ids), expected)
+
+
+def test_damaged_files_and_a_missing_tokenizer_are_named(tiny, tmp_path, capsys):
+    ev = lambda model: error_of(capsys, "eval", "--model", model, "--probe", "wikitext", "--wikitext", tiny["wikitext"])
+    import shutil
+    shutil.copytree(tiny["model"], tmp_path / "notok")
+    for name in os.listdir(tmp_path / "notok"):
+        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            os.remove(tmp_path / "notok" / name)
+    assert f"{tmp_path / 'notok'} has no tokenizer — save the model's tokenizer into it" in ev(tmp_path / "notok")
+    shutil.copytree(tiny["model"], tmp_path / "cut")
+    weights = tmp_path / "cut" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert f"{weights} is damaged" in ev(tmp_path / "cut")
+    run(*train_args(tiny, tmp_path / "l", "lora", *SHORT))
+    (tmp_path / "l" / "config.json").write_text('{"smf": {"kind": "lo')
+    assert f"{tmp_path / 'l' / 'config.json'} could not be read (JSONDecodeError" in ev(tmp_path / "l")
+    (tmp_path / "res" / "lora" / "seed0").mkdir(parents=True)
+    (tmp_path / "res" / "lora" / "seed0" / "eval.json").write_text("{")
+    err = error_of(capsys, "table", tmp_path / "res")
+    assert f"{tmp_path / 'res' / 'lora' / 'seed0' / 'eval.json'} could not be read" in err
+    assert not (tmp_path / "res" / "table.md").exists()
+
+
+class FixedLogits(torch.nn.Module):
+    """A fake LM whose next-token logits are always `logits`, whatever the context."""
+    def __init__(self, logits):
+        super().__init__()
+        self.bias = torch.nn.Parameter(logits)
+
+    def forward(self, input_ids, attention_mask=None, **kw):
+        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})
+
+
+def test_pads_never_count_for_the_repetition_penalty(tiny):
+    _, tok = load(tiny)
+    prompts = ["Question: a?\nAnswer:", "Question: a much longer question than the first one?\nAnswer:"]
+    used = {i for p in prompts for i in tok(p)["input_ids"]}
+    pad, other = [i for i in range(3, len(tok)) if i not in used][:2]   # a plain token that pads, one beside it
+
+    class PadsWith:                                                     # the tokenizer, padding with `pad`
+        pad_token_id, eos_token_id = pad, tok.eos_token_id
+        __call__, decode = staticmethod(tok.__call__), staticmethod(tok.decode)
+    favoured = torch.zeros(len(tok))
+    favoured[pad], favoured[other] = 5.0, 4.8                          # `pad` wins unless it is penalised
+    model = FixedLogits(favoured)
+    batched = smf.greedy_generate(model, PadsWith(), prompts, max_new_tokens=3, repetition_penalty=1.1)
+    alone = [smf.greedy_generate(model, PadsWith(), [p], max_new_tokens=3, repetition_penalty=1.1)[0] for p in prompts]
+    assert batched == alone and alone[0].startswith(tok.decode([pad]))
