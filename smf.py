@@ -835,12 +835,11 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repe
     generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless `repetition_penalty` is given."""
     penalty = repetition_penalty or getattr(getattr(model, "generation_config", None), "repetition_penalty", 0) or 1.0
     prompts = [f"Question: {q}\nAnswer:" for q, _ in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    preds = [None] * len(rows)
+    order, preds = sorted(range(len(rows)), key=lambda i: len(prompts[i])), {}
     for b in progress(range(0, len(rows), batch_size), "triviaqa"):
         idx = order[b:b + batch_size]
-        for i, text in zip(idx, greedy_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, penalty)):
-            preds[i] = text
+        preds |= zip(idx, greedy_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, penalty))
+    preds = [preds[i] for i in range(len(rows))]
     contained = [int(alias_contained(p, a)) for p, (_, a) in zip(preds, rows)]
     exact = [int(exact_match(p, a)) for p, (_, a) in zip(preds, rows)]
     return {"alias_contains_acc": statistics.mean(contained), "exact_match": statistics.mean(exact), "n": len(rows),
@@ -1124,6 +1123,7 @@ def build_parser():
     tb = sub.add_parser("table", help="the results table of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    tb.set_defaults(device="cpu")
     return p
 
 RANGES = [  # (flags, test, what a good value is)
@@ -1184,8 +1184,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        command = {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command]
-        command(args, getattr(args, "device", "cpu"))
+        {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command](args, args.device)
     except KeyboardInterrupt:
         print("error: interrupted — finished checkpoints and results are intact; rerun to continue", file=sys.stderr)
         sys.exit(130)
