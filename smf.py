@@ -1044,12 +1044,12 @@ def run_table(args, device=None):
         args.results_dir, folder, "seed*", "eval.json")))] for _, folder in TABLE_ROWS}
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
             "point at its OUT folder")
+    done = {folder: [r for r in runs if "unfinished" not in r] for folder, runs in found.items()}  # the averaged
     lines = ["| row | " + " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS) + " |", "|---" * 11 + "|"]
     for name, folder in TABLE_ROWS:
-        cells, done = [], [r for r in found[folder] if "unfinished" not in r]
+        cells = []
         for _, probe, key, per_question, scale in TABLE_COLUMNS:
-            runs, base = ([r[probe] for r in found[f] if probe in r and "unfinished" not in r] for f in (folder,
-                                                                                                          "base"))
+            runs, base = [r[probe] for r in done[folder] if probe in r], [r[probe] for r in done["base"] if probe in r]
             xs = [scale * r[key] for r in runs]
             cells.append(f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "") +
                          f" (n={len(xs)})" if xs else "missing")
@@ -1057,7 +1057,7 @@ def run_table(args, device=None):
             delta = statistics.mean(xs) - scale * statistics.mean(r[key] for r in base) if runs and base else None
             cells.append("" if delta is None or folder == "base" else f"{delta:+.2f}" if not paired else
                          f"{paired[0]:+.2f} [{paired[0] - paired[1]:+.2f}, {paired[0] + paired[1]:+.2f}]")
-        unfinished = len(found[folder]) - len(done)
+        unfinished = len(found[folder]) - len(done[folder])
         lines.append(f"| {name}{f' ({unfinished} unfinished)' if unfinished else ''} | " + " | ".join(cells) + " |")
     write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
