@@ -11,6 +11,7 @@
 # Override any setting below from the environment.
 set -euo pipefail
 SMF="$(cd "$(dirname "$0")" && pwd)/smf.py"
+export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}   # stage logs are files: no model-loading bars
 
 MODEL=${MODEL:-Qwen/Qwen2.5-0.5B-Instruct}              # base model: hub id or local folder
 OUT=${OUT:-results}                                     # everything lands here
@@ -47,7 +48,7 @@ done
 if [ -n "$GPUS" ]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
   for g in $GPUS; do
-    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids 0..$((n_gpus - 1)) (this machine has $n_gpus), e.g. GPUS=\"0 1\"" >&2; exit 2; }
+    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids below $n_gpus (this torch sees $n_gpus GPUs), e.g. GPUS=\"0 1\"" >&2; exit 2; }
   done
 fi
 # local paths as absolute ones, so that the stages (and their recorded settings) mean the same files from any folder
