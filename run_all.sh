@@ -103,16 +103,17 @@ check_settings() {
   local file="$OUT/$1/settings.txt"
   [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
   [ -f "$file" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
-  local differ
-  differ=$(diff <(settings "$1") "$file" | sed -n 's/^> \(.*\)/\1/p' | paste -sd ' ' -)
-  [ -z "$differ" ] && return 0
-  echo "error: stage $1 in $OUT was made with $differ; this run has $(diff <(settings "$1") "$file" | sed -n 's/^< \(.*\)/\1/p' | paste -sd ' ' -) — choose another OUT, or move $OUT/$1 away to redo it" >&2
+  local changes there now
+  changes=$(diff <(settings "$1") "$file") && return 0
+  there=$(sed -n 's/^> //p' <<< "$changes" | paste -sd ' ' -) now=$(sed -n 's/^< //p' <<< "$changes" | paste -sd ' ' -)
+  echo "error: stage $1 in $OUT was made with $there; this run has $now — choose another OUT, or move $OUT/$1 away to redo it" >&2
   return 1
 }
 
 # run_stage STAGE DEVICE: trains (unless its checkpoint exists) and evaluates one stage; output to its log
 run_stage() {
   local row=${1%/seed*} seed=${1#*/seed} device=$2 dir="$OUT/$1"
+  settings "$1" > "$dir/settings.txt"   # what its results will depend on (check_settings reads it)
   local data=(--device "$device" --eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
               --limit "$EVAL_LIMIT" --batch-size "$EVAL_BATCH")
   local train=(--micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
@@ -139,7 +140,6 @@ run_stage() {
 start() {
   local log="$OUT/logs/${1/\//_}.log"
   mkdir -p "$OUT/$1" "$OUT/logs"
-  settings "$1" > "$OUT/$1/settings.txt"
   echo "start ${1%/seed*} seed ${1#*/seed} on $2 at $(date +%T)"
   if [ "$2" = cpu ]; then run_stage "$1" cpu >"$log" 2>&1 &
   elif [ "$2" = default ]; then run_stage "$1" "$DEVICE" >"$log" 2>&1 &
@@ -158,7 +158,6 @@ if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array
   check_settings "$STAGE" || exit 2
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
-  settings "$STAGE" > "$OUT/$STAGE/settings.txt"
   run_stage "$STAGE" "$DEVICE"
   exit
 fi

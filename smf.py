@@ -853,11 +853,12 @@ PROBES = ("medmcqa", "wikitext", "triviaqa")
 DATA_OPTIONS = ("medmcqa", "background", "eval_medmcqa", "wikitext", "triviaqa")
 RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background", "background_examples")
 
-def option_rules(args, has_memory=False, has_stats=False):
-    """Rule 2: {option: (applies to this run, to what)}. A given option that does not apply is refused, and
-    config.json records only those that apply."""
-    rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}  # train's
-    method = args.method
+def option_rules(args):
+    """Rule 2: {option: (applies to this `train` run, to what)}. A given option that does not apply is refused, and
+    config.json records only those that apply. Memory and statistics the model has are its own."""
+    rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}
+    method, has_memory = args.method, bool(model_memory(args.model))
+    has_stats = os.path.isfile(os.path.join(args.model, STATS))
     new_memory = method == "retrofit" or (method == "smf" and not has_memory)
     rules |= dict.fromkeys(("selector", "top_t", "train_scale"), (method == "smf", "--method smf"))
     rules |= dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout"), (method == "lora", "--method lora"))
@@ -889,10 +890,8 @@ def run_train(args, device):
     from safetensors.torch import load_file
     cfg, t0 = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}), time.time()
     mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
-    method, has_memory = cfg.method, bool(model_memory(args.model))
-    has_stats = os.path.isfile(os.path.join(args.model, STATS))
-    parent = args.out.rstrip("/") + "_retrofit" if method == "smf" and not has_memory else args.model
-    rules = option_rules(args, has_memory, has_stats)
+    method, rules = cfg.method, option_rules(args)
+    parent = args.out.rstrip("/") + "_retrofit" if method == "smf" and not model_memory(args.model) else args.model
     texts = None if method == "retrofit" else \
         [medmcqa_text(r) for r in load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
     background = load_background(cfg.background) if rules["background"][0] else None
@@ -1152,8 +1151,7 @@ def check_args(args):
     memory = model_memory(args.model) if args.command == "train" else None
     if args.command == "train":
         args.method = args.method or "smf"
-        rules = option_rules(args, bool(memory), os.path.isfile(os.path.join(args.model, STATS)))
-        for name, (applies, where) in rules.items():
+        for name, (applies, where) in option_rules(args).items():
             require(applies or getattr(args, name, None) is None, f"--{name.replace('_', '-')} applies only to "
                     f"{where} — drop it from this run")
     configs = {"train": ((TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")), "eval": ((EvalConfig, ""),)}
