@@ -1,13 +1,17 @@
 """smf.py -- Sparse Memory Finetuning (SMF) in one readable file.
 
-Adds product-key memory layers to a Hugging Face causal LM, finetunes only the few memory value rows a
-batch reads most (ranked by a KL or TF-IDF selector against background text), and compares that with
-LoRA and full finetuning on three probes: MedMCQA accuracy (learning), WikiText perplexity and TriviaQA
-accuracy (forgetting), with the paper's numbers as defaults; every section below lifts out with its imports.
-Start with `python smf.py train --method smf --selector kl` and `python smf.py eval --probe all`; see --help.
+Adds product-key memory layers to a Hugging Face causal LM, finetunes only the few memory value rows a batch
+reads most (ranked by a KL or TF-IDF selector against background text), and compares that with LoRA and full
+finetuning on three probes: MedMCQA accuracy (learning), WikiText perplexity and TriviaQA accuracy (forgetting).
+The method comes first, in the order the data flows; the plumbing (data files, checkpoints, commands) after it.
+
+What lifts out alone, with the imports below: ProductKeyMemory; LoRALinear; RowSparseAdamW; get_lr;
+normalize_answer, alias_contained and exact_match. With the helpers they name: kl_scores and tfidf_scores
+(BackgroundStats), select_rows, add_lora (LORA_TARGETS), eval_medmcqa, eval_wikitext and eval_triviaqa (each
+docstring names its helpers). Start with `python smf.py train --method smf --selector kl`; see --help.
 """
-import argparse, contextlib, dataclasses, functools, glob, inspect, io, json, math, os, random, re
-import shutil, statistics, sys, tempfile, time
+import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools, json, math, os
+import random, re, shutil, signal, statistics, sys, tempfile, time
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +20,6 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-STATS = "background_stats.safetensors"  # a retrofit's (and an SMF run's) background statistics, beside its weights
 
 # -----------------------------------------------------------------------------------------------------------
 # Config
@@ -24,7 +27,7 @@ STATS = "background_stats.safetensors"  # a retrofit's (and an SMF run's) backgr
 @dataclass
 class MemoryConfig:
     layers: tuple = (6, 12, 18)   # 0-based decoder layers that get their own memory
-    mode: str = "additive"        # "additive": mlp(x) + alpha*memory(x); "replacement": memory(x) instead of mlp
+    mode: str = "additive"        # "additive": mlp(x) + alpha*memory(x); "replacement": memory(x) instead
     n_keys: int = 128             # sub-keys per half; the memory holds n_keys**2 value rows
     heads: int = 4                # each head has its own two sub-key sets
     key_dim: int = 256            # query/key width, split into two halves of key_dim // 2
@@ -36,11 +39,11 @@ class TrainConfig:  # the comments are the `train --help` texts
     method: str = "smf"           # retrofit (new memory, trained on background text) | smf | lora | full
     medmcqa: str = "openlifescienceai/medmcqa"  # training data (train split): hub id or local file
     background: str = "OpenAssistant/oasst1"    # general text: the retrofit's data, the selectors' reference
-    lr: float = None              # peak learning rate; default per method: retrofit/smf 5e-4, lora 2e-4, full 5e-5
+    lr: float = None              # peak learning rate; default: retrofit/smf 5e-4, lora 2e-4, full 5e-5
     epochs: float = None          # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
-    forward_batch: int = None     # sequences per forward, k × micro_batch (default: a step); never changes the update
+    forward_batch: int = None     # sequences per forward, k x micro_batch (default: a step); same update
     max_len: int = 1024           # tokens per training sequence; longer texts are cut there
     warmup: int = 100             # optimizer steps of linear warm-up, then cosine decay to zero
     clip: float = 1.0             # largest gradient L2 norm per step (0: no clipping)
@@ -54,24 +57,26 @@ class TrainConfig:  # the comments are the `train --help` texts
     lora_alpha: float = 32.0      # lora: the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.05    # lora: dropout probability on the LoRA input only
     max_steps: int = None         # stop after this many optimizer steps (the schedule is laid over them)
-    limit_train: int = None       # use only the first N training examples; default 60,000 MedMCQA, all OASST1
-    seed: int = 0                 # shuffles the data (and the MedMCQA subset) and seeds every initialisation
+    limit_train: int = None       # use N examples: MedMCQA's first N after the seeded shuffle (default
+    #                               60,000), OASST1's first N (default all)
+    seed: int = 0                 # shuffles the data (and the MedMCQA subset), seeds every initialisation
 
     def __post_init__(self):  # the two defaults that depend on the method, resolved in one place
         self.lr = self.lr or METHOD_LR[self.method]
-        self.epochs = self.epochs or (2 if self.method == "retrofit" else 3)
+        self.epochs = self.epochs or RETROFIT_EPOCHS.get(self.method, 3)
 
 @dataclass
 class EvalConfig:  # the probes' data and settings; the comments are their --help texts
-    eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or local file
-    medmcqa_mode: str = "answer"                     # score ' L. option text' (the paper's) or the letter alone
+    eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or file
+    medmcqa_mode: str = "answer"        # score ' L. option text' (the paper's) or the letter alone
     wikitext: str = "Salesforce/wikitext"            # WikiText probe (test split): hub id or local file
-    triviaqa: str = "mandarjoshi/trivia_qa"          # TriviaQA probe (rc.nocontext validation): hub id or local file
-    repetition_penalty: float = None                 # TriviaQA: default the model's generation_config (1.0: greedy)
-    limit: int = 1000                                # examples per probe (lines of WikiText)
-    batch_size: int = 16                             # MedMCQA questions per forward (TriviaQA: 2x, WikiText: 1/2)
+    triviaqa: str = "mandarjoshi/trivia_qa"          # TriviaQA probe (rc.nocontext validation): hub id or file
+    repetition_penalty: float = None    # TriviaQA: default the model's generation_config (1.0: greedy)
+    limit: int = 1000                   # examples per probe (lines of WikiText)
+    batch_size: int = 16                # MedMCQA questions per forward (TriviaQA: 2x, WikiText: 1/2)
 
 METHOD_LR = {"retrofit": 5e-4, "smf": 5e-4, "lora": 2e-4, "full": 5e-5}
+RETROFIT_EPOCHS = {"retrofit": 2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 class UserError(Exception):
@@ -83,135 +88,13 @@ def require(ok, message):
         raise UserError(message)
 
 # -----------------------------------------------------------------------------------------------------------
-# Data: every source is a hub id by default or a local .jsonl (or .txt) file in the hub's schema
-
-def is_local(path):
-    """A path on this machine (it exists, or is spelled like one) rather than a hub id."""
-    return (os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1
-            or path.endswith((".jsonl", ".txt")))
-
-def read_rows(source, hub_config=None, split="train"):
-    """(where, row) pairs, `where` a row's place for errors: its line in a file (every line counted) or its number."""
-    if not is_local(source):
-        try:
-            import datasets  # imported here so that `eval`/`bench` run where `datasets` is not installed
-            return [(f"row {i}", r) for i, r in enumerate(datasets.load_dataset(source, hub_config, split=split), 1)]
-        except Exception as e:
-            raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, or pass "
-                            "a local file in the same schema") from e
-    path, kind, where = os.path.expanduser(source), source.rsplit(".", 1)[-1], "its start"
-    require(os.path.isfile(path) and kind in ("jsonl", "txt"), f"data file {source} " + ("is a folder" if
-            os.path.isdir(path) else "has an unknown format" if os.path.isfile(path) else "does not exist") +
-            " — check the path; give a .jsonl (what datasets' to_json writes) or .txt file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().split("\n")
-        rows = []
-        for i, line in enumerate(lines, 1):
-            where = f"line {i}"
-            if kind == "txt" or line.strip():
-                rows.append((where, {"text": line} if kind == "txt" else json.loads(line)))
-        return rows
-    except (ValueError, OSError) as e:
-        raise UserError(f"data file {source} could not be read at {where} ({e}) — is it complete and in that "
-                        "format?") from e
-
-def check_fields(rows, fields, source):
-    """Every (where, row) pair holds each field of `fields` (name -> type); at least one row is left."""
-    for where, row in rows if fields else []:  # (no fields: `rows` may be plain texts)
-        for name, kind in fields.items():
-            value = row.get(name) if isinstance(row, dict) else None
-            found = "missing" if not isinstance(row, dict) or name not in row else "null" if value is None else \
-                f"of type {type(value).__name__}"
-            require(isinstance(value, kind) and value is not None, f"{source}: {where}: field '{name}' is {found}, "
-                    f"not {'a value' if kind is object else kind.__name__} — the file must use the hub schema")
-    require(rows, f"{source}: no examples left after filtering — check the file and the filters")
-
-def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
-    """Single-answer rows (`choice_type == "single"`, kept when absent), shuffled with `seed`, the first `limit`."""
-    rows = [(w, r) for w, r in read_rows(source, None, split) if not isinstance(r, dict) or
-            r.get("choice_type", "single") == "single"]
-    check_fields(rows, dict.fromkeys(("question", "opa", "opb", "opc", "opd"), str) | {"cop": object}, source)
-    for where, r in rows:  # cop is 0..3 (0 = opa); other tools' exports may write "2" or 2.0
-        require(str(r["cop"]).removesuffix(".0") in ("0", "1", "2", "3"), f"{source}: {where} has cop={r['cop']!r} — "
-                "cop must be an integer 0..3 (0 = opa)")
-    rows = [{**r, "cop": int(float(r["cop"]))} for _, r in rows]
-    if seed is not None:
-        random.Random(seed).shuffle(rows)
-    return rows[:limit]
-
-def medmcqa_prompt(row):
-    """The training text up to and including `Answer:`; the model must continue it with ` {L}. {option}`."""
-    return (f"Medical exam question:\nQuestion: {row['question']}\nA. {row['opa']}\nB. {row['opb']}\n"
-            f"C. {row['opc']}\nD. {row['opd']}\nAnswer:")
-
-def medmcqa_answer(row, option, letter_only=False):
-    return f" {'ABCD'[option]}" + ("" if letter_only else f". {row['op' + 'abcd'[option]]}")
-
-def medmcqa_text(row):
-    """Prompt, gold answer and the explanation line if any. No EOS (the published code appends none): it would teach
-    the model to stop early, which moves the TriviaQA probe for a reason that is not forgetting."""
-    text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
-    return text + f"\nExplanation: {row['exp']}" if (row.get("exp") or "").strip() else text
-
-def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=1000):
-    """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
-    rows = read_rows(source, config, "test")
-    check_fields(rows, {"text": str}, source)
-    lines = [r["text"].strip() for _, r in rows if r["text"].strip()][:limit]
-    check_fields(lines, {}, source)  # at least one line
-    return "\n\n".join(lines)
-
-def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
-    """(question, aliases) pairs from the rc.nocontext validation split; aliases include the answer value."""
-    rows = read_rows(source, "rc.nocontext", "validation")[:limit]
-    check_fields(rows, {"question": str, "answer": dict}, source)
-    out = []
-    for where, r in rows:  # aliases as a string would be an alias per character
-        aliases, value = r["answer"].get("aliases") or [], r["answer"].get("value") or ""
-        require(isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value]) and (aliases or value),
-                f"{source}: {where} has no answer aliases as a list of strings — the file must use the hub schema")
-        out.append((r["question"], aliases + [value] if value else aliases))
-    return out
-
-def load_background(source="OpenAssistant/oasst1", limit=None):
-    """OASST1 English assistant replies ranked 0 or 1, at least 50 characters: the general-text corpus."""
-    rows = read_rows(source, None, "train")
-    check_fields(rows, {"text": str}, source)
-    texts = [r["text"] for _, r in rows if r.get("lang", "en") == "en" and r.get("role", "assistant") == "assistant"
-             and r.get("rank", 0) in (0, 1) and len(r["text"]) >= 50]
-    check_fields(texts, {}, source)  # at least one text
-    return texts[:limit]
-
-def autocast(device):
-    """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
-    return torch.autocast("cuda", torch.bfloat16) if str(device).startswith("cuda") else contextlib.nullcontext()
-
-def sync(device):
-    """Waits for the GPU so that wall-clock timings are true; returns None so `sync(d) or t` reads as t."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-def progress(iterable, desc):
-    """A progress bar on a terminal, none in a log file (its carriage returns would make one endless line)."""
-    return tqdm(iterable, desc=desc, disable=None)
-
-def pad_batch(seqs, pad_id, left=False, device="cpu"):
-    """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
-    T = max(len(s) for s in seqs)
-    ids, mask = torch.full((len(seqs), T), pad_id, dtype=torch.long), torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = torch.tensor(s, dtype=torch.long), 1
-    return ids.to(device), mask.to(device)
-
-# -----------------------------------------------------------------------------------------------------------
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
 
 class ProductKeyMemory(nn.Module):
-    """N = n_keys**2 value rows, looked up without scoring all N: each head takes the top-k sub-keys of each half
-    of its query, re-ranks the k*k sums and reads the best k rows (row i1 * n_keys + i2). `read_hook` sees the
-    rows each token reads and may return a mask: only those reads pass gradient to the values (how SMF learns)."""
+    """N = n_keys**2 value rows, looked up without scoring all N: each head takes the top-k sub-keys of each
+    half of its query, re-ranks the k*k sums and reads the best k rows (row i1 * n_keys + i2).
+    `read_gate`, when set, sees the rows each token reads and may return which reads may teach their value
+    row: SMF's selection enters the layer there and nowhere else."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -221,7 +104,7 @@ class ProductKeyMemory(nn.Module):
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2))
         self.values = nn.Parameter(torch.empty(n_keys * n_keys, dim))
         self.w1, self.w2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.read_hook = None  # rows (M, H*k) -> None, or bool (M, H*k): the reads whose value rows may learn
+        self.read_gate = None  # rows (M, H*k) -> None, or bool (M, H*k): the reads whose rows may learn
         nn.init.uniform_(self.keys, -key_dim ** -0.5, key_dim ** -0.5)
         nn.init.normal_(self.values, std=dim ** -0.5)
         nn.init.xavier_uniform_(self.query.weight)
@@ -231,63 +114,68 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def lookup(self, x):  # x (M, dim) -> scores (M, heads, topk), rows (M, heads, topk)
-        """In fp32 even under bf16 (it is cheap): bf16 rounding could let padding or batching change the rows read."""
+        """In fp32 even under bf16 (it is cheap): bf16 rounding could let padding or batching change the rows."""
         k, half = self.topk, self.key_dim // 2
         with torch.autocast(x.device.type, enabled=False):
             q = F.linear(x.float(), self.query.weight.float(), self.query.bias.float())
             q = q.view(-1, self.heads, 2, half)                                   # (M, H, 2, half)
             sub = torch.einsum("mhcd,hcnd->mhcn", q, self.keys.float())           # (M, H, 2, n_keys)
-        sub_scores, sub_idx = sub.topk(k, dim=-1)                             # (M, H, 2, k)
-        pair = sub_scores[:, :, 0, :, None] + sub_scores[:, :, 1, None, :]    # (M, H, k, k)
-        scores, best = pair.flatten(2).topk(k, dim=-1)                        # (M, H, k)
+        sub_scores, sub_idx = sub.topk(k, dim=-1)                                 # (M, H, 2, k)
+        pair = sub_scores[:, :, 0, :, None] + sub_scores[:, :, 1, None, :]        # (M, H, k, k)
+        scores, best = pair.flatten(2).topk(k, dim=-1)                            # (M, H, k)
         i1 = sub_idx[:, :, 0].gather(-1, best // k)
         i2 = sub_idx[:, :, 1].gather(-1, best % k)
         return scores, i1 * self.n_keys + i2
 
     def forward(self, x):  # (B, T, dim) -> (B, T, dim)
-        xf = x.reshape(-1, x.shape[-1])                                       # (M, dim)
+        xf = x.reshape(-1, x.shape[-1])                                           # (M, dim)
         scores, rows = self.lookup(xf)
-        weights = scores.float().softmax(dim=-1)                              # (M, H, k), each head sums to 1
-        rows, weights = rows.flatten(1), weights.flatten(1).to(self.values.dtype)  # (M, H*k)
-        keep = self.read_hook(rows.detach()) if self.read_hook is not None else None
-        if keep is None:
+        weights = scores.float().softmax(dim=-1)                                  # (M, H, k), a head sums to 1
+        rows = rows.flatten(1)                                                    # (M, H*k)
+        weights = weights.flatten(1).to(self.values.dtype)                        # (M, H*k)
+        gate = None
+        if self.read_gate is not None:
+            gate = self.read_gate(rows.detach())
+        if gate is None:
             read = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
-        else:  # weights*keep + weights*(1-keep) = weights: the same read; but the second bag reads detached
-            # values, so only the kept reads pass gradient to value rows (all still pass it to keys and query)
-            keep = keep.to(weights.dtype)                                        # (M, H*k), 1 = may learn
-            read = (F.embedding_bag(rows, self.values, per_sample_weights=weights * keep, mode="sum")
-                    + F.embedding_bag(rows, self.values.detach(), per_sample_weights=weights * (1 - keep), mode="sum"))
+        else:
+            # weights*gate + weights*(1-gate) = weights: the same read. The second bag reads detached values,
+            # so only gated-in reads pass gradient to value rows (every read still passes it to keys, query)
+            gate = gate.to(weights.dtype)                                         # (M, H*k), 1 = may learn
+            learn = F.embedding_bag(rows, self.values, per_sample_weights=weights * gate, mode="sum")
+            fixed = F.embedding_bag(rows, self.values.detach(), per_sample_weights=weights * (1 - gate),
+                                    mode="sum")
+            read = learn + fixed                                                  # (M, dim)
         out = self.w2(read.to(xf.dtype) * F.silu(self.w1(xf)))
         return out.view(x.shape)
 
 # -----------------------------------------------------------------------------------------------------------
-# Attaching memory or LoRA to a Hugging Face model whose decoder blocks are model.model.layers[i].mlp
+# Attaching memory and LoRA to a Hugging Face model whose decoder blocks are model.model.layers[i].mlp
 
 class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood and sees the same input (after the post-attention norm)."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
-        self.mlp, self.memory = mlp if mode == "additive" else None, memory  # replacement drops the FFN's weights
-        self.alpha = nn.Parameter(torch.tensor(float(alpha_init))) if mode == "additive" else None
+        self.memory, self.mlp, self.alpha = memory, None, None  # replacement drops the FFN's weights
+        if mode == "additive":
+            self.mlp = mlp
+            self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
 
     def forward(self, x):
-        out = self.memory(x)
-        return out if self.mlp is None else self.mlp(x) + self.alpha * out
+        if self.mlp is None:
+            return self.memory(x)
+        return self.mlp(x) + self.alpha * self.memory(x)
 
 def add_memory(model, cfg: MemoryConfig):
     """Puts a fresh fp32 ProductKeyMemory beside (or instead of) the FFN at each of cfg.layers."""
     layers = getattr(getattr(model, "model", None), "layers", None)
-    require(layers is not None and all(hasattr(layer, "mlp") for layer in layers), f"{type(model).__name__} has no "
-            "model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-style causal LM")
-    require(cfg.mode in ("additive", "replacement"), f"memory mode {cfg.mode} is unknown — use additive/replacement")
-    require(cfg.topk <= cfg.n_keys, f"--memory-topk {cfg.topk} exceeds --memory-n-keys {cfg.n_keys} — lower it")
-    require(len(set(cfg.layers)) == len(cfg.layers), f"memory layers {list(cfg.layers)} name a layer twice — give "
-            "each layer once")
-    require(all(0 <= i < len(layers) for i in cfg.layers), f"memory layers {list(cfg.layers)} are out of range — the "
-            f"model has layers 0..{len(layers) - 1}")
-    require(not memory_blocks(model), "the model already has memory — start from the base model, or train its memory "
-            "with --method smf")
+    require(layers is not None and all(hasattr(layer, "mlp") for layer in layers),
+            f"{type(model).__name__} has no model.model.layers[i].mlp — use a Qwen2/Llama/Mistral-style model")
+    require(all(0 <= i < len(layers) for i in cfg.layers),
+            f"memory layers {list(cfg.layers)} are out of range — the model has layers 0..{len(layers) - 1}")
+    require(not memory_blocks(model),
+            "the model already has memory — start from the base model, or train its memory with --method smf")
     device = next(model.parameters()).device
     for i in cfg.layers:
         memory = ProductKeyMemory(model.config.hidden_size, cfg.n_keys, cfg.heads, cfg.key_dim, cfg.topk)
@@ -309,7 +197,8 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.base(x) + (self.dropout(x) @ self.lora_A.t().to(x.dtype) @ self.lora_B.t().to(x.dtype)) * self.scale
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)                 # (r, in), (out, r)
+        return self.base(x) + (self.dropout(x) @ a.t() @ b.t()) * self.scale
 
 def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
     """Wraps every nn.Linear whose attribute name is in `targets` in a LoRALinear."""
@@ -320,17 +209,600 @@ def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Folds each LoRA update into its base weight (in fp32) and unwraps it: same outputs in eval mode, no overhead."""
+    """Folds each LoRA update into its base weight (in fp32) and unwraps it: same outputs in eval mode."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
                 w = child.base.weight
-                w.copy_((w.float() + child.scale * child.lora_B.float() @ child.lora_A.float()).to(w.dtype))
+                delta = child.scale * child.lora_B.float() @ child.lora_A.float()     # (out, in)
+                w.copy_((w.float() + delta).to(w.dtype))
                 setattr(parent, name, child.base)
     return model
 
 # -----------------------------------------------------------------------------------------------------------
-# Checkpoints: small files on top of a parent model, swapped in whole, read back by load_model
+# Row selection (per memory layer): which value rows a micro-batch may update
+
+@dataclass
+class BackgroundStats:
+    df: torch.Tensor      # (N,) background batches that read row i at least once
+    reads: torch.Tensor   # (N,) total background reads of row i
+    batches: int          # B, the number of background batches
+
+def tfidf_scores(counts, background: BackgroundStats):
+    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches.
+    counts (N,) or (G, N) -> scores of the same shape."""
+    tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
+    return tf * torch.log((background.batches + 1) / (background.df.double() + 1))
+
+def kl_scores(counts, background: BackgroundStats):
+    """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads).
+    counts (N,) or (G, N) -> scores of the same shape."""
+    p = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
+    smoothed = background.reads.double() + 1
+    q = smoothed / smoothed.sum()
+    return torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
+
+SELECTORS = {"kl": kl_scores, "tfidf": tfidf_scores}
+
+def select_rows(scores, counts, top_t):
+    """Mask of the top_t read rows by score (ties: lower row first; unread rows: never). (N,) or (G, N)."""
+    scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # stable: ties in row order
+    best = order[..., :top_t]
+    return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
+
+def token_groups(mask, group_size):
+    """mask (B, T) -> (B*T,) each token's group (sequence // group_size: a micro-batch or an example);
+    -1 for pads."""
+    group = torch.arange(mask.shape[0], device=mask.device)[:, None] // group_size      # (B, 1)
+    return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
+
+def count_reads(rows, group, n_groups, n_rows):
+    """rows (M, S), group (M,) -> (n_groups, n_rows): how often each group's tokens read each row.
+    Pads (group -1) never count, so they never spend the selection budget."""
+    real = (group >= 0)[:, None].expand_as(rows)                                        # (M, S)
+    key = group.clamp(min=0)[:, None] * n_rows + rows                                   # (M, S)
+    counts = torch.bincount(key.flatten(), weights=real.flatten().float(), minlength=n_groups * n_rows)
+    return counts.view(n_groups, n_rows).long()
+
+class ReadGate:
+    """SMF's read gate for one memory layer in one forward of several micro-batches: each micro-batch
+    picks the top_t rows it read by the selector's score, and a read may teach its row only if its own
+    micro-batch picked it. After the forward, `chosen` (G, N) holds each micro-batch's picks."""
+
+    def __init__(self, group, n_groups, background: BackgroundStats, score_fn, top_t):
+        self.group, self.n_groups = group, n_groups  # group (M,): each token's micro-batch, -1 for pads
+        self.background, self.score_fn, self.top_t = background, score_fn, top_t
+        self.chosen = None
+
+    @torch.no_grad()
+    def __call__(self, rows):  # rows (M, S) -> bool (M, S); no host sync: it runs mid-forward
+        n_rows = self.background.df.shape[0]
+        counts = count_reads(rows, self.group, self.n_groups, n_rows)                   # (G, N)
+        self.chosen = select_rows(self.score_fn(counts, self.background), counts, self.top_t)
+        real = (self.group >= 0)[:, None]                                               # (M, 1)
+        # (G, N) indexed by (M, 1) and (M, S) -> (M, S): row r as picked by token m's own micro-batch
+        return self.chosen[self.group.clamp(min=0)[:, None], rows] & real
+
+def add_background_reads(rows, group, n_examples, stats):
+    """The read hook behind background_stats: df counts the examples that read a row, not the reads."""
+    counts = count_reads(rows, group, n_examples, stats.df.shape[0])                    # (examples, N)
+    stats.reads += counts.sum(0).cpu()
+    stats.df += (counts > 0).sum(0).cpu()
+
+@torch.no_grad()
+def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, device="cpu"):
+    """df, reads and B per memory layer, in eval mode; `batch_size` examples a forward, each its own batch.
+    Gathered once after the retrofit: SMF trains only values, so the queries and keys that decide which
+    rows a text reads stay as they were. (Approximate in one way: value updates in an earlier memory layer
+    shift the hidden states, and so the reads, of the later ones.)"""
+    blocks = memory_blocks(model)
+    n = blocks[0].memory.values.shape[0]
+    stats = []
+    for _ in blocks:
+        stats.append(BackgroundStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                                     len(texts)))
+    model.eval()
+    for start in progress(range(0, len(texts), batch_size), "background stats"):
+        seqs = [tokenizer(t)["input_ids"][:max_len] for t in texts[start:start + batch_size]]
+        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, device=device)
+        for b, s in zip(blocks, stats):
+            b.memory.read_gate = functools.partial(add_background_reads, group=token_groups(mask, 1),
+                                                   n_examples=len(ids), stats=s)
+        with autocast(device):
+            model(input_ids=ids, attention_mask=mask)
+    for b in blocks:
+        b.memory.read_gate = None
+    return stats
+
+# -----------------------------------------------------------------------------------------------------------
+# Sparse optimizer and training loop: one plain loop for every method
+
+def get_lr(step, total, peak, warmup):
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+class RowSparseAdamW:
+    """AdamW (or SGD) that updates only given rows of 2-D parameters, and only those rows' moments and step
+    counts: a row chosen earlier never drifts (masking the gradient of a dense AdamW would keep moving it
+    through its stale moments). Each row counts its own steps, so its bias correction is the one a
+    dense AdamW would give a parameter that had been stepped that many times."""
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
+        self.params, self.betas, self.eps, self.wd, self.sgd = list(params), betas, eps, weight_decay, sgd
+        self.state = [None] * len(self.params)  # per parameter: m, v (N, dim) and t (N,)
+
+    @torch.no_grad()
+    def step(self, rows_per_param, grads_per_param, lr):
+        """rows: (R,) distinct row indices of each parameter; grads: (R, dim), those rows' gradients."""
+        b1, b2 = self.betas
+        for i, (p, rows, g) in enumerate(zip(self.params, rows_per_param, grads_per_param)):
+            g = g.float()                                                   # (R, dim)
+            w = p.index_select(0, rows).float()                             # (R, dim)
+            if self.sgd:  # weight decay as torch.optim.SGD applies it: added to the gradient
+                p.index_copy_(0, rows, (w - lr * (g + self.wd * w)).to(p.dtype))
+                continue
+            if self.state[i] is None:
+                m = torch.zeros_like(p, dtype=torch.float)
+                v = torch.zeros_like(p, dtype=torch.float)
+                self.state[i] = (m, v, torch.zeros(p.shape[0], device=p.device))
+            m, v, t = self.state[i]
+            t_r = t[rows] + 1                                               # (R,) each row's own step count
+            m_r = b1 * m.index_select(0, rows) + (1 - b1) * g               # (R, dim)
+            v_r = b2 * v.index_select(0, rows) + (1 - b2) * g * g           # (R, dim)
+            m.index_copy_(0, rows, m_r)
+            v.index_copy_(0, rows, v_r)
+            t.index_copy_(0, rows, t_r)
+            m_hat = m_r / (1 - b1 ** t_r)[:, None]
+            v_hat = v_r / (1 - b2 ** t_r)[:, None]
+            w = w * (1 - lr * self.wd) - lr * m_hat / (v_hat.sqrt() + self.eps)
+            p.index_copy_(0, rows, w.to(p.dtype))
+
+def clip_grads(grads, max_norm):
+    """Scales the gradients in place so that their joint L2 norm is at most max_norm (0: no clipping)."""
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads)
+    if max_norm:
+        for g in grads:
+            g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    return float(norm)
+
+def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
+    """Adds what the method trains and freezes the rest (retrofit: all memory; smf: values, + alpha with
+    train_scale; lora: A, B; full: all). On a GPU frozen weights are bf16 (run under autocast only),
+    trainable ones fp32."""
+    if method == "retrofit":
+        add_memory(model, mem_cfg)
+    blocks = memory_blocks(model)
+    require(blocks or method not in ("retrofit", "smf"),
+            "the model has no memory layers — smf trains from a retrofit checkpoint (--method retrofit)")
+    model.requires_grad_(method == "full")
+    if method == "lora":
+        add_lora(model, *lora_cfg)  # A and B are created trainable
+    for b in blocks:
+        if method in ("retrofit", "smf"):
+            b.memory.requires_grad_(method == "retrofit")
+            b.memory.values.requires_grad_(True)
+        if b.alpha is not None and method in ("retrofit", "smf"):
+            b.alpha.requires_grad_(method == "retrofit" or train_scale)
+    model.to(device)
+    on_gpu = str(device).startswith("cuda")
+    for p in model.parameters():
+        p.data = p.data.bfloat16() if on_gpu and not p.requires_grad else p.data.float()
+    return model
+
+def tokenize(tokenizer, texts, max_len):
+    """Token ids of each text, cut at max_len; texts of one token have no target and are dropped. No EOS is
+    appended (see medmcqa_text)."""
+    examples = [tokenizer(t)["input_ids"][:max_len] for t in texts]
+    return [e for e in examples if len(e) > 1]
+
+def step_batches(lengths, seqs_per_step, seed):
+    """Endless example indices, one optimizer step at a time: each epoch a new seeded shuffle of every
+    example once, sorted by length within chunks of 64 steps (little padding), the steps shuffled again."""
+    rng, chunk = random.Random(seed), 64 * seqs_per_step
+    while True:
+        order = rng.sample(range(len(lengths)), len(lengths))
+        steps = []
+        for c in range(0, len(order), chunk):
+            part = sorted(order[c:c + chunk], key=lengths.__getitem__)
+            steps += [part[i:i + seqs_per_step] for i in range(0, len(part), seqs_per_step)]
+        rng.shuffle(steps)
+        yield from steps
+
+def total_steps(n_examples, cfg):
+    steps_per_epoch = math.ceil(n_examples / (cfg.micro_batch * cfg.grad_accum))
+    return min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.inf)
+
+def forward_backward(model, seqs, n_targets, pad_id, device):
+    """One forward and backward of some sequences; the loss is a sum over the step's targets / n_targets,
+    so any split of a step into forwards gives the same gradient. Pads never count."""
+    ids, mask = pad_batch(seqs, pad_id, device=device)                         # (B, T)
+    with autocast(device):
+        logits = model(input_ids=ids, attention_mask=mask).logits               # (B, T, vocab)
+    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                     # (B, T-1)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                           reduction="sum") / n_targets
+    loss.backward()
+    return loss.item()
+
+def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_path=None):
+    """Trains the parameters that require grad, in place, on token-id lists; SMF needs one BackgroundStats
+    per memory layer. Writes one JSON line per step to log_path; returns those records."""
+    values = [b.memory.values for b in memory_blocks(model)] if cfg.method == "smf" else []
+    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # the reach scales with alpha
+    dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
+    dense_opt = make_dense_optimizer(dense, cfg, device)
+    sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd")
+    background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
+    seqs_per_step = cfg.micro_batch * cfg.grad_accum
+    forward_batch = cfg.forward_batch or seqs_per_step  # several micro-batches per forward: same gradient
+    total = total_steps(len(examples), cfg)
+    batches = step_batches([len(e) for e in examples], seqs_per_step, cfg.seed)
+    history, log = [], open(log_path or os.devnull, "w", buffering=1)  # line-buffered
+    model.train()
+    for step in progress(range(total), f"train {cfg.method}"):
+        batch, t0, loss = next(batches), time.perf_counter(), 0.0
+        n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
+        picked = [torch.zeros(v.shape[0], dtype=torch.bool, device=device) for v in values]  # (N,) a layer
+        for c in range(0, len(batch), forward_batch):
+            seqs = [examples[i] for i in batch[c:c + forward_batch]]
+            _, mask = pad_batch(seqs, pad_id, device=device)
+            gates = [ReadGate(token_groups(mask, cfg.micro_batch), math.ceil(len(seqs) / cfg.micro_batch), bg,
+                              SELECTORS[cfg.selector], cfg.top_t) for bg in background]
+            for block, gate in zip(memory_blocks(model) if values else [], gates):
+                block.memory.read_gate = gate
+            loss += forward_backward(model, seqs, n_targets, pad_id, device)
+            require(math.isfinite(loss), f"the loss became {loss} at step {step + 1} — lower --lr or check "
+                    "the data; no checkpoint was written by this run")
+            for p, gate in zip(picked, gates):
+                p |= gate.chosen.any(0)
+        # Only picked rows got gradient, but backward built each full (N, dim) gradient: keep the picked
+        # rows' (R, dim), clip them with the dense gradients, and step exactly those rows.
+        rows = [p.nonzero()[:, 0] for p in picked]                                 # (R,) a layer
+        row_grads = [v.grad.index_select(0, r) for v, r in zip(values, rows)]      # (R, dim) a layer
+        for v in values:
+            v.grad = None
+        grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + row_grads, cfg.clip)
+        lr = get_lr(step, total, cfg.lr, cfg.warmup)
+        if dense_opt is not None:
+            dense_opt.param_groups[0]["lr"] = lr
+            dense_opt.step()
+            dense_opt.zero_grad(set_to_none=True)
+        sparse_opt.step(rows, row_grads, lr)
+        sync(device)
+        record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "step_time": time.perf_counter() - t0, "tokens": sum(len(examples[i]) for i in batch)}
+        record["tokens_per_s"] = record["tokens"] / record["step_time"]
+        if alphas:
+            record["alpha"] = [round(a.item(), 6) for a in alphas]
+        if values:
+            record["rows_updated"] = [len(r) for r in rows]
+        log.write(json.dumps(record) + "\n")
+        history.append(record)
+    for block in memory_blocks(model):
+        block.memory.read_gate = None
+    log.close()
+    return history
+
+def make_dense_optimizer(params, cfg, device):
+    """torch's AdamW or SGD for every trainable parameter but the value tables; None when there is none."""
+    if not params:
+        return None
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = str(device).startswith("cuda")
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+def autocast(device):
+    """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
+    if str(device).startswith("cuda"):
+        return torch.autocast("cuda", torch.bfloat16)
+    return contextlib.nullcontext()
+
+def sync(device):
+    """Waits for the GPU, so that wall-clock timings are true."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+def progress(iterable, desc):
+    """A progress bar on a terminal, none in a log file (its carriage returns would make one endless line)."""
+    return tqdm(iterable, desc=desc, disable=None)
+
+def pad_batch(seqs, pad_id, left=False, device="cpu"):
+    """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, span] = torch.tensor(s, dtype=torch.long)
+        mask[i, span] = 1
+    return ids.to(device), mask.to(device)
+
+# -----------------------------------------------------------------------------------------------------------
+# Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
+
+def medmcqa_prompt(row):
+    """The training text up to and including `Answer:`; the model must continue it with ` {L}. {option}`."""
+    return (f"Medical exam question:\nQuestion: {row['question']}\nA. {row['opa']}\nB. {row['opb']}\n"
+            f"C. {row['opc']}\nD. {row['opd']}\nAnswer:")
+
+def medmcqa_answer(row, option, letter_only=False):
+    if letter_only:
+        return f" {'ABCD'[option]}"
+    return f" {'ABCD'[option]}. {row['op' + 'abcd'[option]]}"
+
+def medmcqa_text(row):
+    """The training text: prompt, gold answer, and the explanation line if any. No EOS (the published code
+    appends none): it would teach the model to stop early, which moves TriviaQA for a reason that is not
+    forgetting."""
+    text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
+    if (row.get("exp") or "").strip():
+        text += f"\nExplanation: {row['exp']}"
+    return text
+
+def positions(mask):
+    """Position ids counted from each row's first real token, so a left-padded row scores as it would alone."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+def tail_logprobs(model, seqs, n_scored, pad_id):
+    """[(n,) log-probabilities of the last n tokens of each sequence] from one left-padded forward, logits
+    only where a scored token is."""
+    ids, mask = pad_batch(seqs, pad_id, left=True, device=next(model.parameters()).device)
+    k = max(n_scored)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=k + 1)
+    logits = out.logits[:, -k - 1:-1].float()                                       # (B, k, vocab)
+    token_lp = logits.gather(-1, ids[:, -k:, None])[..., 0] - logits.logsumexp(-1)   # (B, k)
+    return [token_lp[i, k - n:] for i, n in enumerate(n_scored)]
+
+def option_logprobs(model, prompts, options, pad_id):
+    """[(n,) log-probabilities of each option's tokens after its prompt], options listed prompt by prompt.
+    Each prompt runs once (left-padded) and its KV cache is shared by its options, which run after it as one
+    right-padded batch: the prompt, most of the tokens, is not recomputed per option."""
+    k = len(options) // len(prompts)                                                # options per prompt
+    ids, mask = pad_batch(prompts, pad_id, left=True, device=next(model.parameters()).device)  # (B, P)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
+                logits_to_keep=1)
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(k)                                                # B -> B*k rows
+    opt_ids, opt_mask = pad_batch(options, pad_id, device=ids.device)              # (B*k, O)
+    past_mask = mask.repeat_interleave(k, 0)                                        # (B*k, P)
+    start = past_mask.sum(-1, keepdim=True)                                         # (B*k, 1)
+    opt_pos = start + torch.arange(opt_ids.shape[1], device=ids.device)             # (B*k, O)
+    opt_logits = model(input_ids=opt_ids, attention_mask=torch.cat([past_mask, opt_mask], -1),
+                       position_ids=opt_pos, past_key_values=cache).logits           # (B*k, O, vocab)
+    # option token j is predicted by the logits before it: the prompt's last for j = 0
+    first = out.logits[:, -1:].repeat_interleave(k, 0)                              # (B*k, 1, vocab)
+    logits = torch.cat([first, opt_logits[:, :-1]], 1).float()                      # (B*k, O, vocab)
+    token_lp = logits.gather(-1, opt_ids[..., None])[..., 0] - logits.logsumexp(-1)  # (B*k, O)
+    return [token_lp[i, :len(o)] for i, o in enumerate(options)]
+
+@torch.no_grad()
+def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
+    """Accuracy of the argmax over the 4 options of the mean per-token log-likelihood of ` {L}. {option}`
+    (the mean keeps long options from losing for their length; letter mode: ` A`..` D`). The gold answer's
+    NLL moves long before the argmax flips: it shows learning that accuracy on 1,000 questions cannot yet
+    resolve. Helpers: medmcqa_prompt, medmcqa_answer, option_logprobs, pad_batch, positions, progress."""
+    prompts, options = [], []  # token ids: a prompt per question, its four answers after it
+    for row in rows:
+        prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
+        prompts.append(prompt)
+        for option in range(4):
+            ids = tokenizer(medmcqa_prompt(row) + medmcqa_answer(row, option, letter_only))["input_ids"]
+            assert ids[:len(prompt)] == prompt, "the prompt must tokenize as a prefix of prompt + answer"
+            options.append(ids[len(prompt):])
+    means, pad = [], tokenizer.pad_token_id
+    for s in progress(range(0, len(rows), batch_size), "medmcqa"):
+        batch_options = options[4 * s:4 * (s + batch_size)]
+        means += [lp.mean().item() for lp in option_logprobs(model, prompts[s:s + batch_size], batch_options, pad)]
+    scores = [means[i:i + 4] for i in range(0, len(means), 4)]
+    preds = [max(range(4), key=s.__getitem__) for s in scores]
+    correct = [int(p == row["cop"]) for p, row in zip(preds, rows)]
+    gold_nlls = [-s[row["cop"]] for s, row in zip(scores, rows)]
+    mode = "letter" if letter_only else "letter + option text"
+    return {"acc": statistics.mean(correct), "gold_nll": statistics.mean(gold_nlls), "n": len(rows),
+            "predictions": preds, "scores": scores, "correct": correct, "gold_nlls": gold_nlls,
+            "protocol": f"zero-shot, mean log-likelihood of {mode}"}
+
+@torch.no_grad()
+def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8):
+    """Token perplexity with a sliding window: each window starts `stride` after the last and scores only the
+    tokens no earlier window scored, so every token but the first (which has no context) counts once.
+    Helpers: tail_logprobs, pad_batch, positions, progress."""
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) >= 2, "perplexity needs at least two tokens"
+    starts = range(0, max(1, len(ids) - window + stride), stride)
+    ends = [min(start + window, len(ids)) for start in starts]
+    first_scored = [1] + ends[:-1]  # a window scores the tokens after the previous window's end
+    spans = list(zip(starts, ends, first_scored))
+    nll, count = 0.0, 0
+    for b in progress(range(0, len(spans), batch_size), "wikitext"):
+        chunk = spans[b:b + batch_size]
+        n_scored = [end - first for _, end, first in chunk]
+        seqs = [ids[start:end] for start, end, _ in chunk]
+        for lp in tail_logprobs(model, seqs, n_scored, tokenizer.pad_token_id):
+            nll -= lp.double().sum().item()
+        count += sum(n_scored)
+    assert count == len(ids) - 1
+    return {"ppl": math.exp(nll / count), "tokens": count,
+            "protocol": f"token perplexity, window {window}, stride {stride}"}
+
+def normalize_answer(s):
+    """TriviaQA normalisation: lower case, drop articles, keep [a-z0-9 .-], collapse spaces."""
+    s = re.sub(r"\b(a|an|the)\b", " ", s.lower())
+    return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
+
+def alias_contained(prediction, aliases):
+    """The paper's metric: some normalised alias occurs inside the normalised generation (lenient by design)."""
+    pred = normalize_answer(prediction)
+    return any(a and a in pred for a in map(normalize_answer, aliases))
+
+def exact_match(prediction, aliases):
+    """The answer equals an alias: the first non-empty line, or a start of it ending where a sentence or clause
+    does (`Paris. It is...`), at . , : ; ! ? before a space or the end, so `St. Louis`, `3.14`,
+    `Washington, D.C.` stay whole. Thousands separators are dropped (`1,000` equals `1000`)."""
+    def norm(s):
+        return normalize_answer(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s))
+    line = next((line.strip() for line in prediction.split("\n") if line.strip()), "")
+    answers = {norm(line)} | {norm(line[:m.start()]) for m in re.finditer(r"[.,;:!?](?=\s|$)", line)}
+    return bool((answers - {""}) & {norm(a) for a in aliases})
+
+@torch.no_grad()
+def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_penalty=1.0, batch_size=32):
+    """Greedy continuations by HF `generate` (KV cache), stopping on the tokenizer's EOS only. Prompts of
+    equal token length run together: no pads at all, so a batch gives each prompt the answer it gets alone,
+    and the repetition penalty (the logit of a token already in the row divided by it if positive,
+    multiplied if negative) counts exactly the row's own tokens."""
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
+    eos, answers = tokenizer.eos_token_id, {}
+    for _, same_length in itertools.groupby(order, key=lambda i: len(encoded[i])):
+        same_length = list(same_length)
+        for b in range(0, len(same_length), batch_size):
+            idx = same_length[b:b + batch_size]
+            ids = torch.tensor([encoded[i] for i in idx], device=next(model.parameters()).device)  # (B, P)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+            for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
+                answers[i] = tokenizer.decode(row[:row.index(eos)] if eos in row else row, skip_special_tokens=True)
+    return [answers[i] for i in range(len(prompts))]
+
+def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repetition_penalty=None):
+    """Alias containment (the paper's) and exact match of one greedy generation per question. The paper's
+    generate(do_sample=False) applies the repetition penalty of the model's own generation_config.json
+    (Qwen2.5-0.5B-Instruct sets one): so does this, unless `repetition_penalty` is given.
+    Helpers: greedy_generate, alias_contained, exact_match, normalize_answer."""
+    penalty = repetition_penalty or getattr(model.generation_config, "repetition_penalty", None) or 1.0
+    prompts = [f"Question: {question}\nAnswer:" for question, _ in rows]
+    preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, penalty, batch_size)
+    contained = [int(alias_contained(p, aliases)) for p, (_, aliases) in zip(preds, rows)]
+    exact = [int(exact_match(p, aliases)) for p, (_, aliases) in zip(preds, rows)]
+    return {"alias_contains_acc": statistics.mean(contained), "exact_match": statistics.mean(exact),
+            "n": len(rows), "predictions": preds, "alias_correct": contained, "exact_correct": exact,
+            "protocol": f"zero-shot greedy, {max_new_tokens} new tokens, repetition penalty {penalty:g}"}
+
+# -----------------------------------------------------------------------------------------------------------
+# Data files: every source is a hub id by default, or a local JSON Lines (or .txt) file in the hub's schema
+
+def is_local(path):
+    """A path on this machine (it exists, or is spelled like one) rather than a hub id."""
+    spelled = path.startswith((".", "/", "~")) or path.count("/") > 1
+    return os.path.exists(path) or spelled or path.lower().endswith((".jsonl", ".json", ".txt"))
+
+def read_rows(source, hub_config=None, split="train"):
+    """(where, row) pairs, `where` a row's place for errors: its line in a file (every line counted)."""
+    if not is_local(source):
+        try:
+            import datasets  # imported here: `eval` and `bench` run where `datasets` is not installed
+            rows = datasets.load_dataset(source, hub_config, split=split)
+        except Exception as e:
+            raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download it first, "
+                            "or pass a local file in the same schema") from e
+        return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
+    kind = source.lower().rsplit(".", 1)[-1]
+    require(os.path.isfile(source) and kind in ("jsonl", "json", "txt"), f"data file {source} is not a "
+            ".jsonl, .json (JSON Lines, what datasets' to_json writes) or .txt file — check the path")
+    with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows) is not text
+        lines = f.read().split("\n")
+    if kind == "txt":
+        return [(f"line {i}", {"text": line}) for i, line in enumerate(lines, 1)]
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{source}: line {i} is not JSON ({e}) — is the file complete?") from e
+            require(isinstance(row, dict), f"{source}: line {i} is a {type(row).__name__}, not a JSON "
+                    "object — one object per line (JSON Lines, what datasets' to_json writes)")
+            rows.append((f"line {i}", row))
+    return rows
+
+def parse_rows(source, rows, parse):
+    """parse(row) of every row; a missing or mistyped field is named with the row's line."""
+    out = []
+    for where, row in rows:
+        try:
+            out.append(parse(row))
+        except KeyError as e:
+            raise UserError(f"{source}: {where}: field {e} is missing — the file must use the hub schema") from e
+        except (TypeError, ValueError, AttributeError) as e:
+            raise UserError(f"{source}: {where}: {e} — the file must use the hub schema") from e
+    return out
+
+def keep_rows(source, rows, filters):
+    """The rows that pass every filter ({description: [passes, one per row]}); when none is left, the
+    error says how many rows each filter removed."""
+    kept = [row for row, *passes in zip(rows, *filters.values()) if all(passes)]
+    removed = ", ".join(f"{name} removed {passes.count(False)}" for name, passes in filters.items())
+    require(kept, f"{source}: no rows left of {len(rows)} ({removed}) — check the file")
+    return kept
+
+def medmcqa_row(row):
+    """A MedMCQA row with `cop` as an int 0..3 (0 = opa): other tools' exports write "2" or 2.0."""
+    for field in ("question", "opa", "opb", "opc", "opd"):
+        if not isinstance(row[field], str):
+            raise TypeError(f"field '{field}' is {type(row[field]).__name__}, not text")
+    if str(row["cop"]).removesuffix(".0") not in ("0", "1", "2", "3"):
+        raise ValueError(f"cop={row['cop']!r}, not an integer 0..3 (0 = opa)")
+    return {**row, "cop": int(float(row["cop"]))}
+
+def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
+    """Single-answer rows (`choice_type == "single"`, kept when absent), shuffled with `seed`, the first
+    `limit`."""
+    rows = parse_rows(source, read_rows(source, None, split), medmcqa_row)
+    single = [row.get("choice_type", "single") == "single" for row in rows]
+    rows = keep_rows(source, rows, {"choice_type == 'single'": single})
+    if seed is not None:
+        random.Random(seed).shuffle(rows)
+    return rows[:limit]
+
+def text_field(row):
+    if not isinstance(row["text"], str):
+        raise TypeError(f"field 'text' is {type(row['text']).__name__}, not text")
+    return row
+
+def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=1000):
+    """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
+    rows = parse_rows(source, read_rows(source, config, "test"), text_field)
+    lines = keep_rows(source, [r["text"].strip() for r in rows], {"non-empty": [bool(r["text"].strip())
+                                                                                for r in rows]})
+    return "\n\n".join(lines[:limit])
+
+def triviaqa_row(row):
+    """(question, aliases): the aliases and the answer value, a list of strings (a string would be an alias
+    per character)."""
+    aliases, value = row["answer"]["aliases"] or [], row["answer"].get("value") or ""
+    if not isinstance(row["question"], str) or not isinstance(aliases, list):
+        raise TypeError("question must be text and answer.aliases a list")
+    aliases = aliases + [value] if value else aliases
+    if not aliases or not all(isinstance(a, str) for a in aliases):
+        raise ValueError("the answer has no aliases as a list of strings")
+    return row["question"], aliases
+
+def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
+    """(question, aliases) pairs from the rc.nocontext validation split."""
+    return parse_rows(source, read_rows(source, "rc.nocontext", "validation")[:limit], triviaqa_row)
+
+def load_background(source="OpenAssistant/oasst1", limit=None):
+    """OASST1 English assistant replies ranked 0 or 1, at least 50 characters: the general-text corpus."""
+    rows = parse_rows(source, read_rows(source, None, "train"), text_field)
+    filters = {"lang == 'en'": [r.get("lang", "en") == "en" for r in rows],
+               "role == 'assistant'": [r.get("role", "assistant") == "assistant" for r in rows],
+               "rank 0 or 1": [r.get("rank", 0) in (0, 1) for r in rows],
+               "at least 50 characters": [len(r["text"]) >= 50 for r in rows]}
+    return [r["text"] for r in keep_rows(source, rows, filters)][:limit]
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints: small files on top of a parent model, staged and renamed into place, read back by load_model
+
+STATS = "background_stats.safetensors"  # a retrofit's background statistics; its SMF runs carry a copy
 
 def read_json(path, fix):
     """A JSON file's content, or a one-line error naming the file and how to `fix` it."""
@@ -341,48 +813,60 @@ def read_json(path, fix):
         raise UserError(f"{path} could not be read ({type(e).__name__}: {e}) — {fix}") from e
 
 def write_atomic(path, text):
-    """Writes under a temporary name, then renames: a reader never sees half a file, nor a stray temporary one."""
+    """Writes under a temporary name, then renames: a reader never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(f"{path}.tmp{os.getpid()}", "w") as f:
+        with open(tmp, "w") as f:
             f.write(text)
-        os.replace(f.name, path)
+        os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(f"{path}.tmp{os.getpid()}")
+            os.remove(tmp)
 
-def check_outputs(writes, reads, overwrite=False):
-    """Rule 1, for each (flag, path, is_folder) written: the right kind, a writable place, not the current folder nor
-    what the run reads or else writes; a checkpoint is replaced only with `overwrite`, if it holds only its files."""
-    for flag, path, is_folder in writes:
-        real, cwd = os.path.realpath(path), os.getcwd()
-        for other, what in [(os.path.realpath(p), "this run reads") for p in reads] + [(cwd, "is the current folder")] \
-                + [(os.path.realpath(p), "this run writes") for _, p, folder in writes if folder and p != path]:
-            relation = "is" if real == other else "holds" if other.startswith(real + os.sep) else "lies inside" \
-                if real.startswith(other + os.sep) and other != cwd else None
-            require(relation is None, f"{flag} {path} {relation} {other}, which {what} — choose another path")
-        require(not os.path.exists(real) or os.path.isdir(real) == is_folder, f"{flag} {path} is "
-                f"{'a file' if is_folder else 'a folder'} — give a new {'folder' if is_folder else 'file name'}")
-        place = os.path.dirname(real)
-        while not os.path.exists(place):
-            place = os.path.dirname(place)
-        require(os.path.isdir(place) and os.access(place, os.W_OK), f"{flag} {path} cannot be written ({place} is "
-                f"{'not writable' if os.path.isdir(place) else 'a file'}) — choose a writable place")
-        if is_folder and os.path.isdir(path) and os.listdir(path):
-            meta = checkpoint_meta(path)
-            require(meta, f"{flag} {path} holds files that are not an smf checkpoint — choose a new, empty folder")
-            extra = sorted(set(os.listdir(path)) - set(meta.get("files", ())))
-            require(not extra, f"{flag} {path} also holds {', '.join(extra)}, which replacing the checkpoint would "
-                    "delete — move them out, or choose another folder")
-            require(overwrite, f"{flag} {path} already holds a checkpoint — pass --overwrite to replace it (once the "
-                    "new one is complete), or choose a new folder")
+def written_by_smf(path):
+    """A results JSON (it names its model) or a table.md that this tool wrote: rerunning into it is normal."""
+    with contextlib.suppress(OSError, ValueError):
+        if path.endswith(".md"):
+            with open(path) as f:
+                return f.readline().startswith("| row |")
+        content = read_json(path, "")
+        return isinstance(content, dict) and "model" in content
+    return False
+
+def check_output(flag, path, reads, folder=False, overwrite=False):
+    """The output rule: a path a command writes must not exist, except a checkpoint folder replaced with
+    --overwrite that holds only the files its config.json lists, and a results file this tool wrote. It is
+    never, nor lies inside, anything the run reads (its model and that model's parents)."""
+    real = os.path.realpath(path)
+    for read in map(os.path.realpath, reads):
+        require(real != read and not real.startswith(read + os.sep),
+                f"{flag} {path} is or lies inside {read}, which this run reads — choose another path")
+    place = os.path.dirname(real)
+    while not os.path.exists(place):
+        place = os.path.dirname(place)
+    require(os.path.isdir(place) and os.access(place, os.W_OK),
+            f"{flag} {path} cannot be written ({place} is not a writable folder) — choose a writable place")
+    if not os.path.exists(path):
+        return
+    if not folder:
+        require(os.path.isfile(path) and written_by_smf(path),
+                f"{flag} {path} exists and is not a results file of smf — choose a new file name")
+        return
+    meta = checkpoint_meta(path) if os.path.isdir(path) else None
+    require(meta is not None, f"{flag} {path} exists and is not an smf checkpoint — choose a new folder")
+    extra = sorted(set(os.listdir(path)) - set(meta.get("files", ())))
+    require(not extra, f"{flag} {path} also holds {', '.join(extra)}, which replacing the checkpoint would "
+            "delete — move them out, or choose another folder")
+    require(overwrite, f"{flag} {path} already holds a checkpoint — pass --overwrite to replace it (once "
+            "the new one is complete), or choose a new folder")
 
 @contextlib.contextmanager
 def replacing(out, overwrite=False):
-    """Yields a staging folder, this run's own, that becomes `out` if the block ends without error: one rename, which
-    fails if another run wrote `out` meanwhile; with `overwrite` the old checkpoint is renamed aside first, and back
-    if the second rename fails or is interrupted (Ctrl-C is an exception). Before the swap, `out` is untouched."""
-    place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system, so that a rename moves it
+    """Yields a staging folder, this run's own, that becomes `out` if the block ends without error: one
+    rename, which fails if another run wrote `out` meanwhile; with `overwrite` the old checkpoint is renamed
+    aside first, and back if the second rename fails or is interrupted. Before the swap `out` is untouched."""
+    place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system: a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
     old = staged + ".old"
@@ -390,38 +874,42 @@ def replacing(out, overwrite=False):
         yield staged
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes 0700 and safetensors 0600: give the usual permissions
-        for name in os.listdir(staged):
-            os.chmod(os.path.join(staged, name), 0o666 & ~umask)
+        os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes 0700 and safetensors 0600: the usual permissions
+        for file in os.listdir(staged):
+            os.chmod(os.path.join(staged, file), 0o666 & ~umask)
         try:
             if overwrite and os.path.exists(out):
                 os.rename(out, old)
             os.rename(staged, out)
-        except BaseException:
+        except OSError as e:
+            raise UserError(f"{out} was written by another run meanwhile ({e.strerror}) — that checkpoint "
+                            "stays; train again into another folder") from e
+        finally:
             if os.path.exists(old) and not os.path.exists(out):
                 os.rename(old, out)
-            raise
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 def save_checkpoint(folder, meta, tensors, extra=None):
-    """weights.safetensors, the `extra` {file: tensors}, and config.json's `smf`: `meta` and the folder's files."""
+    """weights.safetensors, the `extra` {file: tensors}, and config.json's `smf`: `meta` and the files."""
     from safetensors.torch import save_file
     for name, named in ({"weights.safetensors": tensors} | (extra or {})).items():
         save_file({k: v.detach().contiguous().cpu() for k, v in named.items()}, os.path.join(folder, name))
+    files = sorted(set(os.listdir(folder)) | {"config.json"})
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"smf": {**meta, "files": sorted(set(os.listdir(folder)) | {"config.json"})}}, f, indent=2)
+        json.dump({"smf": {**meta, "files": files}}, f, indent=2)
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
     config = os.path.join(path, "config.json")
-    content = read_json(config, "restore the file, or train or download that model again") if is_local(path) and \
-        os.path.isfile(config) else {}
+    if not (is_local(path) and os.path.isfile(config)):
+        return None
+    content = read_json(config, "restore the file, or train or download that model again")
     return content.get("smf") if isinstance(content, dict) else None
 
 def parent_of(path, meta):
-    """A checkpoint's parent: beside it as recorded (moved together), else where it was (copied alone), or a hub id."""
+    """A checkpoint's parent: beside it as recorded (moved together), else where it was (copied alone)."""
     for parent in (os.path.join(path, meta["parent"]), meta.get("parent_abs", "")):
         if os.path.isfile(os.path.join(parent, "config.json")):
             return parent
@@ -443,506 +931,246 @@ def model_memory(path):
     metas = [checkpoint_meta(p) for p in checkpoint_chain(path)]
     return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
 
-def check_weight_files(folder):
-    """Names a damaged (say, truncated) weight file, which transformers and safetensors would not."""
-    from safetensors import safe_open
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        try:
-            with safe_open(file, "pt"):
-                pass
-        except Exception as e:
-            raise UserError(f"{file} is damaged ({' '.join(str(e).split())}) — restore it, or train or download "
-                            f"{folder} again") from e
+def fingerprint(path):
+    """Of a plain parent model: the sha256 of its weight files (a local folder), or None (a hub id: its files
+    are content-addressed by the hub's cache). A changed parent under the same path is then caught."""
+    if not is_local(path):
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))):
+        with open(file, "rb") as f:
+            while block := f.read(1 << 24):
+                digest.update(block)
+    return digest.hexdigest()
+
+def provenance(kind, cfg_record, parent, out):
+    """config.json's record of where a checkpoint comes from: its parent (relative to the checkpoint, and
+    absolute), the parent's id or fingerprint, a fresh id of its own, and the versions it was made with."""
+    import transformers
+    parent_meta = checkpoint_meta(parent)
+    meta = {"kind": kind, "id": os.urandom(8).hex(), "train": cfg_record, "parent": parent,
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    if is_local(parent):
+        meta["parent"] = os.path.relpath(parent, out)
+        meta["parent_abs"] = os.path.abspath(parent)
+    if parent_meta is None:
+        meta["parent_fingerprint"] = fingerprint(parent)
+    else:
+        meta["parent_id"] = parent_meta["id"]
+    return meta
 
 def smf_patch(before, trained):
-    """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed since
-    `before` (as `<name>.index` and `<name>.rows`), anything else (alpha, with --train-scale) whole."""
+    """What an SMF checkpoint stores of its `trained` tensors: of a value table only the rows that changed
+    since `before` (as `<name>.index` and `<name>.rows`), anything else (alpha, with --train-scale) whole."""
     patch = {name: t for name, t in trained.items() if name not in before}
     for name in before:
         index = (before[name] != trained[name]).any(dim=1).nonzero()[:, 0]   # exact: a change of 1e-9 counts
-        patch |= {f"{name}.index": index, f"{name}.rows": trained[name][index]}
+        patch[f"{name}.index"] = index
+        patch[f"{name}.rows"] = trained[name][index]
     return patch
 
+def load_stats(path):
+    """The background statistics a retrofit saved beside its weights (its SMF runs carry a copy)."""
+    from safetensors.torch import load_file
+    saved = load_file(os.path.join(path, STATS))
+    n_layers = len([k for k in saved if k.endswith(".df")])
+    return [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"]))
+            for j in range(n_layers)]
+
+def stats_tensors(stats):
+    tensors = {"batches": torch.tensor(stats[0].batches)}
+    for j, s in enumerate(stats):
+        tensors[f"{j}.df"], tensors[f"{j}.reads"] = s.df, s.reads
+    return tensors
+
+def check_model_path(path):
+    """A local model folder holds config.json; a missing one is named as what it is."""
+    if not is_local(path):
+        return
+    require(not os.path.isfile(path), f"--model {path} is a file — give the folder that holds it")
+    require(os.path.isdir(path), f"--model {path}: there is no such folder, and as a hub id it could not be "
+            "loaded — check the path")
+    require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging Face model nor "
+            "an smf checkpoint (no config.json) — point --model at the folder holding config.json")
+
+def load_plain_model(path, device, dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer_files = glob.glob(os.path.join(path, "tokenizer*")) + glob.glob(os.path.join(path, "vocab.*"))
+    require(not is_local(path) or tokenizer_files,
+            f"{path} has no tokenizer — save the model's tokenizer into it (save_pretrained)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    except Exception as e:
+        damaged = [f for f in glob.glob(os.path.join(path, "*.safetensors")) if not readable_weights(f)]
+        require(not damaged, f"{damaged[0] if damaged else ''} is damaged — restore it, or download {path} again")
+        detail = " ".join(str(e).split())[:150]
+        where = "no such local folder, and as a hub id it" if not is_local(path) else "it"
+        raise UserError(f"could not load model '{path}': {where} could not be loaded ({type(e).__name__}: "
+                        f"{detail}) — check the path, or download the model while online") from e
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
+    return model.eval(), tokenizer
+
+def readable_weights(file):
+    from safetensors import safe_open
+    try:
+        with safe_open(file, "pt"):
+            return True
+    except Exception:
+        return False
+
 def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
-    """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes (parents loaded first)."""
-    if is_local(path):
-        require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging Face model nor an smf "
-                "checkpoint (no config.json) — point --model at the folder holding config.json" if os.path.isdir(path)
-                else f"model path {path} does not exist — check the path or give a hub id")
-        check_weight_files(path)
+    """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes (parents first)."""
+    check_model_path(path)
     meta = checkpoint_meta(path)
     if meta is None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        require(not is_local(path) or glob.glob(os.path.join(path, "tokenizer*")) or glob.glob(os.path.join(path,
-                "vocab.*")), f"{path} has no tokenizer — save the model's tokenizer into it (save_pretrained)")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
-        except Exception as e:
-            raise UserError(f"could not load model '{path}' ({type(e).__name__}: {' '.join(str(e).split())[:150]}) — "
-                            "check the path, or download the model while online") from e
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
-        return model.eval(), tokenizer
+        return load_plain_model(path, device, dtype)
     parent = parent_of(path, meta)
-    require(not is_local(parent) or os.path.isfile(os.path.join(parent, "config.json")), f"the parent "
-            f"{meta['parent']} of {path} is missing — restore it, or train {path} again")
-    require(meta.get("parent_id") == (checkpoint_meta(parent) or {}).get("id"), f"the parent {meta['parent']} of "
-            f"{path} has been trained again since — restore that parent, or train {path} again")
+    require(not is_local(parent) or os.path.isfile(os.path.join(parent, "config.json")),
+            f"the parent {meta['parent']} of {path} is missing — restore it, or train {path} again")
+    parent_meta = checkpoint_meta(parent) or {}
+    changed = meta.get("parent_id") != parent_meta.get("id")
+    if "parent_fingerprint" in meta:
+        changed = meta["parent_fingerprint"] != fingerprint(parent)
+    require(not changed, f"the parent {parent} of {path} has other weights than it was trained from — "
+            f"restore that parent, or train {path} again")
     model, tokenizer = load_model(parent, device, dtype)
-    from safetensors.torch import load_file
     weights = os.path.join(path, "weights.safetensors")
     require(os.path.isfile(weights), f"{weights} is missing — restore it, or train {path} again")
+    require(readable_weights(weights), f"{weights} is damaged — restore it, or train {path} again")
+    from safetensors.torch import load_file
     tensors = load_file(weights, device=str(device))
     if meta["kind"] == "memory":
         add_memory(model, MemoryConfig(**meta["memory"]))
-    elif meta["kind"] == "lora":
+    if meta["kind"] == "lora":
         add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, t in tensors.items():  # whole tensors, or smf_patch's changed rows of a value table
-            name = key.removesuffix(".rows").removesuffix(".index")
             if key.endswith(".rows"):
+                name = key.removesuffix(".rows")
                 params[name][tensors[f"{name}.index"]] = t.to(dtype)
-            elif key == name:
-                params[name].copy_(t)
+            elif not key.endswith(".index"):
+                params[key].copy_(t)
     return merge_lora(model).to(dtype).eval(), tokenizer
-
-# -----------------------------------------------------------------------------------------------------------
-# Row selection (per memory layer): which value rows a micro-batch may update
-
-@dataclass
-class BackgroundStats:
-    df: torch.Tensor      # (N,) background batches that read row i at least once
-    reads: torch.Tensor   # (N,) total background reads of row i
-    batches: int          # B, the number of background batches
-
-def tfidf_scores(counts, background: BackgroundStats):
-    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background batches. counts (N,) or (G, N)."""
-    tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
-    return tf * torch.log((background.batches + 1) / (background.df.double() + 1))
-
-def kl_scores(counts, background: BackgroundStats):
-    """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads)."""
-    p = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
-    q = (background.reads.double() + 1) / (background.reads.double() + 1).sum()
-    return torch.where(p > 0, p * torch.log(p / q), torch.zeros_like(p))
-
-def select_rows(scores, counts, top_t):
-    """Mask of the top_t read rows by score (ties: lower row first; unread: never). (N,) or (G, N) per micro-batch."""
-    scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
-    best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_t]  # stable: index order
-    return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
-
-def token_groups(mask, group_size):
-    """(B*T,) each token's group (sequence index // group_size: a micro-batch, or an example), -1 for pads."""
-    group = torch.arange(mask.shape[0], device=mask.device)[:, None] // group_size
-    return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
-
-def count_reads(rows, group, n_groups, n_rows):
-    """(n_groups, n_rows) how often the tokens of each group read each row; pads (group -1) never count."""
-    real = (group >= 0)[:, None].expand_as(rows)
-    key = group.clamp(min=0)[:, None] * n_rows + rows
-    counts = torch.bincount(key.flatten(), weights=real.flatten().float(), minlength=n_groups * n_rows)
-    return counts.view(n_groups, n_rows).long()
-
-@torch.no_grad()
-def select_reads(rows, group, n_groups, background, score_fn, top_t, step_chosen=None):
-    """SMF's choice in a forward of several micro-batches: each picks its top_t rows, and a read passes gradient only
-    if its own micro-batch picked its row. rows (M, S) read by each token of group (M,) (-1: pad). Returns keep
-    (M, S) and the picks (n_groups, N), also ORed into `step_chosen` (N,). No host sync: it runs mid-forward."""
-    counts = count_reads(rows, group, n_groups, background.df.shape[0])                  # (G, N)
-    chosen = select_rows(score_fn(counts, background), counts, top_t)
-    if step_chosen is not None:
-        step_chosen |= chosen.any(0)
-    return chosen[group.clamp(min=0)[:, None], rows] & (group >= 0)[:, None], chosen
-
-def add_background_reads(rows, group, n_examples, stats):
-    """The read hook behind background_stats: df counts the examples that read a row, not the reads."""
-    counts = count_reads(rows, group, n_examples, stats.df.shape[0])                   # (examples, N)
-    stats.reads += counts.sum(0).cpu()
-    stats.df += (counts > 0).sum(0).cpu()
-
-@torch.no_grad()
-def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, device="cpu"):
-    """df, reads and B per memory layer, in eval mode; examples run `batch_size` at a time, each its own batch."""
-    blocks = memory_blocks(model)
-    n = blocks[0].memory.values.shape[0]
-    stats = [BackgroundStats(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long), len(texts))
-             for _ in blocks]
-    model.eval()
-    for start in progress(range(0, len(texts), batch_size), "background stats"):
-        ids, mask = pad_batch([tokenizer(t)["input_ids"][:max_len] for t in texts[start:start + batch_size]],
-                              tokenizer.pad_token_id, device=device)
-        for b, s in zip(blocks, stats):
-            b.memory.read_hook = functools.partial(add_background_reads, group=token_groups(mask, 1),
-                                                   n_examples=len(ids), stats=s)
-        with autocast(device):
-            model(input_ids=ids, attention_mask=mask)
-    for b in blocks:
-        b.memory.read_hook = None
-    return stats
-
-# -----------------------------------------------------------------------------------------------------------
-# Training: one plain loop for every method
-
-def get_lr(step, total, peak, warmup):
-    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-class RowSparseAdamW:
-    """AdamW (or SGD) updating only the given rows of 2-D parameters, their moments and step counts too: rows chosen
-    earlier never drift (masking the gradient of a dense AdamW would move them through their stale moments)."""
-
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
-        self.params, self.betas, self.eps, self.wd, self.sgd = list(params), betas, eps, weight_decay, sgd
-        self.state = [None] * len(self.params)
-
-    @torch.no_grad()
-    def step(self, rows_per_param, grads_per_param, lr):
-        """rows: (R,) distinct row indices of each parameter; grads: (R, dim), those rows' gradients."""
-        for i, (p, rows, g) in enumerate(zip(self.params, rows_per_param, grads_per_param)):
-            g = g.float()
-            w = p.index_select(0, rows).float()
-            if self.sgd:  # weight decay as torch.optim.SGD applies it: added to the gradient
-                p.index_copy_(0, rows, (w - lr * (g + self.wd * w)).to(p.dtype))
-                continue
-            if self.state[i] is None:
-                self.state[i] = (torch.zeros_like(p, dtype=torch.float), torch.zeros_like(p, dtype=torch.float),
-                                 torch.zeros(p.shape[0], device=p.device))
-            m, v, t = self.state[i]
-            (b1, b2), t_r = self.betas, t[rows] + 1                # (R,) per-row step counts
-            m_r = b1 * m.index_select(0, rows) + (1 - b1) * g
-            v_r = b2 * v.index_select(0, rows) + (1 - b2) * g * g
-            m.index_copy_(0, rows, m_r), v.index_copy_(0, rows, v_r), t.index_copy_(0, rows, t_r)
-            update = (m_r / (1 - b1 ** t_r)[:, None]) / ((v_r / (1 - b2 ** t_r)[:, None]).sqrt() + self.eps)
-            p.index_copy_(0, rows, (w * (1 - lr * self.wd) - lr * update).to(p.dtype))
-
-def clip_grads(grads, max_norm):
-    """Scales the gradients in place so that their joint L2 norm is at most max_norm (0: no clipping)."""
-    norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-    if max_norm:
-        for g in grads:
-            g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    return float(norm)
-
-def train(model, tokenizer, texts, cfg, background=None, device="cpu", log_path=None, record_selected=False):
-    """Trains the parameters that require grad in place; SMF gets one BackgroundStats per layer. Returns the history."""
-    smf, sgd = cfg.method == "smf", cfg.optimizer == "sgd"
-    blocks = memory_blocks(model) if smf else []
-    values = [b.memory.values for b in blocks]
-    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # logged: the reach scales with alpha
-    dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
-    dense_opt = (torch.optim.SGD(dense, lr=cfg.lr, weight_decay=cfg.weight_decay) if sgd else torch.optim.AdamW(
-        dense, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=str(device).startswith("cuda"))) if dense else None
-    sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=sgd)
-    background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
-    examples = [e for e in ((t if isinstance(t, list) else tokenizer(t)["input_ids"])[: cfg.max_len]  # or token ids
-                            for t in texts[: cfg.limit_train]) if len(e) > 1]  # no EOS (see medmcqa_text)
-    require(examples, "no training text has two tokens or more — check the training data")
-    rng, seqs_per_step = random.Random(cfg.seed), cfg.micro_batch * cfg.grad_accum
-    total = min(math.ceil(cfg.epochs * math.ceil(len(examples) / seqs_per_step)), cfg.max_steps or math.inf)
-    if cfg.warmup >= total:
-        print(f"warning: warm-up ({cfg.warmup} steps) >= all {total} steps: the lr never reaches {cfg.lr:g} and "
-              "this run learns little — lower --warmup or train longer", file=sys.stderr)
-    score_fn = kl_scores if cfg.selector == "kl" else tfidf_scores
-    queue, history, log = [], [], open(log_path or os.devnull, "w", buffering=1)  # line-buffered
-    model.train()
-    bar = progress(range(total), f"train {cfg.method}")
-    for step in bar:
-        if not queue:  # each epoch a new seeded shuffle, sorted by length within chunks of 64 steps (little padding)
-            order, chunk = rng.sample(range(len(examples)), len(examples)), 64 * seqs_per_step
-            parts = [sorted(order[c:c + chunk], key=lambda i: len(examples[i])) for c in range(0, len(order), chunk)]
-            queue = [part[i:i + seqs_per_step] for part in parts for i in range(0, len(part), seqs_per_step)]
-            rng.shuffle(queue)
-        batch = queue.pop(0)  # one optimizer step: grad_accum micro-batches of similar lengths
-        n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
-        t0, loss_sum, n_tokens = time.perf_counter(), 0.0, sum(len(examples[i]) for i in batch)
-        step_chosen = [torch.zeros(v.shape[0], dtype=torch.bool, device=v.device) for v in values]  # SMF
-        forward_batch = cfg.forward_batch or seqs_per_step  # several micro-batches per forward: same gradient
-        for c in range(0, len(batch), forward_batch):
-            ids, mask = pad_batch([examples[i] for i in batch[c:c + forward_batch]], tokenizer.pad_token_id,
-                                  device=device)
-            group, n_groups = token_groups(mask, cfg.micro_batch), math.ceil(len(ids) / cfg.micro_batch)
-            for j, b in enumerate(blocks):  # the hook runs inside layer j; this pass's groups are bound in
-                b.memory.read_hook = lambda rows, j=j, group=group, n_groups=n_groups: select_reads(
-                    rows, group, n_groups, background[j], score_fn, cfg.top_t, step_chosen[j])[0]
-            with autocast(device):
-                logits = model(input_ids=ids, attention_mask=mask).logits               # (B, T, vocab)
-            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                  # pads never count
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                   reduction="sum") / n_targets
-            require(torch.isfinite(loss), f"the loss became {loss.item()} at step {step + 1} — lower --lr or check "
-                    "the data; no checkpoint was written by this run")
-            loss.backward()
-            loss_sum += loss.item()
-        union = [c.nonzero()[:, 0] for c in step_chosen]  # rows chosen by any micro-batch, per memory layer
-        union_grads = [v.grad.index_select(0, u) for v, u in zip(values, union)]
-        for v in values:
-            v.grad = None
-        grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + union_grads, cfg.clip)
-        lr = get_lr(step, total, cfg.lr, cfg.warmup)
-        if dense_opt:
-            dense_opt.param_groups[0]["lr"] = lr
-            dense_opt.step()
-        sparse_opt.step(union, union_grads, lr)
-        for p in dense:
-            p.grad = None
-        step_time = sync(device) or time.perf_counter() - t0
-        record = {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": grad_norm, "step_time": step_time,
-                  "tokens": n_tokens, "tokens_per_s": n_tokens / step_time}
-        record |= ({"alpha": [round(a.item(), 6) for a in alphas]} if alphas else {}) | (
-            {"rows_updated": [len(u) for u in union]} if smf else {})
-        log.write(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None  # JSON has no NaN
-                              for k, v in record.items()}) + "\n")
-        history.append(record | ({"selected": [u.cpu() for u in union]} if record_selected else {}))
-        bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
-    for b in blocks:
-        b.memory.read_hook = None
-    log.close()
-    model.eval()
-    return history
-
-def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
-    """Adds what the method trains, freezes the rest (retrofit: all memory; smf: values, + alpha with train_scale;
-    lora: A, B; full: all). On a GPU frozen weights are bf16 (run under autocast only), trainable ones fp32."""
-    if method == "retrofit":
-        add_memory(model, mem_cfg)
-    blocks = memory_blocks(model)
-    require(blocks or method not in ("retrofit", "smf"), "the model has no memory layers — smf trains from a "
-            "retrofit checkpoint (--method retrofit)")
-    require(not (method == "smf" and train_scale and blocks[0].alpha is None), "--train-scale needs additive memory "
-            "— replacement memory has no alpha")
-    model.requires_grad_(method == "full")
-    if method == "lora":
-        add_lora(model, *lora_cfg)  # A and B are created trainable
-    for b in blocks if method in ("retrofit", "smf") else []:
-        b.memory.requires_grad_(method == "retrofit")
-        b.memory.values.requires_grad_(True)
-        if b.alpha is not None:
-            b.alpha.requires_grad_(method == "retrofit" or train_scale)
-    model.to(device)
-    for p in model.parameters():
-        p.data = p.data.float() if p.requires_grad or not str(device).startswith("cuda") else p.data.bfloat16()
-    return model
-
-# -----------------------------------------------------------------------------------------------------------
-# Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
-
-def tail_logprobs(model, seqs, n_scored, pad_id):
-    """[(n,) log-probabilities of the last n tokens of each sequence] from one forward: left padding, positions
-    from each sequence's first real token (a row scores as it would alone), logits only where a scored token is."""
-    ids, mask = pad_batch(seqs, pad_id, left=True, device=next(model.parameters()).device)
-    k = max(n_scored)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   logits_to_keep=k + 1).logits[:, -k - 1:-1].float()                     # (B, k, vocab)
-    token_lp = logits.gather(-1, ids[:, -k:, None])[..., 0] - logits.logsumexp(-1)         # (B, k)
-    return [token_lp[i, k - n:] for i, n in enumerate(n_scored)]
-
-@torch.no_grad()
-def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
-    """Accuracy of the argmax over the 4 options of the mean per-token log-likelihood of ` {L}. {option}` (the mean
-    keeps long options from losing for their length; letter mode: ` A`..` D`). The gold answer's NLL moves long
-    before the argmax flips: it shows learning that accuracy on 1,000 questions cannot yet resolve."""
-    seqs, n_answer = [], []  # prompt + answer token ids, four per question, and the answer's length
-    for row in rows:
-        prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
-        for option in range(4):
-            ids = tokenizer(medmcqa_prompt(row) + medmcqa_answer(row, option, letter_only))["input_ids"]
-            assert ids[:len(prompt)] == prompt, "the prompt must tokenize as a prefix of prompt + answer"
-            seqs.append(ids)
-            n_answer.append(len(ids) - len(prompt))
-    means, b, pad = [], 4 * batch_size, tokenizer.pad_token_id  # batch_size questions, their 4 options each
-    for s in progress(range(0, len(seqs), b), "medmcqa"):
-        means += [lp.mean().item() for lp in tail_logprobs(model, seqs[s:s + b], n_answer[s:s + b], pad)]
-    scores = [means[i:i + 4] for i in range(0, len(means), 4)]
-    preds = [max(range(4), key=s.__getitem__) for s in scores]
-    correct = [int(p == row["cop"]) for p, row in zip(preds, rows)]
-    gold_nlls = [-s[row["cop"]] for s, row in zip(scores, rows)]
-    return {"acc": statistics.mean(correct), "gold_nll": statistics.mean(gold_nlls), "n": len(rows),
-            "predictions": preds, "scores": scores, "correct": correct, "gold_nlls": gold_nlls,
-            "protocol": f"zero-shot, mean log-likelihood of {'letter' if letter_only else 'letter + option text'}"}
-
-@torch.no_grad()
-def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8):
-    """Token perplexity with a sliding window: each window starts `stride` after the last and scores only the
-    tokens no earlier window scored, so every token but the first (which has no context) counts once."""
-    ids = tokenizer(text)["input_ids"]
-    assert len(ids) >= 2, "perplexity needs at least two tokens"
-    ends = [min(start + window, len(ids)) for start in range(0, max(1, len(ids) - window + stride), stride)]
-    spans = [(i * stride, end, ends[i - 1] if i else 1) for i, end in enumerate(ends)]  # (start, end, first scored)
-    nll, count = 0.0, 0
-    for b in progress(range(0, len(spans), batch_size), "wikitext"):
-        chunk = spans[b:b + batch_size]
-        n_scored = [e - scored_from for _, e, scored_from in chunk]
-        for lp in tail_logprobs(model, [ids[s:e] for s, e, _ in chunk], n_scored, tokenizer.pad_token_id):
-            nll -= lp.double().sum().item()
-        count += sum(n_scored)
-    assert count == len(ids) - 1
-    return {"ppl": math.exp(nll / count), "tokens": count,
-            "protocol": f"token perplexity, window {window}, stride {stride}"}
-
-def normalize_answer(s):
-    """TriviaQA normalisation: lower case, drop articles, keep [a-z0-9 .-], collapse spaces."""
-    s = re.sub(r"\b(a|an|the)\b", " ", s.lower())
-    return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
-
-def alias_contained(prediction, aliases):
-    """The paper's metric: some normalised alias occurs inside the normalised generation (lenient by design)."""
-    pred = normalize_answer(prediction)
-    return any(a and a in pred for a in map(normalize_answer, aliases))
-
-def exact_match(prediction, aliases):
-    """The answer equals an alias: the first non-empty line, or a start of it ending where a sentence or clause does
-    (`Paris. It is...`), at . , : ; ! ? before a space or the end, so `St. Louis`, `3.14`, `Washington, D.C.` stay
-    whole. Thousands separators are dropped (`1,000` equals `1000`)."""
-    norm = lambda s: normalize_answer(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s))
-    line = next((line.strip() for line in prediction.split("\n") if line.strip()), "")
-    answers = {norm(line[:m.start()]) for m in re.finditer(r"[.,;:!?](?=\s|$)", line)} | {norm(line)}
-    return bool((answers - {""}) & {norm(a) for a in aliases})
-
-@torch.no_grad()
-def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_penalty=1.0):
-    """Greedy continuations, as `generate(do_sample=False)` makes them one at a time: left padding, positions from
-    each prompt's first real token, and HF's repetition penalty (the logit of a token already in the row is divided
-    by it if positive, multiplied if negative) over real tokens only, so batching changes nothing. No KV cache:
-    rerunning the short rows costs a GPU about the same launches, and works with every transformers version."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id, left=True,
-                          device=device)
-    start, seen, done = ids.shape[1], None, torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                       logits_to_keep=1).logits[:, -1].float()                            # (B, vocab)
-        if seen is None:  # (B, vocab): which tokens each row holds, pads not counted
-            seen = torch.zeros_like(logits, dtype=torch.long).scatter_add_(1, ids, mask) > 0
-        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-        nxt = torch.where(seen, penalised, logits).argmax(-1).masked_fill(done, tokenizer.pad_token_id)  # (B,)
-        seen[torch.arange(len(nxt)), nxt] |= ~done
-        ids, mask = torch.cat([ids, nxt[:, None]], 1), torch.cat([mask, (~done)[:, None].long()], 1)
-        done |= nxt == tokenizer.eos_token_id
-        if done.all():
-            break
-    eos = tokenizer.eos_token_id
-    new = [row[:row.index(eos)] if eos in row else row for row in ids[:, start:].tolist()]
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-
-def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repetition_penalty=None):
-    """Alias containment (the paper's) and exact match of one greedy generation per question, batched by prompt
-    length. The paper's generate(do_sample=False) applies the repetition penalty of the model's own
-    generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless `repetition_penalty` is given."""
-    penalty = repetition_penalty or getattr(getattr(model, "generation_config", None), "repetition_penalty", 0) or 1.0
-    prompts = [f"Question: {q}\nAnswer:" for q, _ in rows]
-    order, preds = sorted(range(len(rows)), key=lambda i: len(prompts[i])), {}
-    for b in progress(range(0, len(rows), batch_size), "triviaqa"):
-        idx = order[b:b + batch_size]
-        preds |= zip(idx, greedy_generate(model, tokenizer, [prompts[i] for i in idx], max_new_tokens, penalty))
-    preds = [preds[i] for i in range(len(rows))]
-    contained = [int(alias_contained(p, a)) for p, (_, a) in zip(preds, rows)]
-    exact = [int(exact_match(p, a)) for p, (_, a) in zip(preds, rows)]
-    return {"alias_contains_acc": statistics.mean(contained), "exact_match": statistics.mean(exact), "n": len(rows),
-            "predictions": preds, "alias_correct": contained, "exact_correct": exact,
-            "protocol": f"zero-shot greedy, {max_new_tokens} new tokens, repetition penalty {penalty:g}"}
 
 # -----------------------------------------------------------------------------------------------------------
 # Commands: train, eval, bench, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
-DATA_OPTIONS = ("medmcqa", "background", "eval_medmcqa", "wikitext", "triviaqa")
-RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background", "background_examples")
+RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background",
+                   "background_examples")  # the one-liner's retrofit takes these from the command line
+APPLIES = {  # rule 2: option -> the runs it applies to; given to any other run it is refused
+    "selector": "smf", "top_t": "smf", "train_scale": "smf",
+    "lora_r": "lora", "lora_alpha": "lora", "lora_dropout": "lora",
+    "background": "new memory", "background_examples": "new memory",
+    **{f"memory_{f.name}": "new memory" for f in dataclasses.fields(MemoryConfig)},
+    "memory_alpha_init": "new additive memory",
+    "medmcqa": "finetuning",
+    **{f.name: "eval_out" for f in dataclasses.fields(EvalConfig)}}
+RUNS = {"smf": "--method smf", "lora": "--method lora", "finetuning": "--method smf, lora or full",
+        "new memory": "a new memory (--method retrofit, or smf from a model without memory); a model's "
+        "memory and background statistics are its own", "new additive memory": "a new additive memory",
+        "eval_out": "--eval-out"}
 
-def option_rules(args):
-    """Rule 2: {option: (applies to this `train` run, to what)}. A given option that does not apply is refused, and
-    config.json records only those that apply. Memory and statistics the model has are its own."""
-    rules = {f.name: (bool(args.eval_out), "--eval-out") for f in dataclasses.fields(EvalConfig)}
-    method, has_memory = args.method, bool(model_memory(args.model))
-    has_stats = os.path.isfile(os.path.join(args.model, STATS))
+def run_kinds(method, has_memory, memory_mode="additive", eval_out=None):
+    """{kind of run in RUNS: whether this run is one}: what decides which options apply."""
     new_memory = method == "retrofit" or (method == "smf" and not has_memory)
-    rules |= dict.fromkeys(("selector", "top_t", "train_scale"), (method == "smf", "--method smf"))
-    rules |= dict.fromkeys(("lora_r", "lora_alpha", "lora_dropout"), (method == "lora", "--method lora"))
-    rules |= {f"memory_{f.name}": (new_memory, "a new memory (--method retrofit, or smf from a model without "
-                                   "memory); the model's memory is its own") for f in dataclasses.fields(MemoryConfig)}
-    rules["memory_alpha_init"] = (new_memory and args.memory_mode != "replacement", "a new additive memory")
-    rules |= dict.fromkeys(("background", "background_examples"), (new_memory or (method == "smf" and not has_stats),
-                           "a retrofit, whose background statistics its SMF runs reuse"))
-    rules["medmcqa"] = (method != "retrofit", "--method smf, lora or full (a retrofit trains on --background)")
-    return rules
+    return {"smf": method == "smf", "lora": method == "lora", "finetuning": method != "retrofit",
+            "new memory": new_memory, "new additive memory": new_memory and memory_mode != "replacement",
+            "eval_out": bool(eval_out)}
+
+def applied(cfg, kinds):
+    """The recipe as config.json records it: every setting that applies to this run."""
+    return {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
 
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
-    loaders = {"medmcqa": lambda: load_medmcqa(args.eval_medmcqa, "validation", args.limit),
-               "wikitext": lambda: load_wikitext(args.wikitext, limit=args.limit),
-               "triviaqa": lambda: load_triviaqa(args.triviaqa, args.limit)}
+    flags = {"medmcqa": "--eval-medmcqa", "wikitext": "--wikitext", "triviaqa": "--triviaqa"}
     data = {}
     for name in names:
         try:
-            data[name] = loaders[name]()
+            if name == "medmcqa":
+                data[name] = load_medmcqa(args.eval_medmcqa, "validation", args.limit)
+            if name == "wikitext":
+                data[name] = load_wikitext(args.wikitext, limit=args.limit)
+            if name == "triviaqa":
+                data[name] = load_triviaqa(args.triviaqa, args.limit)
         except UserError as e:  # name the flag to change
-            raise UserError(f"--{'eval-medmcqa' if name == 'medmcqa' else name}: {e}") from e
+            raise UserError(f"{flags[name]}: {e}") from e
     return data
 
-def run_train(args, device):
-    """`train` into a staging folder that becomes --out, then --eval-out. SMF from a model without memory first
-    retrofits it into <out>_retrofit, with the retrofit recipe and the settings both stages share."""
-    import transformers
-    from safetensors.torch import load_file
-    cfg, t0 = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}), time.time()
-    mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
-    method, rules = cfg.method, option_rules(args)
-    parent = args.out.rstrip("/") + "_retrofit" if method == "smf" and not model_memory(args.model) else args.model
-    texts = None if method == "retrofit" else \
-        [medmcqa_text(r) for r in load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)]
-    background = load_background(cfg.background) if rules["background"][0] else None
-    probes = load_probes(args) if args.eval_out else None
-    if parent != args.model:  # the one-liner
-        shared = {f.name: getattr(args, f.name) if f.name in RETROFIT_SHARES else f.default for f in
-                  dataclasses.fields(TrainConfig)} | {"method": "retrofit"}
-        retrofit = TrainConfig(**shared)
-        steps = math.ceil(retrofit.epochs * math.ceil(len(background) / (retrofit.micro_batch * retrofit.grad_accum)))
-        print(f"{args.model} has no memory layers: retrofitting it first into {parent} with the retrofit recipe: "
-              f"{len(background):,} background texts x {retrofit.epochs:g} epochs = {steps:,} steps (shorter: train "
-              "--method retrofit --max-steps N --out R, then SMF from R)")
-        run_train(argparse.Namespace(**{**vars(args), **shared, "out": parent, "eval_out": None, "overwrite": False}),
-                  device)
-    stats_file, local = os.path.join(parent, STATS), is_local(parent)
-    stats_file = stats_file if method == "smf" and os.path.isfile(stats_file) else None
-    meta = {"kind": {"retrofit": "memory"}.get(method, method), "method": method, "seed": cfg.seed,
-            "id": os.urandom(8).hex(), "parent_id": (checkpoint_meta(parent) or {}).get("id"),  # a retrained parent
-            "train": {k: v for k, v in vars(cfg).items() if rules.get(k, (True,))[0]},  # what applies (rule 2)
-            "parent": os.path.relpath(parent, args.out) if local else parent, "parent_abs": os.path.abspath(parent)
-            if local else parent, "versions": {"torch": torch.__version__,
-            "transformers": transformers.__version__}, **({"memory": vars(mem_cfg)} if method == "retrofit" else {}),
-            **({"background_stats": os.path.abspath(stats_file)} if stats_file else {})}
-    with replacing(args.out, args.overwrite) as staged:
+def train_stage(cfg, mem_cfg, parent, out, data, args, device):
+    """One checkpoint: load the parent, prepare what the method trains, train, save; in a staging folder
+    that becomes `out` only when complete."""
+    kinds = run_kinds(cfg.method, bool(model_memory(parent)), mem_cfg.mode)
+    examples_text = data["background"] if cfg.method == "retrofit" else data["medmcqa"]
+    with replacing(out, args.overwrite) as staged:
         torch.manual_seed(cfg.seed)
         model, tokenizer = load_model(parent, device)
-        prepare_model(model, method, mem_cfg, (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout), cfg.train_scale, device)
+        lora = (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+        prepare_model(model, cfg.method, mem_cfg, lora, cfg.train_scale, device)
         trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        make_stats = lambda: background_stats(model, tokenizer, background[:cfg.background_examples], cfg.max_len,
-                                              device=device)
-        if method == "smf":  # the parent's statistics (saved as below), or made now
-            saved = load_file(stats_file) if stats_file else None
-            stats = [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"])) for j in
-                     range(len(memory_blocks(model)))] if saved else make_stats()
-            before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
-        history = train(model, tokenizer, texts or background, cfg, stats if method == "smf" else None, device,
-                        os.path.join(staged, "train_log.jsonl"))
-        meta["train"]["total_steps"] = len(history)
-        stats = make_stats() if method == "retrofit" else stats if method == "smf" else None  # SMF runs reuse them
-        extra = {STATS: {"batches": torch.tensor(stats[0].batches)} | {f"{j}.{k}": getattr(s, k) for j, s in
-                 enumerate(stats) for k in ("df", "reads")}} if stats else None
-        save_checkpoint(staged, meta, smf_patch(before, trained) if method == "smf" else trained, extra)
-    size, last = sum(os.path.getsize(os.path.join(args.out, n)) for n in os.listdir(args.out)), history[-1]
-    watch = "".join(f"\n   {k} per layer in the last step: {last[k]}" for k in ("rows_updated", "alpha") if k in last)
-    print(f"\n== {method} finished: {len(history)} steps, {sum(h['tokens'] for h in history):,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} ({size / 2 ** 20:.1f} MB, "
-          f"kind {meta['kind']}, log train_log.jsonl){watch}\n   evaluate: python smf.py eval --model {args.out}")
+        stats = load_stats(parent) if cfg.method == "smf" else None
+        before = {name: p.detach().clone() for name, p in trained.items() if name.endswith(".values")}
+        examples = tokenize(tokenizer, examples_text[:cfg.limit_train], cfg.max_len)
+        require(examples, "no training text has two tokens or more — check the training data")
+        if cfg.warmup >= total_steps(len(examples), cfg):
+            print(f"warning: warm-up ({cfg.warmup} steps) covers all {total_steps(len(examples), cfg)} steps of "
+                  f"this {cfg.method}: its lr never reaches {cfg.lr:g} and it learns little", file=sys.stderr)
+        log = os.path.join(staged, "train_log.jsonl")
+        history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
+        if cfg.method == "retrofit":  # gathered once here, reused by every SMF run from this retrofit
+            texts = data["background"][:cfg.background_examples]
+            stats = background_stats(model, tokenizer, texts, cfg.max_len, device=device)
+        meta = provenance(cfg.method.replace("retrofit", "memory"), applied(cfg, kinds), parent, out)
+        meta["given"] = args.given
+        if cfg.method == "retrofit":
+            meta["memory"] = vars(mem_cfg)
+        tensors = smf_patch(before, trained) if cfg.method == "smf" else trained
+        save_checkpoint(staged, meta, tensors, {STATS: stats_tensors(stats)} if stats else None)
+    return history
+
+def run_train(args, device):
+    """`train`. SMF from a model without memory first retrofits it into <out>_retrofit, with the retrofit
+    recipe and the settings both stages share (RETROFIT_SHARES)."""
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    mem_cfg = MemoryConfig(**{f.name: getattr(args, f"memory_{f.name}") for f in dataclasses.fields(MemoryConfig)})
+    stages = [(cfg, args.model, args.out)]
+    if cfg.method == "smf" and not model_memory(args.model):  # the one-liner
+        shared = {name: getattr(cfg, name) for name in RETROFIT_SHARES}
+        retrofit_out = args.out.rstrip("/") + "_retrofit"
+        stages = [(TrainConfig(method="retrofit", **shared), args.model, retrofit_out), (cfg, retrofit_out, args.out)]
+        unused = sorted(set(args.given) - set(RETROFIT_SHARES) - set(APPLIES))
+        print(f"{args.model} has no memory: retrofitting it first into {retrofit_out} with the retrofit recipe "
+              f"(it takes {', '.join(RETROFIT_SHARES)} from this command, not {', '.join(unused) or '-'}; for "
+              "other settings, train --method retrofit first, then SMF from it)")
+    data = {"medmcqa": None, "background": None}
+    if cfg.method != "retrofit":
+        rows = load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)
+        data["medmcqa"] = [medmcqa_text(row) for row in rows]
+    if stages[0][0].method == "retrofit":
+        data["background"] = load_background(cfg.background)
+    probes = load_probes(args) if args.eval_out else None
+    for stage_cfg, parent, out in stages:
+        t0 = time.time()
+        history = train_stage(stage_cfg, mem_cfg, parent, out, data, args, device)
+        print_summary(stage_cfg.method, out, history, time.time() - t0, args)
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
-        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "probe": "all"}),
-                 device, probes)
-    return model
+        eval_args = argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "probe": "all"})
+        run_eval(eval_args, device, probes)
+
+def print_summary(method, out, history, seconds, args):
+    size = sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)) / 2 ** 20
+    last, tokens = history[-1], sum(h["tokens"] for h in history)
+    print(f"\n== {method} finished: {len(history)} steps, {tokens:,} tokens, {seconds:.0f}s, final loss "
+          f"{last['loss']:.4f}, checkpoint {out} ({size:.1f} MB, log train_log.jsonl)")
+    for key in ("rows_updated", "alpha"):
+        if key in last:
+            print(f"   {key} per layer in the last step: {last[key]}")
+    data_flags = "".join(f" --{name.replace('_', '-')} {getattr(args, name)}" for name in
+                         ("eval_medmcqa", "wikitext", "triviaqa") if name in args.given)
+    print(f"   evaluate: python {os.path.relpath(os.path.abspath(__file__))} eval --model {out}{data_flags}")
 
 def run_eval(args, device, probes=None):
     """`eval`: a line per probe and the results JSON (if one fails: those that finished, and `unfinished`)."""
@@ -950,21 +1178,27 @@ def run_eval(args, device, probes=None):
     probes = probes or load_probes(args, names)
     model, tokenizer = load_model(args.model, device, torch.bfloat16 if "cuda" in str(device) else torch.float32)
     bs, letter, penalty = args.batch_size, args.medmcqa_mode == "letter", args.repetition_penalty
-    evaluate = {"medmcqa": lambda rows: eval_medmcqa(model, tokenizer, rows, letter, bs),
-                "wikitext": lambda text: eval_wikitext(model, tokenizer, text, batch_size=max(1, bs // 2)),
-                "triviaqa": lambda rows: eval_triviaqa(model, tokenizer, rows, 2 * bs, repetition_penalty=penalty)}
     results = {"model": args.model}
     try:
         for probe in names:
-            t0, r = time.time(), evaluate[probe](probes[probe])
-            metrics = " ".join(f"{k} {r[k]:.4f}" for k in ("acc", "gold_nll", "ppl", "alias_contains_acc",
-                                                           "exact_match") if k in r)
-            print(f"{probe:9s} {metrics}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; {time.time() - t0:.1f}s)")
+            t0 = time.time()
+            if probe == "medmcqa":
+                r = eval_medmcqa(model, tokenizer, probes[probe], letter, bs)
+            if probe == "wikitext":
+                r = eval_wikitext(model, tokenizer, probes[probe], batch_size=max(1, bs // 2))
+            if probe == "triviaqa":
+                r = eval_triviaqa(model, tokenizer, probes[probe], 2 * bs, repetition_penalty=penalty)
+            keys = [k for k in ("acc", "gold_nll", "ppl", "alias_contains_acc", "exact_match") if k in r]
+            metrics = " ".join(f"{k} {r[k]:.4f}" for k in keys)
+            print(f"{probe:9s} {metrics}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; "
+                  f"{time.time() - t0:.1f}s)")
             results[probe] = r
     finally:
         unfinished = [n for n in names if n not in results]
-        if args.out and len(results) > 1:
-            write_atomic(args.out, json.dumps(results | ({"unfinished": unfinished} if unfinished else {}), indent=2))
+        if unfinished:
+            results["unfinished"] = unfinished
+        if args.out and len(results) > 1 + bool(unfinished):
+            write_atomic(args.out, json.dumps(results, indent=2))
             print(f"wrote {args.out}" + (f" without {', '.join(unfinished)}" if unfinished else ""))
     return results
 
@@ -975,7 +1209,8 @@ SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
 
 def run_bench(args, device):
-    """Every method's training steps on random tokens and weights, and a memory layer's fwd+bwd against the FFN's."""
+    """Every method's training steps on random tokens and weights, and a memory layer's fwd+bwd against the
+    FFN's."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     cuda = str(device).startswith("cuda")
     B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
@@ -983,7 +1218,8 @@ def run_bench(args, device):
     L = config.num_hidden_layers
     mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # layers 6, 12, 18 of 24
     examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T), generator=torch.Generator().manual_seed(0))
-    background = [BackgroundStats(torch.randint(0, 50, (128 ** 2,)), torch.randint(0, 500, (128 ** 2,)), 2000)] * 3
+    n = mem_cfg.n_keys ** 2
+    background = [BackgroundStats(torch.randint(0, 50, (n,)), torch.randint(0, 500, (n,)), 2000)] * 3
     print(f"bench: {args.shape} on {torch.cuda.get_device_name() if cuda else 'cpu'}, {B} x {T} tokens a step")
     tokens_per_s = {}
     for method in ("full", "lora", "smf", "retrofit"):
@@ -993,35 +1229,43 @@ def run_bench(args, device):
         if method == "smf":
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
-        cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B), max_len=T,
-                          max_steps=args.steps + 2, warmup=1)
-        with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            history = train(model, argparse.Namespace(pad_token_id=0), examples.tolist(), cfg, background, device)[2:]
+        cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B),
+                          max_len=T, max_steps=args.steps + 2, warmup=1)
+        with contextlib.redirect_stderr(None):  # no progress bars between the rows
+            history = train(model, examples.tolist(), cfg, background, 0, device)[2:]  # after 2 warm-up steps
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
         print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
     print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
+    ffn = nn.Sequential(nn.Linear(896, 4864, bias=False), nn.SiLU(), nn.Linear(4864, 896, bias=False))
     x = torch.randn(2048, 896, device=device, requires_grad=True)
-    ffn_in, ffn_out = nn.Linear(896, 2 * 4864, bias=False).to(device), nn.Linear(4864, 896, bias=False).to(device)
-    seconds = {}
-    for name, layer in (("memory", ProductKeyMemory(896).to(device)),
-                        ("ffn", lambda x: ffn_out(F.silu(ffn_in(x)[:, :4864]) * ffn_in(x)[:, 4864:]))):
-        for i in range(4):  # a warm-up, then three timed fwd+bwd
-            if i == 1:
-                t0 = sync(device) or time.perf_counter()
-            with autocast(device):
-                layer(x).float().sum().backward()
-        seconds[name] = (sync(device) or time.perf_counter() - t0) / 3
-    t_mem, t_ffn = seconds["memory"], seconds["ffn"]
-    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): {t_mem / t_ffn:.2f} "
-          f"({1000 * t_mem:.1f} ms vs {1000 * t_ffn:.1f} ms)")
+    seconds = {name: fwd_bwd_seconds(layer.to(device), x, device)
+               for name, layer in (("memory", ProductKeyMemory(896)), ("ffn", ffn))}
+    ratio = seconds["memory"] / seconds["ffn"]
+    print(f"memory layer fwd+bwd / FFN fwd+bwd (hidden 896, N=16384, 2048 tokens; FFN 896-4864-896 with a "
+          f"third matmul for SwiGLU's gate): {ratio:.2f}")
 
-TABLE_ROWS = [  # (row name, results folder)
-    ("Base", "base"), ("Retrofit (additive)", "retrofit_additive"), ("Retrofit (replacement)", "retrofit_replacement"),
-    ("SMF replacement KL", "smf_replacement_kl"), ("SMF replacement TF-IDF", "smf_replacement_tfidf"),
-    ("SMF additive KL", "smf_additive_kl"), ("SMF additive TF-IDF", "smf_additive_tfidf"),
-    ("SMF additive +scale KL", "smf_additive_scale_kl"), ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf"),
-    ("LoRA", "lora"), ("Full finetuning", "full")]
+def fwd_bwd_seconds(layer, x, device, repeats=3):
+    """Mean seconds of a forward and backward, after one warm-up."""
+    for i in range(repeats + 1):
+        if i == 1:
+            sync(device)
+            t0 = time.perf_counter()
+        with autocast(device):
+            layer(x).float().sum().backward()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
+
+TABLE_ROWS = [  # (row name, results folder, the short label of the figure)
+    ("Base", "base", "Base"), ("Retrofit (additive)", "retrofit_additive", "Retro add"),
+    ("Retrofit (replacement)", "retrofit_replacement", "Retro repl"),
+    ("SMF replacement KL", "smf_replacement_kl", "SMF repl KL"),
+    ("SMF replacement TF-IDF", "smf_replacement_tfidf", "SMF repl TF-IDF"),
+    ("SMF additive KL", "smf_additive_kl", "SMF add KL"),
+    ("SMF additive TF-IDF", "smf_additive_tfidf", "SMF add TF-IDF"),
+    ("SMF additive +scale KL", "smf_additive_scale_kl", "SMF +scale KL"),
+    ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf", "SMF +scale TF-IDF"),
+    ("LoRA", "lora", "LoRA"), ("Full finetuning", "full", "Full FT")]
 TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question values or None, scale)
     ("MedMCQA acc", "medmcqa", "acc", "correct", 100), ("MedMCQA gold NLL", "medmcqa", "gold_nll", "gold_nlls", 1),
     ("WikiText ppl", "wikitext", "ppl", None, 1),
@@ -1029,37 +1273,167 @@ TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question va
     ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100)]
 
 def paired_delta(runs, base, key, scale):
-    """(Δ, half-width of its 95% interval) against Base, paired over questions: per question the row's mean over
-    seeds minus Base's, then the mean and 1.96 standard errors. None unless all runs scored the same questions."""
+    """(Δ, half-width of its 95% interval) against Base, paired over questions: per question the row's mean
+    over seeds minus Base's, then the mean and 1.96 standard errors. None unless all scored the same questions."""
     if len({len(r[key]) for r in runs + base}) != 1 or len(runs[0][key]) < 2:
         return None
-    per_question = lambda rs: [statistics.mean(q) for q in zip(*(r[key] for r in rs))]
-    d = [scale * (a - b) for a, b in zip(per_question(runs), per_question(base))]
+    row = [statistics.mean(q) for q in zip(*(r[key] for r in runs))]
+    ref = [statistics.mean(q) for q in zip(*(r[key] for r in base))]
+    d = [scale * (a - b) for a, b in zip(row, ref)]
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
+def table_cells(runs, base, column, is_base):
+    """The two cells of one column: mean ± sample std (n) over seeds, and Δ vs Base with its interval."""
+    _, _, key, per_question, scale = column
+    xs = [scale * r[key] for r in runs]
+    if not xs:
+        return ["missing", ""], None, None
+    cell = f"{statistics.mean(xs):.2f}"
+    if len(xs) > 1:
+        cell += f" ± {statistics.stdev(xs):.2f}"
+    paired = None
+    if per_question and base:
+        paired = paired_delta(runs, base, per_question, scale)
+    if is_base or not base:
+        return [f"{cell} (n={len(xs)})", ""], statistics.mean(xs), paired
+    delta = f"{statistics.mean(xs) - scale * statistics.mean(r[key] for r in base):+.2f}"
+    if paired:
+        delta = f"{paired[0]:+.2f} [{paired[0] - paired[1]:+.2f}, {paired[0] + paired[1]:+.2f}]"
+    return [f"{cell} (n={len(xs)})", delta], statistics.mean(xs), paired
+
 def run_table(args, device=None):
-    """table.md: mean ± sample std over seeds (n per column; unfinished runs reported, not averaged), Δ vs Base."""
-    found = {folder: [read_json(f, "rerun that stage's evaluation") for f in sorted(glob.glob(os.path.join(
-        args.results_dir, folder, "seed*", "eval.json")))] for _, folder in TABLE_ROWS}
-    require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh first, or "
-            "point at its OUT folder")
-    done = {folder: [r for r in runs if "unfinished" not in r] for folder, runs in found.items()}  # the averaged
+    """table.md (mean ± sample std over seeds, n per column; unfinished runs reported, not averaged; Δ vs
+    Base) and figure.svg, the learning-versus-forgetting plot of the same numbers."""
+    found = {}
+    for _, folder, _ in TABLE_ROWS:
+        files = sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*", "eval.json")))
+        found[folder] = [read_json(f, "rerun that stage's evaluation") for f in files]
+    require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run run_all.sh "
+            "first, or point at its OUT folder")
+    done = {folder: [r for r in runs if "unfinished" not in r] for folder, runs in found.items()}
     lines = ["| row | " + " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS) + " |", "|---" * 11 + "|"]
-    for name, folder in TABLE_ROWS:
-        cells = []
-        for _, probe, key, per_question, scale in TABLE_COLUMNS:
-            runs, base = [r[probe] for r in done[folder] if probe in r], [r[probe] for r in done["base"] if probe in r]
-            xs = [scale * r[key] for r in runs]
-            cells.append(f"{statistics.mean(xs):.2f}" + (f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else "") +
-                         f" (n={len(xs)})" if xs else "missing")
-            paired = paired_delta(runs, base, per_question, scale) if per_question and runs and base else None
-            delta = statistics.mean(xs) - scale * statistics.mean(r[key] for r in base) if runs and base else None
-            cells.append("" if delta is None or folder == "base" else f"{delta:+.2f}" if not paired else
-                         f"{paired[0]:+.2f} [{paired[0] - paired[1]:+.2f}, {paired[0] + paired[1]:+.2f}]")
+    points = {}  # folder -> {key: (mean, half-width of the paired interval or None)}, for the figure
+    for name, folder, _ in TABLE_ROWS:
+        cells, points[folder] = [], {}
+        for column in TABLE_COLUMNS:
+            probe, key = column[1], column[2]
+            runs = [r[probe] for r in done[folder] if probe in r]
+            base = [r[probe] for r in done["base"] if probe in r]
+            two, mean, paired = table_cells(runs, base, column, folder == "base")
+            cells += two
+            points[folder][key] = (mean, paired[1] if paired else None)
         unfinished = len(found[folder]) - len(done[folder])
-        lines.append(f"| {name}{f' ({unfinished} unfinished)' if unfinished else ''} | " + " | ".join(cells) + " |")
+        label = f"{name} ({unfinished} unfinished)" if unfinished else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    n_seeds = max(len(runs) for runs in done.values())
+    questions = {p: len(r[p].get("correct", r[p].get("alias_correct", []))) for runs in done.values()
+                 for r in runs for p in ("medmcqa", "triviaqa") if p in r}
+    svg = figure_svg(points, n_seeds, questions)
     write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(lines) + "\n")
+    write_atomic(os.path.join(args.results_dir, "figure.svg"), svg)
     print("\n".join(lines))
+
+# The figure: two panels, y = MedMCQA accuracy; x = WikiText ppl (left), TriviaQA alias accuracy (right).
+PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 130  # pixels: plot box, margins, label column
+SMF_START = {"replacement": "retrofit_replacement", "additive": "retrofit_additive"}
+
+def frontier(points, higher_x_is_better):
+    """The points no other point beats on both axes at once (y is always higher-better), sorted by x."""
+    def beaten(p):
+        return any(q != p and q[1] >= p[1] and (q[0] >= p[0] if higher_x_is_better else q[0] <= p[0])
+                   for q in points)
+    return sorted(p for p in points if not beaten(p))
+
+def scale_axis(values, whiskers, pixels):
+    """(lo, hi, to_pixel): a padded data range mapped onto `pixels` (start, end)."""
+    lo = min(v - w for v, w in zip(values, whiskers))
+    hi = max(v + w for v, w in zip(values, whiskers))
+    pad = (hi - lo) * 0.08 or 1.0
+    lo, hi = lo - pad, hi + pad
+    return lo, hi, lambda v: pixels[0] + (v - lo) / (hi - lo) * (pixels[1] - pixels[0])
+
+def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
+    """One panel: axes with ticks, whiskers, the dashed frontier, lines from each retrofit to its SMF rows,
+    and labels in a column beside the plot (spaced so they never overlap), each joined to its point."""
+    xs = [r[x_key][0] for r in rows]
+    ys = [r["acc"][0] for r in rows]
+    x_lo, x_hi, px = scale_axis(xs, [r[x_key][1] or 0 for r in rows], (x0, x0 + PANEL_W))
+    y_lo, y_hi, py = scale_axis(ys, [r["acc"][1] or 0 for r in rows], (TOP + PANEL_H, TOP))
+    out = [f'<g class="panel" data-x="{x_key}" data-x-lo="{x_lo}" data-x-hi="{x_hi}" data-y-lo="{y_lo}" '
+           f'data-y-hi="{y_hi}" data-left="{x0}" data-right="{x0 + PANEL_W}" data-top="{TOP}" '
+           f'data-bottom="{TOP + PANEL_H}">',
+           f'<rect x="{x0}" y="{TOP}" width="{PANEL_W}" height="{PANEL_H}" fill="none" stroke="#888"/>',
+           f'<text x="{x0 + PANEL_W / 2}" y="{TOP + PANEL_H + 38}" text-anchor="middle">{x_title}</text>']
+    for i in range(5):
+        xv, yv = x_lo + (x_hi - x_lo) * (i + 0.5) / 5, y_lo + (y_hi - y_lo) * (i + 0.5) / 5
+        out.append(f'<text x="{px(xv):.1f}" y="{TOP + PANEL_H + 16}" text-anchor="middle" '
+                   f'font-size="11">{xv:.3g}</text>')
+        out.append(f'<text x="{x0 - 6}" y="{py(yv) + 4:.1f}" text-anchor="end" font-size="11">{yv:.3g}</text>')
+    by_folder = {r["folder"]: r for r in rows}
+    for r in rows:  # each SMF row against its own starting point
+        start = by_folder.get(SMF_START.get(r["folder"].split("_")[1] if r["folder"].startswith("smf") else ""))
+        if start:
+            out.append(f'<line class="from-retrofit" x1="{px(start[x_key][0]):.2f}" y1="{py(start["acc"][0]):.2f}" '
+                       f'x2="{px(r[x_key][0]):.2f}" y2="{py(r["acc"][0]):.2f}" stroke="#bbb" stroke-dasharray="2 2"/>')
+    best = frontier(list(zip(xs, ys)), higher_x_is_better)
+    path = " ".join(f"{px(x):.2f},{py(y):.2f}" for x, y in best)
+    out.append(f'<polyline class="frontier" points="{path}" fill="none" stroke="#555" stroke-dasharray="6 4"/>')
+    label_y = TOP
+    for r in sorted(rows, key=lambda r: -r["acc"][0]):
+        x, y = px(r[x_key][0]), py(r["acc"][0])
+        if r[x_key][1]:
+            w = r[x_key][1] * (px(1) - px(0))
+            out.append(f'<line class="whisker-x" data-row="{r["folder"]}" x1="{x - w:.2f}" y1="{y:.2f}" '
+                       f'x2="{x + w:.2f}" y2="{y:.2f}" stroke="#333"/>')
+        if r["acc"][1]:
+            h = r["acc"][1] * (py(0) - py(1))
+            out.append(f'<line class="whisker-y" data-row="{r["folder"]}" x1="{x:.2f}" y1="{y - h:.2f}" '
+                       f'x2="{x:.2f}" y2="{y + h:.2f}" stroke="#333"/>')
+        shape = {"base": "square", "retrofit": "diamond"}.get(r["folder"].split("_")[0], "circle")
+        out.append(f'<circle class="point {shape}" data-row="{r["folder"]}" cx="{x:.2f}" cy="{y:.2f}" r="4" '
+                   f'fill="{MARKER_FILL[shape]}" stroke="#000"/>')
+        label_y = max(label_y, y)
+        lx = x0 + PANEL_W + 12
+        out.append(f'<line x1="{x:.2f}" y1="{y:.2f}" x2="{lx}" y2="{label_y:.2f}" stroke="#ddd"/>')
+        out.append(f'<text class="label" x="{lx + 3}" y="{label_y + 4:.2f}" font-size="11">{r["label"]}</text>')
+        label_y += 14  # the next label sits at least a line lower
+    out.append("</g>")
+    return out
+
+MARKER_FILL = {"square": "#000", "diamond": "#fff", "circle": "#4a7ab5"}
+
+def figure_svg(points, n_seeds, questions):
+    """The SVG text: one point per row with results, the mean over its seeds; rows without results, or with a
+    non-finite value, are left out and named in the caption."""
+    rows, left_out = [], []
+    for name, folder, label in TABLE_ROWS:
+        values = points[folder]
+        keys = ("acc", "ppl", "alias_contains_acc")
+        if any(values[k][0] is None for k in keys):
+            left_out.append(f"{name} (no results)")
+        elif not all(math.isfinite(values[k][0]) for k in keys):
+            left_out.append(f"{name} (a value is not finite)")
+        else:
+            rows.append({"folder": folder, "label": label, **values})
+    width, height = 2 * (LEFT + PANEL_W + LABEL_W), TOP + PANEL_H + 90
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
+           f'<rect width="{width}" height="{height}" fill="#fff"/>']
+    if len(rows) < 2:
+        out.append(f'<text x="20" y="{TOP + 20}">Only {rows[0]["label"] if rows else "no row"} has results: '
+                   'nothing to compare yet.</text>')
+    else:
+        out.append(f'<text x="14" y="{TOP + PANEL_H / 2}" transform="rotate(-90 14 {TOP + PANEL_H / 2})" '
+                   'text-anchor="middle">MedMCQA accuracy, % (higher is better)</text>')
+        out += panel_svg(LEFT, rows, "ppl", "WikiText perplexity (lower is better)", False)
+        out += panel_svg(2 * LEFT + PANEL_W + LABEL_W, rows, "alias_contains_acc",
+                         "TriviaQA alias accuracy, % (higher is better)", True)
+    caption = (f"Points: mean over {n_seeds} seed(s) on {questions.get('medmcqa', 0)} MedMCQA and "
+               f"{questions.get('triviaqa', 0)} TriviaQA questions; whiskers: paired 95% interval of the Δ vs "
+               "Base; dashed: the frontier; dotted: each SMF row from its retrofit.")
+    if left_out:
+        caption += " Left out: " + "; ".join(left_out) + "."
+    out.append(f'<text class="caption" x="10" y="{height - 14}" font-size="11">{caption}</text>')
+    return "\n".join(out + ["</svg>"]) + "\n"
 
 # -----------------------------------------------------------------------------------------------------------
 # CLI
@@ -1074,9 +1448,10 @@ class Parser(argparse.ArgumentParser):
 
 def config_comments(cls):
     """{field: the comment beside it in the source}: a config class is the one place a setting is explained."""
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", inspect.getsource(cls), re.M))
+    source = re.sub(r"\n\s+#\s+", " ", inspect.getsource(cls))  # a comment's continuation lines
+    return dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", source, re.M))
 
-CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": ("kl", "tfidf"),
+CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": tuple(SELECTORS),
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
 
 def add_config_flags(group, cls, prefix=""):
@@ -1084,113 +1459,164 @@ def add_config_flags(group, cls, prefix=""):
     check_args can tell what was given (rule 2) before it fills in the dataclass's default."""
     comments = config_comments(cls)
     for f in dataclasses.fields(cls):
-        shown = f.default is not None and f.default is not False
-        kind = {"action": "store_true"} if f.type is bool else {"type": int, "nargs": "+"} if f.type is tuple else \
-            {"type": f.type, "choices": CHOICES.get(f.name)}
-        group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None, **kind,
-                           help=comments[f.name] + (f" (default: {f.default})" if shown else ""))
+        kind = {"type": f.type, "choices": CHOICES.get(f.name)}
+        if f.type is bool:
+            kind = {"action": "store_true"}
+        if f.type is tuple:
+            kind = {"type": int, "nargs": "+"}
+        shown = "" if f.default in (None, False) else f" (default: {f.default})"
+        group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None, help=comments[f.name] + shown,
+                           **kind)
 
 def build_parser():
     p = Parser(description=__doc__.split("\n\n")[0], epilog="examples: see README.md")
     sub = p.add_subparsers(dest="command", required=True)
     common = Parser(add_help=False)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N "
-                        "(default: cuda when there is a GPU)")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     model = Parser(add_help=False)
-    model.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint; train starts from "
-                       f"a base model, a retrofit (smf) or an smf checkpoint (smf) (default: {DEFAULT_MODEL})")
+    model.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint; train "
+                       "starts from a base model, a retrofit (smf) or an smf checkpoint (smf) "
+                       f"(default: {DEFAULT_MODEL})")
     e = sub.add_parser("eval", parents=[common, model], help="evaluate a model on the probes")
     e.add_argument("--probe", default="all", choices=list(PROBES) + ["all"], help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
     t = sub.add_parser("train", parents=[common, model], help="retrofit, smf, lora or full finetuning")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
-    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new one "
-                   "is complete")
+    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once the new "
+                   "one is complete")
     add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig)
-    add_config_flags(t.add_argument_group("memory layers (a new memory: retrofit, or smf from a model without)"),
-                     MemoryConfig, "memory_")
+    add_config_flags(t.add_argument_group("memory layers (a new memory: retrofit, or smf from a model "
+                                          "without)"), MemoryConfig, "memory_")
     probes = t.add_argument_group("evaluation after training (only with --eval-out)")
     probes.add_argument("--eval-out", help="after training, evaluate the checkpoint on all probes into this JSON")
     add_config_flags(probes, EvalConfig)
-    b = sub.add_parser("bench", parents=[common], help="training speed of every method on a random-weight model")
+    b = sub.add_parser("bench", parents=[common], help="training speed of every method on random weights")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES), help="(default: tiny)")
     b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 on a CPU")
     b.add_argument("--seq-len", type=int, help="tokens per sequence; default 512 on a GPU, 256 on a CPU")
     b.add_argument("--steps", type=int, default=5, help="timed optimizer steps per method (default: 5)")
-    tb = sub.add_parser("table", help="the results table of a run_all.sh folder")
+    tb = sub.add_parser("table", help="the results table and figure of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    tb.set_defaults(device="cpu")
     return p
 
-RANGES = [  # (flags, test, what a good value is)
-    ("lr epochs lora_alpha repetition_penalty", lambda v: 0 < v < math.inf, "> 0 and finite"),
-    ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t batch_size limit "
-     "memory_n_keys memory_heads memory_topk steps seq_len", lambda v: v > 0, "> 0"),
-    ("clip weight_decay warmup", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
-    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("max_len", lambda v: v >= 2, ">= 2 (a text needs two tokens to have a target)"),
-    ("memory_key_dim", lambda v: v > 0 and v % 2 == 0, "even and > 0 (it is split in two halves)")]
-PATH_OPTIONS = ("model", "out", "eval_out", "results_dir") + DATA_OPTIONS
+RANGES = [  # (options, what a good value is, lowest, highest, lowest allowed): values lie below `highest`
+    ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, math.inf, False),
+    ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t batch_size "
+     "limit memory_n_keys memory_heads memory_topk steps seq_len", ">= 1", 1, math.inf, True),
+    ("clip weight_decay warmup", ">= 0 and finite", 0, math.inf, True),
+    ("lora_dropout", "in [0, 1)", 0, 1, True),
+    ("max_len", ">= 2 (a text needs two tokens to have a target)", 2, math.inf, True),
+    ("memory_key_dim", ">= 2 (it is split in two halves)", 2, math.inf, True),
+    ("seed", "in [0, 2**63)", 0, 2 ** 63, True)]
+PATH_OPTIONS = ("model", "out", "eval_out", "results_dir", "medmcqa", "background", "eval_medmcqa", "wikitext",
+                "triviaqa")
 
 def check_args(args):
-    """Every mistake in the options, before any model or data loads: a value out of range, the device, an option
-    that does not apply to this run (rule 2), a path it must not write (rule 1). Fills in the defaults."""
-    for names, ok, need in RANGES:
+    """Every mistake in the options, before any model or data loads: a value out of range, the device, an
+    option that does not apply to this run (rule 2), a path it must not write (the output rule). Records
+    which options were given and fills in the defaults of the others."""
+    for names, need, lowest, highest, lowest_allowed in RANGES:
         for name in names.split():
             value = getattr(args, name, None)
-            require(value is None or ok(value), f"--{name.replace('_', '-')} {value} is out of range — give a value "
-                    f"{need}")
-    vars(args).update({n: os.path.expanduser(getattr(args, n)) for n in PATH_OPTIONS if getattr(args, n, None)})  # ~/x
-    if args.command != "table":
+            ok = value is None or lowest < value < highest or (lowest_allowed and value == lowest)
+            require(ok, f"--{name.replace('_', '-')} {value} is out of range — give a value {need}")
+    for name in PATH_OPTIONS:  # ~/x
+        if getattr(args, name, None):
+            setattr(args, name, os.path.expanduser(getattr(args, name)))
+    if args.command in ("train", "eval"):
         n_gpus = torch.cuda.device_count()
-        require(re.fullmatch(r"cpu|cuda(:\d+)?", args.device) and (args.device == "cpu" or int(args.device[5:] or 0) <
-                n_gpus), f"--device {args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
-    memory = model_memory(args.model) if args.command == "train" else None
+        device_ok = re.fullmatch(r"cpu|cuda(:\d+)?", args.device) is not None
+        require(device_ok and (args.device == "cpu" or int(args.device[5:] or 0) < n_gpus),
+                f"--device {args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
+        check_model_path(args.model)
+    configs = {"train": [(TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")], "eval": [(EvalConfig, "")]}
+    fields = [(cls, prefix + f.name) for cls, prefix in configs.get(args.command, []) for f in dataclasses.fields(cls)]
+    args.given = sorted(name for _, name in fields if getattr(args, name) is not None)
     if args.command == "train":
-        args.method = args.method or "smf"
-        for name, (applies, where) in option_rules(args).items():
-            require(applies or getattr(args, name, None) is None, f"--{name.replace('_', '-')} applies only to "
-                    f"{where} — drop it from this run")
-    configs = {"train": ((TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")), "eval": ((EvalConfig, ""),)}
-    for cls, prefix in configs.get(args.command, ()):  # the defaults of the options not given
-        for f in dataclasses.fields(cls):
-            if getattr(args, prefix + f.name, 0) is None:
-                setattr(args, prefix + f.name, f.default)
-    writes = [("--out", getattr(args, "out", None), args.command == "train")]  # (flag, path, is_folder)
+        check_train_args(args)
+    for cls, name in fields:  # the defaults of the options not given
+        if getattr(args, name) is None:
+            setattr(args, name, {f.name: f.default for f in dataclasses.fields(cls)}[name.removeprefix("memory_")])
+    outputs = []  # (flag, path, is a checkpoint folder)
     if args.command == "train":
-        require(not memory or args.method not in ("retrofit", "full"), f"{args.model} already has memory layers — "
-                f"{args.method} starts from a model without memory; train this one with --method smf")
-        require(not args.forward_batch or args.forward_batch % args.micro_batch == 0, f"--forward-batch "
-                f"{args.forward_batch} is not a multiple of --micro-batch {args.micro_batch} — make it one")
-        args.out = args.out or os.path.join("runs", args.method)
-        writes = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
-        if args.method == "smf" and not memory:  # the one-liner's retrofit
-            retrofit = args.out.rstrip("/") + "_retrofit"
-            require(not os.path.exists(retrofit), f"{retrofit} exists — train SMF from it (--model {retrofit}), or "
-                    "move it away to retrofit again")
-            writes.append(("--out", retrofit, True))
+        outputs = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
+    if args.command == "eval":
+        outputs = [("--out", args.out, False)]
     if args.command == "table":
-        writes = [("the table", os.path.join(args.results_dir, "table.md"), False)]
-    reads = checkpoint_chain(args.model) if args.command in ("train", "eval") else []
-    reads += [path for path in (getattr(args, name, None) for name in DATA_OPTIONS) if path and os.path.exists(path)]
-    check_outputs([w for w in writes if w[1]], reads, getattr(args, "overwrite", False))
+        outputs = [(name, os.path.join(args.results_dir, name), False) for name in ("table.md", "figure.svg")]
+    reads = []
+    if args.command in ("train", "eval"):
+        reads = checkpoint_chain(args.model)
+    for flag, path, folder in outputs:
+        if path:
+            check_output(flag, path, reads, folder, getattr(args, "overwrite", False))
+
+def check_train_args(args):
+    """train's own checks, every one before anything runs (for the one-liner: before its retrofit)."""
+    args.method = args.method or "smf"
+    memory = model_memory(args.model)
+    mode = (memory or {}).get("mode", args.memory_mode or "additive")
+    kinds = run_kinds(args.method, bool(memory), mode, args.eval_out)
+    for name in args.given:
+        if name in APPLIES:
+            require(kinds[APPLIES[name]], f"--{name.replace('_', '-')} applies only to {RUNS[APPLIES[name]]} — "
+                    "drop it from this run")
+    require(not memory or args.method not in ("retrofit", "full"), f"{args.model} already has memory layers — "
+            f"{args.method} starts from a model without memory; train this one with --method smf")
+    require(not (args.train_scale and mode == "replacement"), "--train-scale needs additive memory — "
+            "replacement memory has no alpha")
+    stats = os.path.join(args.model, STATS)
+    require(not memory or args.method != "smf" or os.path.isfile(stats), f"{stats} is missing: SMF ranks rows "
+            "against the background statistics its retrofit saved — restore it, or retrofit again "
+            "(train --method retrofit)")
+    micro, forward = args.micro_batch or 4, args.forward_batch
+    require(not forward or forward % micro == 0, f"--forward-batch {forward} is not a multiple of "
+            f"--micro-batch {micro} — make it one")
+    if kinds["new memory"]:
+        check_memory_fits(args)
+    args.out = args.out or os.path.join("runs", args.method)
+    retrofit_out = args.out.rstrip("/") + "_retrofit"
+    require(memory or args.method != "smf" or not os.path.exists(retrofit_out), f"{retrofit_out} exists — "
+            f"train SMF from it (--model {retrofit_out}), or move it away to retrofit again")
+    if args.method == "smf" and not memory:
+        check_output("--out", retrofit_out, checkpoint_chain(args.model), True)
+
+def check_memory_fits(args):
+    """A new memory's value tables must fit, with their gradient and two AdamW moments, where they train."""
+    n_keys, layers = args.memory_n_keys or MemoryConfig.n_keys, args.memory_layers or MemoryConfig.layers
+    config = os.path.join(args.model, "config.json")
+    hidden = read_json(config, "restore it").get("hidden_size", 0) if os.path.isfile(config) else 896
+    need = 16 * len(layers) * n_keys ** 2 * hidden  # bytes: fp32 values, gradient and two moments
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if args.device.startswith("cuda"):
+        have = torch.cuda.get_device_properties(args.device).total_memory
+    require(need < have, f"--memory-n-keys {n_keys}: its value tables would need {need / 2 ** 30:,.1f} GiB to "
+            f"train, more than the {have / 2 ** 30:,.1f} GiB of {args.device} — lower --memory-n-keys")
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (Slurm's time limit, scancel) cleans up exactly as Ctrl-C does
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, interrupt)
+    commands = {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}
     try:
         check_args(args)
-        {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}[args.command](args, args.device)
+        commands[args.command](args, getattr(args, "device", "cpu"))
     except KeyboardInterrupt:
-        print("error: interrupted — finished checkpoints and results are intact; rerun to continue", file=sys.stderr)
+        print("error: interrupted — finished checkpoints and results are intact; rerun to continue",
+              file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # the one-line promise holds for the unforeseen too
         if args.debug:
             raise
-        message = str(e) if isinstance(e, UserError) else (f"unexpected {type(e).__name__}: {str(e).strip()[:300]} — "
-                                                            "rerun with --debug for the traceback")
+        message = str(e)
+        if not isinstance(e, UserError):
+            message = f"unexpected {type(e).__name__}: {message.strip()[:300]} — rerun with --debug for the traceback"
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
 

@@ -104,6 +104,26 @@ def train_args(tiny, out, method, *extra):
     return args + list(extra)
 
 
+def train_texts(model, tok, texts, cfg, background=None, record_selected=False):
+    """smf.train on texts; with record_selected, each step's record also holds the rows the sparse optimizer
+    stepped per layer (read off RowSparseAdamW.step's arguments, not from the training loop)."""
+    stepped, original = [], smf.RowSparseAdamW.step
+
+    def recording_step(self, rows, grads, lr):
+        stepped.append([r.cpu() for r in rows])
+        return original(self, rows, grads, lr)
+    smf.RowSparseAdamW.step = recording_step
+    try:
+        hist = smf.train(model, smf.tokenize(tok, texts[:cfg.limit_train], cfg.max_len), cfg, background,
+                         tok.pad_token_id)
+    finally:
+        smf.RowSparseAdamW.step = original
+    if record_selected:
+        for record, rows in zip(hist, stepped):
+            record["selected"] = rows
+    return hist
+
+
 def memory_tensors(model):
     return {n: p for n, p in model.named_parameters() if ".memory." in n or n.endswith(".alpha")}
 
@@ -157,7 +177,7 @@ def test_padded_positions_are_not_recorded(tiny):
     blocks = smf.memory_blocks(model)
     seen = {j: [] for j in range(len(blocks))}
     for j, blk in enumerate(blocks):
-        blk.memory.read_hook = lambda rows, j=j: seen[j].append(rows)
+        blk.memory.read_gate = lambda rows, j=j: seen[j].append(rows)
     ids, mask = smf.pad_batch([a, b], tok.pad_token_id)
     model(input_ids=ids, attention_mask=mask)
     model(input_ids=torch.tensor([b]))
@@ -248,15 +268,14 @@ def test_triviaqa_normalisation_and_metrics():
     assert not smf.exact_match(" ", ["a"])  # an alias that normalises to nothing never matches
 
 
-class PrefersTokens(torch.nn.Module):
-    """A fake LM whose every next-token distribution puts its mass on a few token ids."""
-    def __init__(self, ids, vocab):
-        super().__init__()
-        self.bias = torch.nn.Parameter(torch.zeros(vocab))
-        self.bias.data[list(ids)] = 20.0
-
-    def forward(self, input_ids, attention_mask=None, **kw):
-        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})
+def fixed_logits_model(tiny, logits):
+    """The tiny model with an untied output layer of zero weight and bias `logits`: every next-token
+    distribution is `logits`, whatever the context, and it still has generate and a KV cache."""
+    model, _ = load(tiny)
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, len(logits), bias=True)
+    torch.nn.init.zeros_(model.lm_head.weight)
+    model.lm_head.bias.data = logits.clone()
+    return model.eval()
 
 
 def test_medmcqa_model_preferring_one_option(tiny):
@@ -264,7 +283,9 @@ def test_medmcqa_model_preferring_one_option(tiny):
     rows = smf.load_medmcqa(tiny["medmcqa"], limit=20)
     prompt = tok(smf.medmcqa_prompt(rows[0]))["input_ids"]
     favoured = tok(smf.medmcqa_prompt(rows[0]) + " C")["input_ids"][len(prompt):]
-    r = smf.eval_medmcqa(PrefersTokens(favoured, len(tok)), tok, rows, letter_only=True)
+    bias = torch.zeros(len(tok))
+    bias[favoured] = 20.0
+    r = smf.eval_medmcqa(fixed_logits_model(tiny, bias), tok, rows, letter_only=True)
     assert r["predictions"] == [2] * 20
     assert r["acc"] == sum(row["cop"] == 2 for row in rows) / 20
 
@@ -329,8 +350,9 @@ def test_select_reads_per_micro_batch_ignores_padding():
     rows = torch.tensor([[0, 1], [1, 2], [3, 3], [4, 5], [5, 5]])     # (tokens, reads)
     group = torch.tensor([0, 0, -1, 1, 1])                             # token 2 is a pad
     flat = smf.BackgroundStats(df=torch.zeros(6, dtype=torch.long), reads=torch.zeros(6, dtype=torch.long), batches=4)
-    keep, chosen = smf.select_reads(rows, group, 2, flat, smf.tfidf_scores, top_t=1)
-    assert [c.nonzero()[:, 0].tolist() for c in chosen] == [[1], [5]]  # row 3 is read 2x, but only by a pad
+    gate = smf.ReadGate(group, 2, flat, smf.tfidf_scores, top_t=1)
+    keep = gate(rows)
+    assert [c.nonzero()[:, 0].tolist() for c in gate.chosen] == [[1], [5]]  # row 3 is read 2x, but only by a pad
     assert keep.tolist() == [[False, True], [True, False], [False, False], [False, True], [True, True]]
 
 
@@ -344,7 +366,7 @@ def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6, forward_batch=No
     cfg = smf.TrainConfig(method="smf", max_steps=steps, warmup=0, top_t=top_t, optimizer=optimizer,
                           lr=0.05 if optimizer == "sgd" else 5e-3, micro_batch=2, grad_accum=2, train_scale=train_scale,
                           forward_batch=forward_batch)
-    hist = smf.train(model, tok, texts, cfg, bg, record_selected=True)
+    hist = train_texts(model, tok, texts, cfg, bg, record_selected=True)
     return model, hist
 
 
@@ -393,7 +415,7 @@ def test_gradient_accumulation_gives_the_same_update(tiny):
     for micro, accum in ((8, 1), (2, 4)):
         model, tok = load(tiny)
         smf.prepare_model(model, "full")
-        smf.train(model, tok, texts, smf.TrainConfig(method="full", optimizer="sgd", lr=0.5, warmup=0, max_steps=1,
+        train_texts(model, tok, texts, smf.TrainConfig(method="full", optimizer="sgd", lr=0.5, warmup=0, max_steps=1,
                                                       micro_batch=micro, grad_accum=accum, forward_batch=micro))
         models.append(model)
     base, _ = load(tiny)
@@ -416,7 +438,7 @@ def test_lora_init_merge_and_trainable_set(tiny):
     assert with_grad == {"lora_A", "lora_B"}
     model.zero_grad(set_to_none=True)
     texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
-    smf.train(model, tok, texts, smf.TrainConfig(method="lora", lr=1e-2, warmup=0, max_steps=3, lora_dropout=0.0))
+    train_texts(model, tok, texts, smf.TrainConfig(method="lora", lr=1e-2, warmup=0, max_steps=3, lora_dropout=0.0))
     unmerged = logits(model.eval(), ids)
     assert not torch.allclose(unmerged, logits(base, ids), atol=1e-4)
     smf.merge_lora(model)
@@ -428,7 +450,7 @@ def test_full_finetuning_memorises(tiny):
     model, tok = load(tiny)
     smf.prepare_model(model, "full")
     texts = ["the patient has fever", "the river runs to paris", "music of the king", "blood cell drug"]
-    hist = smf.train(model, tok, texts, smf.TrainConfig(method="full", lr=3e-3, warmup=0, epochs=40, micro_batch=4,
+    hist = train_texts(model, tok, texts, smf.TrainConfig(method="full", lr=3e-3, warmup=0, epochs=40, micro_batch=4,
                                                          grad_accum=1))
     assert hist[-1]["loss"] < 0.3 * hist[0]["loss"]
 
@@ -438,7 +460,7 @@ def test_smf_learns_a_small_task(tiny):
     smf.prepare_model(model, "smf")
     texts = ["the patient has fever", "the river runs to paris", "music of the king", "blood cell drug"]
     bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
-    hist = smf.train(model, tok, texts, smf.TrainConfig(method="smf", lr=0.2, warmup=0, epochs=40, micro_batch=4,
+    hist = train_texts(model, tok, texts, smf.TrainConfig(method="smf", lr=0.2, warmup=0, epochs=40, micro_batch=4,
                                                          grad_accum=1, top_t=32), bg)
     assert hist[-1]["loss"] < 0.7 * hist[0]["loss"]
 
@@ -826,7 +848,7 @@ def test_read_gate_blocks_value_gradients_of_reads_it_drops():
     (plain * torch.arange(16.0)).sum().backward()
     plain_grad, mem.values.grad = mem.values.grad.clone(), None
     rows = mem.lookup(x[0])[1].flatten(1)                               # (10 tokens, 6 reads)
-    mem.read_hook = lambda r: torch.arange(10)[:, None].expand_as(r) < 4  # only the first 4 tokens' reads learn
+    mem.read_gate = lambda r: torch.arange(10)[:, None].expand_as(r) < 4  # only the first 4 tokens' reads learn
     gated = mem(x)
     assert torch.allclose(gated, plain, atol=1e-6)                      # the output does not change
     (gated * torch.arange(16.0)).sum().backward()
@@ -874,7 +896,7 @@ def test_retrofit_trains_every_memory_tensor_and_alpha(tiny):
     smf.prepare_model(model, "retrofit", TINY_MEM)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     texts = smf.load_background(tiny["background"])
-    smf.train(model, tok, texts, smf.TrainConfig(method="retrofit", lr=1e-2, warmup=0, max_steps=1))
+    train_texts(model, tok, texts, smf.TrainConfig(method="retrofit", lr=1e-2, warmup=0, max_steps=1))
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     memory = {n for n in before if ".memory." in n or n.endswith(".alpha")}
     assert moved == memory and len(memory) == 2 * 9    # keys, query w/b, values, w1 w/b, w2 w/b, alpha; per layer
@@ -889,7 +911,7 @@ def test_background_stats_equal_a_brute_force_count(tiny):
     for text in texts:                                                  # one forward per text, no padding
         seen = {}
         for j, b in enumerate(blocks):
-            b.memory.read_hook = lambda rows, j=j: seen.setdefault(j, rows)
+            b.memory.read_gate = lambda rows, j=j: seen.setdefault(j, rows)
         model(input_ids=torch.tensor([tok(text)["input_ids"]]))
         for j in range(len(blocks)):
             reads[j] += torch.bincount(seen[j].flatten(), minlength=64)
@@ -908,7 +930,7 @@ def test_training_sequences_are_the_texts_cut_at_max_len(tiny):
     inputs = []
     model.register_forward_pre_hook(lambda m, a, kw: inputs.append((kw["input_ids"], kw["attention_mask"])),
                                     with_kwargs=True)
-    hist = smf.train(model, tok, texts, smf.TrainConfig(method="full", max_len=20, warmup=0, max_steps=1,
+    hist = train_texts(model, tok, texts, smf.TrainConfig(method="full", max_len=20, warmup=0, max_steps=1,
                                                         micro_batch=4, grad_accum=4, forward_batch=4))
     seqs = [tok(t)["input_ids"][:20] for t in texts]
     assert sorted(ids[m.bool()].tolist() for batch, mask in inputs for ids, m in zip(batch, mask)) == sorted(seqs)
@@ -926,7 +948,7 @@ def test_clipping_moves_the_weights_by_exactly_the_clip(tiny, method):
     texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
     bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 8)) if method == "smf" else None
     cfg = smf.TrainConfig(method=method, optimizer="sgd", lr=1.0, clip=1e-3, warmup=0, max_steps=1, top_t=8)
-    hist = smf.train(model, tok, texts, cfg, bg)
+    hist = train_texts(model, tok, texts, cfg, bg)
     step = torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
     assert step == pytest.approx(1e-3, rel=1e-3) and hist[0]["grad_norm"] > 1e-2      # the norm before clipping
 
@@ -982,22 +1004,39 @@ def test_medmcqa_scores_equal_a_naive_computation(tiny, letter_only):
     assert r["predictions"] == [max(range(4), key=s.__getitem__) for s in r["scores"]]
 
 
-def test_greedy_generation_equals_an_uncached_loop(tiny):
+def naive_greedy(model, tok, prompt, max_new_tokens, penalty, eos):
+    """The reference: a full forward of prompt + answer so far per new token, no cache, no batch; HF's
+    repetition penalty over the tokens of the row written out here."""
+    ids, new = tok(prompt)["input_ids"], []
+    for _ in range(max_new_tokens):
+        lg = logits(model, torch.tensor([ids + new]))[0, -1]
+        seen = torch.tensor(sorted(set(ids + new)))
+        lg[seen] = torch.where(lg[seen] > 0, lg[seen] / penalty, lg[seen] * penalty)
+        nxt = lg.argmax().item()
+        if nxt == eos:
+            break
+        new.append(nxt)
+    return new
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_greedy_generation_equals_an_uncached_loop(tiny, penalty):
     model, tok = load(tiny)
-    qa = smf.load_triviaqa(tiny["triviaqa"], limit=8)
-    recorder = Recorder(model)
-    preds = smf.eval_triviaqa(recorder, tok, qa, batch_size=4, max_new_tokens=12)["predictions"]
-    recorder.check_positions()
-    for (question, _), pred in zip(qa, preds):
-        ids = tok(f"Question: {question}\nAnswer:")["input_ids"]
-        new = []
-        for _ in range(12):                                              # a full forward per new token
-            nxt = logits(model, torch.tensor([ids + new]))[0, -1].argmax().item()
-            if nxt == tok.eos_token_id:
-                break
-            new.append(nxt)
-        assert pred == tok.decode(new, skip_special_tokens=True)
-    assert len(set(preds)) > 1
+    qa = smf.load_triviaqa(tiny["triviaqa"], limit=12)
+    prompts = [f"Question: {q}\nAnswer:" for q, _ in qa] + ["Question: a?\nAnswer:", "Question: b c d?\nAnswer:"]
+    assert len({len(tok(p)["input_ids"]) for p in prompts}) > 3                # mixed prompt lengths
+    free = [naive_greedy(model, tok, p, 10, penalty, eos=None) for p in prompts]
+    # an EOS that some rows reach mid-generation and others never: a token some generations hold after their start
+    counts = {t: sum(t in g[1:] for g in free) for g in free for t in g[1:]}
+    stop = next(t for t, n in sorted(counts.items()) if 0 < n < len(prompts) and t != tok.pad_token_id)
+
+    class StopsAt:                                                             # the tokenizer, with `stop` as EOS
+        pad_token_id, eos_token_id = tok.pad_token_id, stop
+        __call__, decode = staticmethod(tok.__call__), staticmethod(tok.decode)
+    expected = [tok.decode(naive_greedy(model, tok, p, 10, penalty, stop)) for p in prompts]
+    assert sum(len(e) < len(tok.decode(f)) for e, f in zip(expected, free)) > 0  # EOS cut some rows short
+    for batch_size in (1, 3, 8):
+        assert smf.greedy_generate(model, StopsAt(), prompts, 10, penalty, batch_size) == expected
 
 
 # ----------------------------------------------------------------------------------------------- runs a researcher
@@ -1272,7 +1311,7 @@ def test_full_finetuning_trains_every_parameter_the_tied_embeddings_included(tin
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     smf.prepare_model(model, "full")
     texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
-    smf.train(model, tok, texts, smf.TrainConfig(method="full", lr=1e-3, warmup=0, max_steps=1))
+    train_texts(model, tok, texts, smf.TrainConfig(method="full", lr=1e-3, warmup=0, max_steps=1))
     unmoved = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
     assert not unmoved and len(before) == len(list(model.parameters()))
 
@@ -1284,7 +1323,7 @@ def test_each_epoch_is_a_new_seeded_shuffle_of_every_example_once(tiny):
         seen = []
         hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()), with_kwargs=True)
         smf.prepare_model(model, "full")
-        smf.train(model, tok, texts, smf.TrainConfig(method="full", lr=0.0, warmup=0, epochs=2, micro_batch=2,
+        train_texts(model, tok, texts, smf.TrainConfig(method="full", lr=0.0, warmup=0, epochs=2, micro_batch=2,
                                                      grad_accum=2, seed=seed))
         hook.remove()
         steps = [sorted(tok.decode([t for t in row if t != tok.pad_token_id]) for row in batch) for batch in seen]
@@ -1390,16 +1429,6 @@ def test_damaged_files_and_a_missing_tokenizer_are_named(tiny, tmp_path, capsys)
     assert not (tmp_path / "res" / "table.md").exists()
 
 
-class FixedLogits(torch.nn.Module):
-    """A fake LM whose next-token logits are always `logits`, whatever the context."""
-    def __init__(self, logits):
-        super().__init__()
-        self.bias = torch.nn.Parameter(logits)
-
-    def forward(self, input_ids, attention_mask=None, **kw):
-        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})
-
-
 def test_pads_never_count_for_the_repetition_penalty(tiny):
     _, tok = load(tiny)
     prompts = ["Question: a?\nAnswer:", "Question: a much longer question than the first one?\nAnswer:"]
@@ -1411,7 +1440,7 @@ def test_pads_never_count_for_the_repetition_penalty(tiny):
         __call__, decode = staticmethod(tok.__call__), staticmethod(tok.decode)
     favoured = torch.zeros(len(tok))
     favoured[pad], favoured[other] = 5.0, 4.8                          # `pad` wins unless it is penalised
-    model = FixedLogits(favoured)
+    model = fixed_logits_model(tiny, favoured)
     batched = smf.greedy_generate(model, PadsWith(), prompts, max_new_tokens=3, repetition_penalty=1.1)
     alone = [smf.greedy_generate(model, PadsWith(), [p], max_new_tokens=3, repetition_penalty=1.1)[0] for p in prompts]
     assert batched == alone and alone[0].startswith(tok.decode([pad]))
