@@ -10,7 +10,7 @@ normalize_answer, alias_contained and exact_match. With the helpers they name: k
 (BackgroundStats), select_rows, add_lora (LORA_TARGETS), eval_medmcqa, eval_wikitext and eval_triviaqa (each
 docstring names its helpers). Start with `python smf.py train --method smf --selector kl`; see --help.
 """
-import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools, json, math, os
+import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, itertools, json, math, os
 import random, re, shutil, signal, statistics, sys, tempfile, time
 from dataclasses import dataclass
 
@@ -482,7 +482,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
             record["alpha"] = [round(a.item(), 6) for a in alphas]
         if values:
             record["rows_updated"] = [len(r) for r in rows]
-        log.write(json.dumps(record) + "\n")
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        log.write(json.dumps(finite) + "\n")  # JSON has no NaN or Infinity
         history.append(record)
     for block in memory_blocks(model):
         block.memory.read_gate = None
@@ -706,8 +707,10 @@ def read_rows(source, hub_config=None, split="train"):
                             "or pass a local file in the same schema") from e
         return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
     kind = source.lower().rsplit(".", 1)[-1]
+    require(os.path.exists(source), f"data file {source} does not exist — check the path")
+    require(not os.path.isdir(source), f"data file {source} is a folder — give the file in it")
     require(os.path.isfile(source) and kind in ("jsonl", "json", "txt"), f"data file {source} is not a "
-            ".jsonl, .json (JSON Lines, what datasets' to_json writes) or .txt file — check the path")
+            ".jsonl, .json (JSON Lines, what datasets' to_json writes) or .txt file — give one")
     with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows) is not text
         lines = f.read().split("\n")
     if kind == "txt":
@@ -776,15 +779,15 @@ def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=
     return "\n\n".join(lines[:limit])
 
 def triviaqa_row(row):
-    """(question, aliases): the aliases and the answer value, a list of strings (a string would be an alias
-    per character)."""
+    """(question, aliases): the aliases and the answer value, as a list of strings (aliases given as one
+    string would be an alias per character)."""
     aliases, value = row["answer"]["aliases"] or [], row["answer"].get("value") or ""
-    if not isinstance(row["question"], str) or not isinstance(aliases, list):
-        raise TypeError("question must be text and answer.aliases a list")
-    aliases = aliases + [value] if value else aliases
-    if not aliases or not all(isinstance(a, str) for a in aliases):
+    if not isinstance(row["question"], str):
+        raise TypeError(f"field 'question' is {type(row['question']).__name__}, not text")
+    strings = isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value])
+    if not strings or not (aliases or value):
         raise ValueError("the answer has no aliases as a list of strings")
-    return row["question"], aliases
+    return row["question"], aliases + [value] if value else aliases
 
 def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     """(question, aliases) pairs from the rc.nocontext validation split."""
@@ -826,11 +829,10 @@ def write_atomic(path, text):
 
 def written_by_smf(path):
     """A results JSON (it names its model) or a table.md that this tool wrote: rerunning into it is normal."""
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError), open(path) as f:
         if path.endswith(".md"):
-            with open(path) as f:
-                return f.readline().startswith("| row |")
-        content = read_json(path, "")
+            return f.readline().startswith("| row |")
+        content = json.load(f)
         return isinstance(content, dict) and "model" in content
     return False
 
@@ -845,8 +847,9 @@ def check_output(flag, path, reads, folder=False, overwrite=False):
     place = os.path.dirname(real)
     while not os.path.exists(place):
         place = os.path.dirname(place)
+    what = "a file" if os.path.isfile(place) else "not writable"
     require(os.path.isdir(place) and os.access(place, os.W_OK),
-            f"{flag} {path} cannot be written ({place} is not a writable folder) — choose a writable place")
+            f"{flag} {path} cannot be written ({place} is {what}) — choose a writable place")
     if not os.path.exists(path):
         return
     if not folder:
@@ -1125,11 +1128,14 @@ def train_stage(cfg, mem_cfg, parent, out, data, args, device):
             stats = background_stats(model, tokenizer, texts, cfg.max_len, device=device)
         meta = provenance(cfg.method.replace("retrofit", "memory"), applied(cfg, kinds), parent, out)
         meta["given"] = args.given
+        meta["train"]["total_steps"] = len(history)
         if cfg.method == "retrofit":
             meta["memory"] = vars(mem_cfg)
+        if cfg.method == "smf":
+            meta["background_stats"] = os.path.abspath(os.path.join(parent, STATS))
         tensors = smf_patch(before, trained) if cfg.method == "smf" else trained
         save_checkpoint(staged, meta, tensors, {STATS: stats_tensors(stats)} if stats else None)
-    return history
+    return model, history
 
 def run_train(args, device):
     """`train`. SMF from a model without memory first retrofits it into <out>_retrofit, with the retrofit
@@ -1141,24 +1147,28 @@ def run_train(args, device):
         shared = {name: getattr(cfg, name) for name in RETROFIT_SHARES}
         retrofit_out = args.out.rstrip("/") + "_retrofit"
         stages = [(TrainConfig(method="retrofit", **shared), args.model, retrofit_out), (cfg, retrofit_out, args.out)]
-        unused = sorted(set(args.given) - set(RETROFIT_SHARES) - set(APPLIES))
-        print(f"{args.model} has no memory: retrofitting it first into {retrofit_out} with the retrofit recipe "
-              f"(it takes {', '.join(RETROFIT_SHARES)} from this command, not {', '.join(unused) or '-'}; for "
-              "other settings, train --method retrofit first, then SMF from it)")
     data = {"medmcqa": None, "background": None}
     if cfg.method != "retrofit":
         rows = load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)
         data["medmcqa"] = [medmcqa_text(row) for row in rows]
     if stages[0][0].method == "retrofit":
         data["background"] = load_background(cfg.background)
+    if len(stages) == 2:
+        retrofit, n = stages[0][0], len(data["background"])
+        unused = sorted(set(args.given) - set(RETROFIT_SHARES) - set(APPLIES)) or ["-"]
+        print(f"{args.model} has no memory: retrofitting it first into {stages[0][2]} with the retrofit recipe: "
+              f"{n:,} background texts x {retrofit.epochs:g} epochs = {total_steps(n, retrofit):,} steps. It "
+              f"takes {', '.join(RETROFIT_SHARES)} from this command, not {', '.join(unused)} (to set those, "
+              "train --method retrofit first, then SMF from it)")
     probes = load_probes(args) if args.eval_out else None
     for stage_cfg, parent, out in stages:
         t0 = time.time()
-        history = train_stage(stage_cfg, mem_cfg, parent, out, data, args, device)
+        model, history = train_stage(stage_cfg, mem_cfg, parent, out, data, args, device)
         print_summary(stage_cfg.method, out, history, time.time() - t0, args)
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
         eval_args = argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out, "probe": "all"})
         run_eval(eval_args, device, probes)
+    return model
 
 def print_summary(method, out, history, seconds, args):
     size = sum(os.path.getsize(os.path.join(out, name)) for name in os.listdir(out)) / 2 ** 20
@@ -1212,6 +1222,7 @@ def run_bench(args, device):
     """Every method's training steps on random tokens and weights, and a memory layer's fwd+bwd against the
     FFN's."""
     from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
     cuda = str(device).startswith("cuda")
     B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
     config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
@@ -1231,19 +1242,19 @@ def run_bench(args, device):
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
         cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B),
                           max_len=T, max_steps=args.steps + 2, warmup=1)
-        with contextlib.redirect_stderr(None):  # no progress bars between the rows
+        with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
             history = train(model, examples.tolist(), cfg, background, 0, device)[2:]  # after 2 warm-up steps
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
         print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
     print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
-    ffn = nn.Sequential(nn.Linear(896, 4864, bias=False), nn.SiLU(), nn.Linear(4864, 896, bias=False))
+    ffn = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))  # SwiGLU, as in Qwen2.5-0.5B
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     seconds = {name: fwd_bwd_seconds(layer.to(device), x, device)
                for name, layer in (("memory", ProductKeyMemory(896)), ("ffn", ffn))}
     ratio = seconds["memory"] / seconds["ffn"]
-    print(f"memory layer fwd+bwd / FFN fwd+bwd (hidden 896, N=16384, 2048 tokens; FFN 896-4864-896 with a "
-          f"third matmul for SwiGLU's gate): {ratio:.2f}")
+    print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): {ratio:.2f} "
+          f"({1000 * seconds['memory']:.1f} ms vs {1000 * seconds['ffn']:.1f} ms)")
 
 def fwd_bwd_seconds(layer, x, device, repeats=3):
     """Mean seconds of a forward and backward, after one warm-up."""
@@ -1510,7 +1521,7 @@ RANGES = [  # (options, what a good value is, lowest, highest, lowest allowed): 
     ("clip weight_decay warmup", ">= 0 and finite", 0, math.inf, True),
     ("lora_dropout", "in [0, 1)", 0, 1, True),
     ("max_len", ">= 2 (a text needs two tokens to have a target)", 2, math.inf, True),
-    ("memory_key_dim", ">= 2 (it is split in two halves)", 2, math.inf, True),
+    ("memory_key_dim", ">= 2", 2, math.inf, True),
     ("seed", "in [0, 2**63)", 0, 2 ** 63, True)]
 PATH_OPTIONS = ("model", "out", "eval_out", "results_dir", "medmcqa", "background", "eval_medmcqa", "wikitext",
                 "triviaqa")
@@ -1536,11 +1547,11 @@ def check_args(args):
     configs = {"train": [(TrainConfig, ""), (MemoryConfig, "memory_"), (EvalConfig, "")], "eval": [(EvalConfig, "")]}
     fields = [(cls, prefix + f.name) for cls, prefix in configs.get(args.command, []) for f in dataclasses.fields(cls)]
     args.given = sorted(name for _, name in fields if getattr(args, name) is not None)
-    if args.command == "train":
-        check_train_args(args)
     for cls, name in fields:  # the defaults of the options not given
         if getattr(args, name) is None:
             setattr(args, name, {f.name: f.default for f in dataclasses.fields(cls)}[name.removeprefix("memory_")])
+    if args.command == "train":
+        check_train_args(args)
     outputs = []  # (flag, path, is a checkpoint folder)
     if args.command == "train":
         outputs = [("--out", args.out, True), ("--eval-out", args.eval_out, False)]
@@ -1557,9 +1568,8 @@ def check_args(args):
 
 def check_train_args(args):
     """train's own checks, every one before anything runs (for the one-liner: before its retrofit)."""
-    args.method = args.method or "smf"
     memory = model_memory(args.model)
-    mode = (memory or {}).get("mode", args.memory_mode or "additive")
+    mode = (memory or {}).get("mode", args.memory_mode)
     kinds = run_kinds(args.method, bool(memory), mode, args.eval_out)
     for name in args.given:
         if name in APPLIES:
@@ -1573,23 +1583,34 @@ def check_train_args(args):
     require(not memory or args.method != "smf" or os.path.isfile(stats), f"{stats} is missing: SMF ranks rows "
             "against the background statistics its retrofit saved — restore it, or retrofit again "
             "(train --method retrofit)")
-    micro, forward = args.micro_batch or 4, args.forward_batch
+    forward, micro = args.forward_batch, args.micro_batch
     require(not forward or forward % micro == 0, f"--forward-batch {forward} is not a multiple of "
             f"--micro-batch {micro} — make it one")
     if kinds["new memory"]:
-        check_memory_fits(args)
+        check_new_memory(args)
     args.out = args.out or os.path.join("runs", args.method)
+    out = os.path.realpath(args.out)
+    require(not args.eval_out or not os.path.realpath(args.eval_out).startswith(out + os.sep), f"--eval-out "
+            f"{args.eval_out} lies inside {out}, which this run writes — choose another path")
     retrofit_out = args.out.rstrip("/") + "_retrofit"
     require(memory or args.method != "smf" or not os.path.exists(retrofit_out), f"{retrofit_out} exists — "
             f"train SMF from it (--model {retrofit_out}), or move it away to retrofit again")
     if args.method == "smf" and not memory:
         check_output("--out", retrofit_out, checkpoint_chain(args.model), True)
 
-def check_memory_fits(args):
-    """A new memory's value tables must fit, with their gradient and two AdamW moments, where they train."""
-    n_keys, layers = args.memory_n_keys or MemoryConfig.n_keys, args.memory_layers or MemoryConfig.layers
+def check_new_memory(args):
+    """A new memory's settings, and that its value tables fit, with their gradient and two AdamW moments,
+    where they train."""
+    layers, n_keys, topk = args.memory_layers, args.memory_n_keys, args.memory_topk
+    require(len(set(layers)) == len(layers), f"--memory-layers {' '.join(map(str, layers))} name a layer "
+            "twice — give each layer once")
+    require(topk <= n_keys, f"--memory-topk {topk} exceeds --memory-n-keys {n_keys} — lower it")
+    require(args.memory_key_dim % 2 == 0, f"--memory-key-dim {args.memory_key_dim} is out of range — give a "
+            "value even (it is split in two halves)")
     config = os.path.join(args.model, "config.json")
-    hidden = read_json(config, "restore it").get("hidden_size", 0) if os.path.isfile(config) else 896
+    hidden = 896
+    if os.path.isfile(config):
+        hidden = read_json(config, "restore it").get("hidden_size", hidden)
     need = 16 * len(layers) * n_keys ** 2 * hidden  # bytes: fp32 values, gradient and two moments
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if args.device.startswith("cuda"):

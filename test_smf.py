@@ -482,7 +482,7 @@ def test_every_checkpoint_kind_round_trips(tiny, tmp_path):
     size = lambda name: os.path.getsize(tmp_path / name / "weights.safetensors")
     assert size("smf") < size("retrofit") / 4     # a patch of a few changed rows, not the memory
     patch = smf.checkpoint_meta(str(tmp_path / "smf"))
-    assert patch["parent"] == "../retrofit" and patch["train"]["selector"] == "kl" and patch["seed"] == 0
+    assert patch["parent"] == "../retrofit" and patch["train"]["selector"] == "kl" and patch["train"]["seed"] == 0
 
 
 def test_smf_one_liner_retrofits_first_with_the_retrofit_recipe(tiny, tmp_path, capsys):
@@ -505,7 +505,7 @@ def test_smf_one_liner_retrofits_first_with_the_retrofit_recipe(tiny, tmp_path, 
     run(*train_args(tiny, tmp_path / "seeded", "smf", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8",
                     "--top-t", "4", "--max-len", "64", "--seed", "7"))
     other = smf.checkpoint_meta(str(tmp_path / "seeded_retrofit"))
-    assert other["seed"] == other["train"]["seed"] == 7                 # the retrofit follows --seed ...
+    assert other["train"]["seed"] == 7                 # the retrofit follows --seed ...
     values = lambda name: smf.load_model(str(tmp_path / name))[0].model.layers[0].mlp.memory.values
     assert not torch.equal(values("run_retrofit"), values("seeded_retrofit"))     # ... and so do its weights
 
@@ -537,7 +537,8 @@ def error_of(capsys, *argv):
 
 def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
     ev = lambda model: error_of(capsys, "eval", "--model", model, "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    assert "does not exist" in ev(tmp_path / "nope")
+    assert "there is no such folder, and as a hub id it could not be loaded" in ev(tmp_path / "nope")
+    assert "is a file — give the folder that holds it" in ev(os.path.join(tiny["model"], "config.json"))
     (tmp_path / "empty").mkdir()
     assert "neither a Hugging Face model nor an smf checkpoint" in ev(tmp_path / "empty")
     run(*train_args(tiny, tmp_path / "mem", "retrofit", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8"))
@@ -574,13 +575,13 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--method", "full", "--top-t", "8"], "--top-t applies only to --method smf"),
     (["--method", "lora", "--train-scale"], "--train-scale applies only to --method smf"),
     (["--method", "full", "--lora-r", "8"], "--lora-r applies only to --method lora"),
-    (["--method", "lora", "--background", "x.jsonl"], "--background applies only to a retrofit"),
+    (["--method", "lora", "--background", "x.jsonl"], "--background applies only to a new memory"),
     (["--method", "retrofit", "--medmcqa", "x.jsonl"], "--medmcqa applies only to --method smf, lora or full"),
     (["--method", "lora", "--memory-n-keys", "8"], "--memory-n-keys applies only to a new memory"),
     (["--method", "retrofit", "--memory-mode", "replacement", "--memory-alpha-init", "0.1"],
      "--memory-alpha-init applies only to a new additive memory"),
     (["--method", "lora", "--wikitext", "w.jsonl"], "--wikitext applies only to --eval-out"),
-    (["--method", "smf", "--top-t", "0"], "--top-t 0 is out of range — give a value > 0"),
+    (["--method", "smf", "--top-t", "0"], "--top-t 0 is out of range — give a value >= 1"),
     (["--method", "smf", "--selectr", "kl"], "unrecognized arguments"),
     (["--method", "dpo"], "invalid choice"),
     (["--method", "lora", "--lr=-1e-3"], "--lr -0.001 is out of range"),
@@ -615,32 +616,40 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     assert "does not exist" in probe("medmcqa", tmp_path / "missing.jsonl")
     assert "is a folder" in probe("medmcqa", tmp_path)
     (tmp_path / "data.xml").write_text("<x/>")
-    assert "unknown format" in probe("medmcqa", tmp_path / "data.xml")
+    assert "is not a .jsonl, .json (JSON Lines" in probe("medmcqa", tmp_path / "data.xml")
     good = smf.load_medmcqa(tiny["medmcqa"])[0]
     cases = {"question": {k: v for k, v in good.items() if k != "question"}, "cop": {k: v for k, v in good.items() if k != "cop"}}
     for field, row in cases.items():
         assert f"line 1: field '{field}' is missing" in probe("medmcqa", write_jsonl(tmp_path / f"no_{field}.jsonl", [row]))
     path = tmp_path / "null.jsonl"                                     # the file's own line, every line counted
     path.write_text("\n".join([json.dumps({**good, "choice_type": "multi"}), "", json.dumps({**good, "cop": None})]))
-    assert f"{path}: line 3: field 'cop' is null" in probe("medmcqa", path)
+    assert f"{path}: line 3: cop=None, not an integer 0..3" in probe("medmcqa", path)
     for cop in (4, 2.5, "two", True):
-        assert "cop must be an integer 0..3" in probe("medmcqa", write_jsonl(tmp_path / "cop.jsonl", [{**good, "cop": cop}]))
+        assert "not an integer 0..3 (0 = opa)" in probe("medmcqa", write_jsonl(tmp_path / "cop.jsonl", [{**good, "cop": cop}]))
     as_int = smf.load_medmcqa(write_jsonl(tmp_path / "int.jsonl", [{**good, "cop": 2}]))
     assert smf.load_medmcqa(write_jsonl(tmp_path / "s.jsonl", [{**good, "cop": "2"}])) == as_int
     assert smf.load_medmcqa(write_jsonl(tmp_path / "f.jsonl", [{**good, "cop": 2.0}])) == as_int
     assert as_int[0]["cop"] == 2 and type(as_int[0]["cop"]) is int
-    assert "field 'question' is of type int, not str" in probe("medmcqa", write_jsonl(tmp_path / "q.jsonl", [{**good, "question": 7}]))
-    assert "no examples left" in probe("medmcqa", write_jsonl(tmp_path / "multi.jsonl", [{**good, "choice_type": "multi"}]))
+    assert "line 1: field 'question' is int, not text" in probe("medmcqa", write_jsonl(tmp_path / "q.jsonl", [{**good, "question": 7}]))
+    multi = [{**good, "choice_type": "multi"}] * 3                     # the filter that emptied it, and how much
+    assert "no rows left of 3 (choice_type == 'single' removed 3)" in probe("medmcqa", write_jsonl(tmp_path / "m.jsonl", multi))
     (tmp_path / "broken.jsonl").write_text(json.dumps(good) + '\n{"question": "x", "opa"')
-    assert "could not be read at line 2" in probe("medmcqa", tmp_path / "broken.jsonl")
-    (tmp_path / "list.json").write_text(json.dumps([good]))
-    assert "unknown format" in probe("medmcqa", tmp_path / "list.json")
+    assert "line 2 is not JSON" in probe("medmcqa", tmp_path / "broken.jsonl")
+    (tmp_path / "list.jsonl").write_text(json.dumps([good]))                # one JSON array, not JSON Lines
+    assert "line 1 is a list, not a JSON object — one object per line" in probe("medmcqa", tmp_path / "list.jsonl")
+    text = "".join(json.dumps({**good, "cop": i % 4}) + "\n" for i in range(3))
+    (tmp_path / "bom.jsonl").write_text("\ufeff" + text, encoding="utf-8")   # Windows' byte-order mark
+    (tmp_path / "to_json.json").write_text(text)                             # what datasets' to_json writes
+    (tmp_path / "UP.JSONL").write_text(text)                                 # extensions are case-blind
+    plain = smf.load_medmcqa(write_jsonl(tmp_path / "plain.jsonl", [{**good, "cop": i % 4} for i in range(3)]))
+    for name in ("bom.jsonl", "to_json.json", "UP.JSONL"):
+        assert smf.load_medmcqa(str(tmp_path / name)) == plain, name
     no_alias = [{"question": "q?", "answer": {"aliases": [], "value": ""}}]
-    assert "line 1 has no answer aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
+    assert "line 1: the answer has no aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
     one_string = [{"question": "q?", "answer": {"aliases": "Paris", "value": "Paris"}}]  # not per-character aliases
     assert "no answer aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
     assert "'text'" in probe("wikitext", write_jsonl(tmp_path / "wiki.jsonl", [{"body": "x"}]))
-    assert "field 'text' is of type list, not str" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
+    assert "field 'text' is list, not text" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
     assert "'text'" in error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"),
                                 "--background", write_jsonl(tmp_path / "bg.jsonl", [{"role": "assistant"}]))
 
@@ -723,7 +732,7 @@ def test_run_all_smoke(tiny, tmp_path):
     assert most == 2 and first.stdout.count("done ") == 11                      # two stages ran at the same time
     table = open(out / "table.md").read().splitlines()
     names = [line.split("|")[1].strip() for line in table[2:]]
-    assert names == [name for name, _ in smf.TABLE_ROWS]
+    assert names == [name for name, *_ in smf.TABLE_ROWS]
     for line in table[2:]:
         cells = [c.strip() for c in line.split("|")[2:-1:2]]                  # the five metric columns
         assert len(cells) == 5 and all(math.isfinite(float(c.split()[0])) for c in cells), line
@@ -1084,7 +1093,7 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--overwrite",
                     "--seed", "9"))
     err = error_of(capsys, "eval", "--model", tmp_path / "s", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    assert "has been trained again since" in err
+    assert "has other weights than it was trained from" in err
 
 
 def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(tiny, tmp_path, capsys, monkeypatch):
@@ -1104,28 +1113,30 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
     monkeypatch.setenv("HOME", str(tmp_path))
     t, real = lambda p: str(tmp_path / p), lambda p: os.path.realpath(tmp_path / p)
     probes = ["--eval-medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"]]
+    reads = ", which this run reads"
     cases = [  # (command, what the one-line error says)
-        (train_args(tiny, t("r"), "smf", "--model", t("r"), "--top-t", "4"), f"--out {t('r')} is {real('r')}, which this run reads"),
-        (train_args(tiny, t("r"), "smf", "--model", t("s"), "--top-t", "4", "--overwrite"), f"is {real('r')}, which this run reads"),
-        (train_args(tiny, t("base"), "lora", "--model", t("base"), "--overwrite"), f"is {real('base')}, which this run reads"),
+        (train_args(tiny, t("r"), "smf", "--model", t("r"), "--top-t", "4"), f"--out {t('r')} is or lies inside {real('r')}" + reads),
+        (train_args(tiny, t("r"), "smf", "--model", t("s"), "--top-t", "4", "--overwrite"), f"inside {real('r')}" + reads),
+        (train_args(tiny, t("base"), "lora", "--model", t("base"), "--overwrite"), f"inside {real('base')}" + reads),
         (train_args(tiny, "~/r", "smf", "--model", t("r"), "--top-t", "4"), f"--out {t('r')} is"),     # ~ expanded
         (train_args(tiny, t("s"), "lora"), "already holds a checkpoint — pass --overwrite"),
-        (train_args(tiny, str(tmp_path), "retrofit"), "holds files that are not an smf checkpoint"),
-        (train_args(tiny, t("mydata.jsonl"), "lora", "--medmcqa", t("mydata.jsonl")), f"is {real('mydata.jsonl')}, which this run reads"),
-        (train_args(tiny, t("mydata.jsonl"), "lora"), f"--out {t('mydata.jsonl')} is a file — give a new folder"),
+        (train_args(tiny, str(tmp_path), "retrofit"), "exists and is not an smf checkpoint — choose a new folder"),
+        (train_args(tiny, t("mydata.jsonl"), "lora", "--medmcqa", t("mydata.jsonl")), "exists and is not an smf checkpoint"),
         (train_args(tiny, t("runs/lora"), "lora", "--overwrite"), "also holds NOTES.md, which replacing the checkpoint would delete"),
         (train_args(tiny, t("nest"), "lora", "--overwrite"), "also holds inner, which replacing"),
         (train_args(tiny, t("ck"), "lora", "--eval-out", t("ck/config.json"), *probes), f"--eval-out {t('ck/config.json')} lies inside {real('ck')}, which this run writes"),
-        (train_args(tiny, t("ck"), "lora", "--eval-out", t("empty"), *probes), f"--eval-out {t('empty')} is a folder — give a new file name"),
+        (train_args(tiny, t("ck"), "lora", "--eval-out", t("empty"), *probes), f"--eval-out {t('empty')} exists and is not a results file of smf"),
+        (train_args(tiny, t("ck"), "lora", "--eval-out", t("mydata.jsonl"), *probes), "exists and is not a results file of smf"),
         (train_args(tiny, t("ck"), "lora", "--eval-out", t("mydata.jsonl/e.json"), *probes), "cannot be written"),
-        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")], f"lies inside {real('r')}, which this run reads"),
-        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} is a folder"),
+        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")], f"inside {real('r')}" + reads),
+        (["eval", "--model", t("s"), "--out", t("r/new.json")], f"inside {real('r')}" + reads),
+        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} exists and is not a results file"),
         (["table", t("empty/x")], "holds no <row>/seed<S>/eval.json"),
     ]
     for argv, message in cases:
         assert message in error_of(capsys, *argv), argv
     monkeypatch.chdir(tmp_path / "empty")
-    assert "which is the current folder" in error_of(capsys, *train_args(tiny, ".", "lora"))
+    assert "exists and is not an smf checkpoint" in error_of(capsys, *train_args(tiny, ".", "lora"))
     assert snapshot() == before and not (tmp_path / "ck").exists()
     assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name or ".old" in p.name]
 
@@ -1141,7 +1152,7 @@ def test_a_run_that_another_run_overtakes_never_replaces_its_checkpoint(tiny, tm
     monkeypatch.setattr(smf, "train", overtaken)
     err = error_of(capsys, *train_args(tiny, out, "full", *SHORT))
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert "Directory not empty" in err and smf.checkpoint_meta(str(out))["kind"] == "lora"
+    assert f"{out} was written by another run meanwhile" in err and smf.checkpoint_meta(str(out))["kind"] == "lora"
     assert os.listdir(tmp_path) == ["ckpt"] and sorted(first) == sorted(smf.checkpoint_meta(str(out))["files"])
 
 
@@ -1163,7 +1174,7 @@ def test_saved_files_have_normal_permissions_and_the_log_is_json(tiny, tmp_path,
 def test_a_run_that_cannot_learn_says_so(tiny, tmp_path, capsys):
     run(*train_args(tiny, tmp_path / "l", "lora", "--model", tiny["model"], "--max-steps", "2", "--warmup", "100"))
     err = capsys.readouterr().err
-    assert "warning: warm-up (100 steps) >= all 2 steps" in err
+    assert "warning: warm-up (100 steps) covers all 2 steps" in err
     run(*train_args(tiny, tmp_path / "m", "lora", "--model", tiny["model"], "--max-steps", "2", "--warmup", "1"))
     assert "warning" not in capsys.readouterr().err
 
@@ -1356,7 +1367,7 @@ RANGE_CASES = {  # every option of the range table, by hand: (command, a value t
     "forward_batch": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
     "batch_size": "0", "limit": "0", "memory_n_keys": "0", "memory_heads": "0", "memory_topk": "0", "steps": "0",
     "seq_len": "0", "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1", "max_len": "1",
-    "memory_key_dim": "15"}
+    "memory_key_dim": "1", "seed": "99999999999999999999999"}
 
 
 @pytest.mark.parametrize("name", sorted(RANGE_CASES))
@@ -1368,14 +1379,14 @@ def test_every_range_refuses_its_bad_value(name, capsys):
 
 
 def test_the_range_table_is_tested_whole():
-    assert sorted(n for names, _, _ in smf.RANGES for n in names.split()) == sorted(RANGE_CASES)
+    assert sorted(n for names, *_ in smf.RANGES for n in names.split()) == sorted(RANGE_CASES)
 
 
 def test_three_overwrites_in_a_row_leave_nothing_beside_the_checkpoint(tiny, tmp_path):
     out = tmp_path / "ckpt"
     for k in range(3):
         run(*train_args(tiny, out, "lora", *SHORT, "--seed", k, *["--overwrite"] * (k > 0)))
-        assert os.listdir(tmp_path) == ["ckpt"] and smf.checkpoint_meta(str(out))["seed"] == k
+        assert os.listdir(tmp_path) == ["ckpt"] and smf.checkpoint_meta(str(out))["train"]["seed"] == k
     assert sorted(os.listdir(out)) == sorted(smf.checkpoint_meta(str(out))["files"])
 
 
@@ -1383,8 +1394,8 @@ def test_a_flag_that_does_not_apply_is_refused_and_config_records_what_applied(t
     """Rule 2 where it depends on the model: an SMF run from a retrofit takes its memory and statistics from it."""
     run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
     smf_args = train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4", *SHORT)
-    for flags, message in ((["--background-examples", "3"], "--background-examples applies only to a retrofit"),
-                           (["--background", tiny["background"]], "--background applies only to a retrofit"),
+    for flags, message in ((["--background-examples", "3"], "--background-examples applies only to a new memory"),
+                           (["--background", tiny["background"]], "--background applies only to a new memory"),
                            (["--memory-n-keys", "16"], "--memory-n-keys applies only to a new memory"),
                            (["--memory-mode", "replacement"], "--memory-mode applies only to a new memory"),
                            (["--limit", "3"], "--limit applies only to --eval-out")):
