@@ -828,11 +828,13 @@ def write_atomic(path, text):
             os.remove(tmp)
 
 def written_by_smf(path):
-    """A results JSON (it names its model) or a table.md that this tool wrote: rerunning into it is normal."""
+    """A results JSON (it names its model), table.md or figure.svg that this tool wrote: rerunning into one
+    is normal."""
     with contextlib.suppress(OSError, ValueError), open(path) as f:
-        if path.endswith(".md"):
-            return f.readline().startswith("| row |")
-        content = json.load(f)
+        first = f.readline()
+        if first.startswith(("| row |", "<svg ")):
+            return True
+        content = json.loads(first + f.read())
         return isinstance(content, dict) and "model" in content
     return False
 

@@ -647,7 +647,7 @@ def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
     no_alias = [{"question": "q?", "answer": {"aliases": [], "value": ""}}]
     assert "line 1: the answer has no aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa.jsonl", no_alias))
     one_string = [{"question": "q?", "answer": {"aliases": "Paris", "value": "Paris"}}]  # not per-character aliases
-    assert "no answer aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
+    assert "has no aliases as a list of strings" in probe("triviaqa", write_jsonl(tmp_path / "tqa2.jsonl", one_string))
     assert "'text'" in probe("wikitext", write_jsonl(tmp_path / "wiki.jsonl", [{"body": "x"}]))
     assert "field 'text' is list, not text" in probe("wikitext", write_jsonl(tmp_path / "wiki2.jsonl", [{"text": ["x"]}]))
     assert "'text'" in error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"),
