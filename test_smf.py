@@ -1455,3 +1455,62 @@ def test_pads_never_count_for_the_repetition_penalty(tiny):
     batched = smf.greedy_generate(model, PadsWith(), prompts, max_new_tokens=3, repetition_penalty=1.1)
     alone = [smf.greedy_generate(model, PadsWith(), [p], max_new_tokens=3, repetition_penalty=1.1)[0] for p in prompts]
     assert batched == alone and alone[0].startswith(tok.decode([pad]))
+
+
+def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp_path):
+    import xml.etree.ElementTree as ET
+    results = {  # folder: [(MedMCQA correct per question, TriviaQA correct per question, WikiText ppl) per seed]
+        "base": [([1, 0, 0, 1, 0], [1, 0, 1, 0], 10.0)],
+        "retrofit_additive": [([1, 0, 0, 1, 1], [1, 0, 1, 1], 10.5)],
+        "smf_additive_kl": [([1, 1, 0, 1, 1], [1, 0, 0, 0], 10.2), ([1, 1, 1, 1, 1], [1, 1, 0, 0], 10.4)],
+        "lora": [([1, 1, 1, 1, 0], [0, 0, 1, 0], 12.0)],
+        "full": [([1, 1, 1, 1, 1], [1, 1, 1, 1], float("nan"))]}       # a diverged run's perplexity
+    for folder, seeds in results.items():
+        for s, (med, tqa, ppl) in enumerate(seeds):
+            write_eval(tmp_path / folder / f"seed{s}" / "eval.json", (med, [1.0] * len(med)), tqa, ppl=ppl)
+    run("table", tmp_path)
+    svg = ET.parse(tmp_path / "figure.svg").getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    mean = lambda xs: sum(xs) / len(xs)
+    def half_width(folder, i):  # paired 95% interval of the Δ vs Base, computed here from the questions
+        row = [mean(q) for q in zip(*(seed[i] for seed in results[folder]))]
+        d = [100 * (a - b) for a, b in zip(row, results["base"][0][i])]
+        return 1.96 * statistics.stdev(d) / math.sqrt(len(d))
+    shown = ["base", "retrofit_additive", "smf_additive_kl", "lora"]
+    panels = svg.findall(f"{ns}g[@class='panel']")
+    assert [p.get("data-x") for p in panels] == ["ppl", "alias_contains_acc"]
+    for panel, i, lower_better in zip(panels, (2, 1), (True, False)):
+        a = {k: float(panel.get(f"data-{k}")) for k in ("x-lo", "x-hi", "y-lo", "y-hi", "left", "right", "top", "bottom")}
+        px = lambda v: a["left"] + (v - a["x-lo"]) / (a["x-hi"] - a["x-lo"]) * (a["right"] - a["left"])
+        py = lambda v: a["bottom"] - (v - a["y-lo"]) / (a["y-hi"] - a["y-lo"]) * (a["bottom"] - a["top"])
+        points = {c.get("data-row"): (float(c.get("cx")), float(c.get("cy"))) for c in panel.iter(f"{ns}circle")}
+        assert sorted(points) == sorted(shown)                           # full (NaN) and the missing rows left out
+        value = {}
+        for folder in shown:
+            x = mean([seed[i] if i == 2 else 100 * mean(seed[i]) for seed in results[folder]])
+            y = mean([100 * mean(seed[0]) for seed in results[folder]])
+            value[folder] = (x, y)
+            assert abs(points[folder][0] - px(x)) < 1 and abs(points[folder][1] - py(y)) < 1, folder
+        whiskers = {(l.get("class"), l.get("data-row")): l for l in panel.iter(f"{ns}line") if l.get("data-row")}
+        for folder in shown[1:]:
+            y_line = whiskers[("whisker-y", folder)]
+            assert abs(float(y_line.get("y2")) - float(y_line.get("y1")) - 2 * half_width(folder, 0) * (py(0) - py(1))) < 1
+            if i == 1:   # TriviaQA has an interval; WikiText has none
+                x_line = whiskers[("whisker-x", folder)]
+                assert abs(float(x_line.get("x2")) - float(x_line.get("x1")) - 2 * half_width(folder, 1) * (px(1) - px(0))) < 1
+            else:
+                assert ("whisker-x", folder) not in whiskers
+        assert ("whisker-y", "base") not in whiskers                   # Base has no Δ against itself
+        better = lambda p, q: (p[0] <= q[0] if lower_better else p[0] >= q[0]) and p[1] >= q[1] and p != q
+        front = {f for f in shown if not any(better(value[g], value[f]) for g in shown)}
+        line = panel.find(f"{ns}polyline[@class='frontier']").get("points").split()
+        drawn = {min(shown, key=lambda f: abs(points[f][0] - float(xy.split(",")[0])) + abs(points[f][1] - float(xy.split(",")[1])))
+                 for xy in line}
+        assert drawn == front and len(line) == len(front)
+    caption = svg.find(f"{ns}text[@class='caption']").text
+    assert "Full finetuning (a value is not finite)" in caption and "SMF replacement KL (no results)" in caption
+    assert "2 seed(s)" in caption and "5 MedMCQA and 4 TriviaQA questions" in caption
+    only = tmp_path / "only"
+    write_eval(only / "base" / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
+    run("table", only)
+    assert "Only Base has results" in open(only / "figure.svg").read()
