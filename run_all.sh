@@ -10,6 +10,16 @@
 #   STAGE=smf_additive_kl/seed0 bash run_all.sh    one stage (its retrofit must be finished): for a scheduler
 # Override any setting below from the environment.
 set -euo pipefail
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  echo "settings (environment variables; the default after :- ):"
+  grep -E '^[A-Z_]+=\$\{' "$0" | sed 's/^/  /'
+}
+case "$#:${1:-}" in
+  0:|1:--list) ;;
+  1:-h|1:--help) usage; exit 0 ;;
+  *) echo "error: unknown argument(s) '$*' — the only ones are --list and --help; settings are environment variables (bash run_all.sh --help)" >&2; exit 2 ;;
+esac
 SMF="$(cd "$(dirname "$0")" && pwd)/smf.py"
 export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}   # stage logs are files: no model-loading bars
 
@@ -48,7 +58,9 @@ done
 if [ -n "$GPUS" ]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
   for g in $GPUS; do
-    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids below $n_gpus (this torch sees $n_gpus GPUs), e.g. GPUS=\"0 1\"" >&2; exit 2; }
+    example='GPUS="cpu" (this torch sees no GPU)'
+    [ "$n_gpus" -gt 0 ] && example="GPU ids below $n_gpus (this torch sees $n_gpus GPUs), e.g. GPUS=\"$(seq -s ' ' 0 $((n_gpus - 1)))\""
+    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or $example" >&2; exit 2; }
   done
 fi
 # local paths as absolute ones, so that the stages (and their recorded settings) mean the same files from any folder

@@ -1208,7 +1208,7 @@ def run_train(args, device):
         data["background"] = load_background(cfg.background)
     if len(stages) == 2:
         retrofit, n = stages[0][0], len(data["background"])
-        unused = sorted(set(args.given) - set(RETROFIT_SHARES) - set(APPLIES)) or ["-"]
+        unused = sorted(set(args.given) - set(RETROFIT_SHARES) - set(APPLIES) - {"method"}) or ["-"]
         print(f"{args.model} has no memory: retrofitting it first into {stages[0][2]} with the "
               "retrofit recipe: "
               f"{n:,} background texts x {retrofit.epochs:g} epochs = {total_steps(n, retrofit):,} "
@@ -1472,10 +1472,9 @@ def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
             out.append(f'<line class="whisker-y" data-row="{r["folder"]}" x1="{x:.2f}" '
                        f'y1="{y - h:.2f}" '
                        f'x2="{x:.2f}" y2="{y + h:.2f}" stroke="#333"/>')
-        shape = {"base": "square", "retrofit": "diamond"}.get(r["folder"].split("_")[0], "circle")
-        out.append(f'<circle class="point {shape}" data-row="{r["folder"]}" cx="{x:.2f}" '
-                   f'cy="{y:.2f}" r="4" '
-                   f'fill="{MARKER_FILL[shape]}" stroke="#000"/>')
+        kind = r["folder"].split("_")[0]  # base, retrofit, smf, lora or full
+        out.append(f'<circle class="point {kind}" data-row="{r["folder"]}" cx="{x:.2f}" cy="{y:.2f}" '
+                   f'r="4" fill="{MARKER_FILL.get(kind, "#4a7ab5")}" stroke="#000"/>')
         label_y = max(label_y, y)
         lx = x0 + PANEL_W + 12
         out.append(f'<line x1="{x:.2f}" y1="{y:.2f}" x2="{lx}" y2="{label_y:.2f}" stroke="#ddd"/>')
@@ -1485,7 +1484,7 @@ def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
     out.append("</g>")
     return out
 
-MARKER_FILL = {"square": "#000", "diamond": "#fff", "circle": "#4a7ab5"}
+MARKER_FILL = {"base": "#000", "retrofit": "#fff"}  # Base black, the retrofits hollow, the rest blue
 
 def figure_svg(points, n_seeds, questions):
     """The SVG text: one point per row with results, the mean over its seeds; rows without results,

@@ -1514,3 +1514,55 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
     write_eval(only / "base" / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
     run("table", only)
     assert "Only Base has results" in open(only / "figure.svg").read()
+
+
+def test_a_changed_plain_parent_is_refused_and_an_identical_copy_loads(tiny, tmp_path, capsys):
+    import shutil
+    shutil.copytree(tiny["model"], tmp_path / "a" / "base")
+    run(*train_args(tiny, tmp_path / "a" / "lora", "lora", "--model", tmp_path / "a" / "base", *SHORT))
+    ids = torch.tensor([[3, 14, 15, 92]])
+    before = logits(smf.load_model(str(tmp_path / "a" / "lora"))[0], ids)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")                      # both moved together, byte-identical
+    shutil.rmtree(tmp_path / "a")
+    assert torch.equal(logits(smf.load_model(str(tmp_path / "b" / "lora"))[0], ids), before)
+    model, tok = smf.load_model(str(tmp_path / "b" / "base"))
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(tmp_path / "b" / "base")                       # the base saved again, other weights
+    err = error_of(capsys, "eval", "--model", tmp_path / "b" / "lora", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
+    assert f"the parent {tmp_path / 'b' / 'lora' / '..' / 'base'} of" in err and "has other weights" in err
+
+
+def test_train_refuses_up_front_what_a_later_stage_would_refuse(tiny, tmp_path, capsys):
+    err = error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"), "--memory-n-keys", "100000")
+    assert err.startswith("error: --memory-n-keys 100000: its value tables would need") and "GiB" in err
+    err = error_of(capsys, *train_args(tiny, tmp_path / "s", "smf", "--memory-mode", "replacement", "--train-scale"))
+    assert "--train-scale needs additive memory" in err and not os.path.exists(tmp_path / "s_retrofit")
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    os.remove(tmp_path / "r" / "background_stats.safetensors")
+    err = error_of(capsys, *train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--top-t", "4"))
+    assert f"{tmp_path / 'r' / 'background_stats.safetensors'} is missing" in err
+
+
+def test_the_one_liner_says_which_settings_its_retrofit_uses(tiny, tmp_path, capsys):
+    run(*train_args(tiny, tmp_path / "s", "smf", "--top-t", "4", "--warmup", "0", "--max-steps", "2", "--limit-train", "8"))
+    out, err = capsys.readouterr()
+    assert "from this command, not limit_train, max_steps, warmup" in out.replace("\n", " ")
+    assert "lower --warmup" not in err                                   # no advice the user cannot follow
+    assert f"evaluate: python smf.py eval --model {tmp_path / 's'}" in out  # smf.py as invoked from here
+
+
+def test_sigterm_cleans_up_as_ctrl_c_does(tiny, tmp_path):
+    import signal, time
+    args = train_args(tiny, tmp_path / "ck", "lora", "--limit-train", "16", "--lr", "1e-2")
+    cli(*args, "--max-steps", "1")
+    first = (tmp_path / "ck" / "weights.safetensors").read_bytes()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "smf.py"), *map(str, args), "--max-steps", "100000",
+                          "--overwrite"], env=env, stderr=subprocess.PIPE, text=True)
+    while not [f for f in tmp_path.rglob("train_log.jsonl") if ".tmp" in str(f) and f.stat().st_size]:
+        assert p.poll() is None
+        time.sleep(0.2)                                                  # waits for training to be under way
+    p.send_signal(signal.SIGTERM)
+    assert p.wait() == 130 and "interrupted" in p.stderr.read()
+    assert os.listdir(tmp_path) == ["ck"] and (tmp_path / "ck" / "weights.safetensors").read_bytes() == first
