@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Config
 
 @dataclass
@@ -39,12 +39,14 @@ class MemoryConfig:
 class TrainConfig:  # the comments are the `train --help` texts
     method: str = "smf"  # retrofit (new memory, trained on background text) | smf | lora | full
     medmcqa: str = "openlifescienceai/medmcqa"  # training data (train split): hub id or local file
-    background: str = "OpenAssistant/oasst1"    # general text: the retrofit's data, the selectors' reference
+    # general text: the retrofit's data, the selectors' reference
+    background: str = "OpenAssistant/oasst1"
     lr: float = None  # peak learning rate; default: retrofit/smf 5e-4, lora 2e-4, full 5e-5
     epochs: float = None  # passes over the training data; default 2 for retrofit, 3 for the others
     micro_batch: int = 4          # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4           # micro-batches per optimizer step: effective batch 16 sequences
-    forward_batch: int = None     # sequences per forward, k x micro_batch (default: a step); same update
+    # sequences per forward, k x micro_batch (default: a step); same update
+    forward_batch: int = None
     max_len: int = 1024           # tokens per training sequence; longer texts are cut there
     warmup: int = 100             # optimizer steps of linear warm-up, then cosine decay to zero
     clip: float = 1.0             # largest gradient L2 norm per step (0: no clipping)
@@ -53,13 +55,14 @@ class TrainConfig:  # the comments are the `train --help` texts
     selector: str = "kl"  # smf: how a micro-batch ranks the rows it read, against background text
     top_t: int = 512              # smf: rows updated per memory layer per micro-batch
     train_scale: bool = False  # smf: also train each layer's alpha (the "+scale" rows of the table)
-    background_examples: int = 2000  # background texts (one batch each) behind the selectors' statistics
+    # background texts (one batch each) behind the selectors' statistics
+    background_examples: int = 2000
     lora_r: int = 16              # lora: rank of the update
     lora_alpha: float = 32.0      # lora: the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.05    # lora: dropout probability on the LoRA input only
     max_steps: int = None  # stop after this many optimizer steps (the schedule is laid over them)
-    limit_train: int = None  # use N examples: MedMCQA's first N after the seeded shuffle (default
-    #                               60,000), OASST1's first N (default all)
+    # use N examples: MedMCQA's first N after the seeded shuffle (default 60,000), OASST1's first N (all)
+    limit_train: int = None
     seed: int = 0  # shuffles the data (and the MedMCQA subset), seeds every initialisation
 
     def __post_init__(self):  # the two defaults that depend on the method, resolved in one place
@@ -68,11 +71,14 @@ class TrainConfig:  # the comments are the `train --help` texts
 
 @dataclass
 class EvalConfig:  # the probes' data and settings; the comments are their --help texts
-    eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or file
+    # MedMCQA probe (validation split): hub id or file
+    eval_medmcqa: str = "openlifescienceai/medmcqa"
     medmcqa_mode: str = "answer"        # score ' L. option text' (the paper's) or the letter alone
     wikitext: str = "Salesforce/wikitext"  # WikiText probe (test split): hub id or local file
-    triviaqa: str = "mandarjoshi/trivia_qa"          # TriviaQA probe (rc.nocontext validation): hub id or file
-    repetition_penalty: float = None    # TriviaQA: default the model's generation_config (1.0: greedy)
+    # TriviaQA probe (rc.nocontext validation): hub id or file
+    triviaqa: str = "mandarjoshi/trivia_qa"
+    # TriviaQA: default the model's generation_config (1.0: greedy)
+    repetition_penalty: float = None
     limit: int = 1000                   # examples per probe (lines of WikiText)
     batch_size: int = 16  # MedMCQA questions per forward (TriviaQA: 2x, WikiText: 1/2)
 
@@ -90,7 +96,7 @@ def require(ok, message):
     if not ok:
         raise UserError(message)
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
 
 class ProductKeyMemory(nn.Module):
@@ -107,7 +113,8 @@ class ProductKeyMemory(nn.Module):
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2))
         self.values = nn.Parameter(torch.empty(n_keys * n_keys, dim))
         self.w1, self.w2 = nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.read_gate = None  # rows (M, H*k) -> None, or bool (M, H*k): the reads whose rows may learn
+        # rows (M, H*k) -> None, or bool (M, H*k): the reads whose rows may learn
+        self.read_gate = None
         nn.init.uniform_(self.keys, -key_dim ** -0.5, key_dim ** -0.5)
         nn.init.normal_(self.values, std=dim ** -0.5)
         nn.init.xavier_uniform_(self.query.weight)
@@ -153,7 +160,7 @@ class ProductKeyMemory(nn.Module):
         out = self.w2(read.to(xf.dtype) * F.silu(self.w1(xf)))
         return out.view(x.shape)
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Attaching memory and LoRA to a Hugging Face model whose decoder blocks are model.model.layers[i].mlp
 
 class MemoryBlock(nn.Module):
@@ -162,7 +169,8 @@ class MemoryBlock(nn.Module):
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
-        self.memory, self.mlp, self.alpha = memory, None, None  # replacement drops the FFN's weights
+        # replacement drops the FFN's weights
+        self.memory, self.mlp, self.alpha = memory, None, None
         if mode == "additive":
             self.mlp = mlp
             self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
@@ -229,7 +237,7 @@ def merge_lora(model):
                 setattr(parent, name, child.base)
     return model
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Row selection (per memory layer): which value rows a micro-batch may update
 
 @dataclass
@@ -258,7 +266,8 @@ def select_rows(scores, counts, top_t):
     """Mask of the top_t read rows by score (ties: lower row first; unread rows: never). (N,) or (G,
     N)."""
     scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # stable: ties in row order
+    # stable: ties in row order
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
     best = order[..., :top_t]
     return torch.zeros_like(counts, dtype=torch.bool).scatter_(-1, best, (counts > 0).gather(-1, best))
 
@@ -283,7 +292,8 @@ class ReadGate:
     micro-batch's picks."""
 
     def __init__(self, group, n_groups, background: BackgroundStats, score_fn, top_t):
-        self.group, self.n_groups = group, n_groups  # group (M,): each token's micro-batch, -1 for pads
+        # group (M,): each token's micro-batch, -1 for pads
+        self.group, self.n_groups = group, n_groups
         self.background, self.score_fn, self.top_t = background, score_fn, top_t
         self.chosen = None
 
@@ -328,7 +338,7 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_size=16, devic
         b.memory.read_gate = None
     return stats
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Sparse optimizer and training loop: one plain loop for every method
 
 def get_lr(step, total, peak, warmup):
@@ -452,21 +462,25 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     BackgroundStats per memory layer. Writes one JSON line per step to log_path; returns those
     records."""
     values = [b.memory.values for b in memory_blocks(model)] if cfg.method == "smf" else []
-    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]  # the reach scales with alpha
+    # the reach scales with alpha
+    alphas = [b.alpha for b in memory_blocks(model) if b.alpha is not None]
     dense = [p for p in model.parameters() if p.requires_grad and not any(p is v for v in values)]
     dense_opt = make_dense_optimizer(dense, cfg, device)
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd")
     background = [BackgroundStats(s.df.to(device), s.reads.to(device), s.batches) for s in background or []]
     seqs_per_step = cfg.micro_batch * cfg.grad_accum
-    forward_batch = cfg.forward_batch or seqs_per_step  # several micro-batches per forward: same gradient
+    # several micro-batches per forward: same gradient
+    forward_batch = cfg.forward_batch or seqs_per_step
     total = total_steps(len(examples), cfg)
     batches = step_batches([len(e) for e in examples], seqs_per_step, cfg.seed)
     history, log = [], open(log_path or os.devnull, "w", buffering=1)  # line-buffered
     model.train()
     for step in progress(range(total), f"train {cfg.method}"):
         batch, t0, loss = next(batches), time.perf_counter(), 0.0
-        n_targets = sum(len(examples[i]) - 1 for i in batch)  # the loss is normalised over the whole step
-        picked = [torch.zeros(v.shape[0], dtype=torch.bool, device=device) for v in values]  # (N,) a layer
+        # the loss is normalised over the whole step
+        n_targets = sum(len(examples[i]) - 1 for i in batch)
+        # (N,) a layer
+        picked = [torch.zeros(v.shape[0], dtype=torch.bool, device=device) for v in values]
         for c in range(0, len(batch), forward_batch):
             seqs = [examples[i] for i in batch[c:c + forward_batch]]
             _, mask = pad_batch(seqs, pad_id, device=device)
@@ -545,7 +559,7 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
         mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size never changes an answer
 
 def medmcqa_prompt(row):
@@ -590,7 +604,8 @@ def option_logprobs(model, prompts, options, pad_id):
     after it as one right-padded batch: the prompt, most of the tokens, is not recomputed per
     option."""
     k = len(options) // len(prompts)  # options per prompt
-    ids, mask = pad_batch(prompts, pad_id, left=True, device=next(model.parameters()).device)  # (B, P)
+    # (B, P)
+    ids, mask = pad_batch(prompts, pad_id, left=True, device=next(model.parameters()).device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
                 logits_to_keep=1)
     cache = out.past_key_values
@@ -693,7 +708,8 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_pen
         same_length = list(same_length)
         for b in range(0, len(same_length), batch_size):
             idx = same_length[b:b + batch_size]
-            ids = torch.tensor([encoded[i] for i in idx], device=next(model.parameters()).device)  # (B, P)
+            # (B, P)
+            ids = torch.tensor([encoded[i] for i in idx], device=next(model.parameters()).device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                                  eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
@@ -717,7 +733,7 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repe
             "protocol": f"zero-shot greedy, {max_new_tokens} new tokens, repetition penalty "
             f"{penalty:g}"}
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data files: every source is a hub id by default, or a local JSON Lines (or .txt) file in the hub's schema
 
 def is_local(path):
@@ -730,7 +746,8 @@ def read_rows(source, hub_config=None, split="train"):
     counted)."""
     if not is_local(source):
         try:
-            import datasets  # imported here: `eval` and `bench` run where `datasets` is not installed
+            # imported here: `eval` and `bench` run where `datasets` is not installed
+            import datasets
             rows = datasets.load_dataset(source, hub_config, split=split)
         except Exception as e:
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download "
@@ -835,10 +852,11 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
                "at least 50 characters": [len(r["text"]) >= 50 for r in rows]}
     return [r["text"] for r in keep_rows(source, rows, filters)][:limit]
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: small files on top of a parent model, staged and renamed into place, read back by load_model
 
-STATS = "background_stats.safetensors"  # a retrofit's background statistics; its SMF runs carry a copy
+# a retrofit's background statistics; its SMF runs carry a copy
+STATS = "background_stats.safetensors"
 
 def read_json(path, fix):
     """A JSON file's content, or a one-line error naming the file and how to `fix` it."""
@@ -908,7 +926,8 @@ def replacing(out, overwrite=False):
     one rename, which fails if another run wrote `out` meanwhile; with `overwrite` the old
     checkpoint is renamed aside first, and back if the second rename fails or is interrupted. Before
     the swap `out` is untouched."""
-    place, name = os.path.split(os.path.abspath(out))  # beside `out`, on its file system: a rename moves it
+    # beside `out`, on its file system: a rename moves it
+    place, name = os.path.split(os.path.abspath(out))
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
     old = staged + ".old"
@@ -916,7 +935,8 @@ def replacing(out, overwrite=False):
         yield staged
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(staged, 0o777 & ~umask)  # mkdtemp makes 0700 and safetensors 0600: the usual permissions
+        # mkdtemp makes 0700 and safetensors 0600: the usual permissions
+        os.chmod(staged, 0o777 & ~umask)
         for file in os.listdir(staged):
             os.chmod(os.path.join(staged, file), 0o666 & ~umask)
         try:
@@ -1013,7 +1033,8 @@ def smf_patch(before, trained):
     --train-scale) whole."""
     patch = {name: t for name, t in trained.items() if name not in before}
     for name in before:
-        index = (before[name] != trained[name]).any(dim=1).nonzero()[:, 0]   # exact: a change of 1e-9 counts
+        # exact: a change of 1e-9 counts
+        index = (before[name] != trained[name]).any(dim=1).nonzero()[:, 0]
         patch[f"{name}.index"] = index
         patch[f"{name}.rows"] = trained[name][index]
     return patch
@@ -1099,7 +1120,8 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
         add_lora(model, meta["train"]["lora_r"], meta["train"]["lora_alpha"], 0.0)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for key, t in tensors.items():  # whole tensors, or smf_patch's changed rows of a value table
+        # whole tensors, or smf_patch's changed rows of a value table
+        for key, t in tensors.items():
             if key.endswith(".rows"):
                 name = key.removesuffix(".rows")
                 params[name][tensors[f"{name}.index"]] = t.to(dtype)
@@ -1107,12 +1129,13 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
                 params[key].copy_(t)
     return merge_lora(model).to(dtype).eval(), tokenizer
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Commands: train, eval, bench, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
 RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background",
-                   "background_examples")  # the one-liner's retrofit takes these from the command line
+                   # the one-liner's retrofit takes these from the command line
+                   "background_examples")
 APPLIES = {  # rule 2: option -> the runs it applies to; given to any other run it is refused
     "selector": "smf", "top_t": "smf", "train_scale": "smf",
     "lora_r": "lora", "lora_alpha": "lora", "lora_dropout": "lora",
@@ -1176,7 +1199,8 @@ def train_stage(cfg, mem_cfg, parent, out, data, args, device):
                   f"this {cfg.method}: its lr never reaches {cfg.lr:g} and it learns little", file=sys.stderr)
         log = os.path.join(staged, "train_log.jsonl")
         history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
-        if cfg.method == "retrofit":  # gathered once here, reused by every SMF run from this retrofit
+        # gathered once here, reused by every SMF run from this retrofit
+        if cfg.method == "retrofit":
             texts = data["background"][:cfg.background_examples]
             stats = background_stats(model, tokenizer, texts, cfg.max_len, device=device)
         meta = provenance(cfg.method.replace("retrofit", "memory"), applied(cfg, kinds), parent, out)
@@ -1284,7 +1308,8 @@ def run_bench(args, device):
     B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
     config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
     L = config.num_hidden_layers
-    mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))  # layers 6, 12, 18 of 24
+    # layers 6, 12, 18 of 24
+    mem_cfg = MemoryConfig(layers=tuple(sorted({L // 4, L // 2, 3 * L // 4})))
     examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T), generator=torch.Generator().manual_seed(0))
     n = mem_cfg.n_keys ** 2
     background = [BackgroundStats(torch.randint(0, 50, (n,)), torch.randint(0, 500, (n,)), 2000)] * 3
@@ -1301,13 +1326,15 @@ def run_bench(args, device):
         cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B),
                           max_len=T, max_steps=args.steps + 2, warmup=1)
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            history = train(model, examples.tolist(), cfg, background, 0, device)[2:]  # after 2 warm-up steps
+            # after 2 warm-up steps
+            history = train(model, examples.tolist(), cfg, background, 0, device)[2:]
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
         print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
     print(f"SMF tokens/s / full finetuning tokens/s: "
           f"{tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
-    ffn = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))  # SwiGLU, as in Qwen2.5-0.5B
+    # SwiGLU, as in Qwen2.5-0.5B
+    ffn = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     seconds = {name: fwd_bwd_seconds(layer.to(device), x, device)
                for name, layer in (("memory", ProductKeyMemory(896)), ("ffn", ffn))}
@@ -1384,7 +1411,8 @@ def run_table(args, device=None):
             "run_all.sh first, or point at its OUT folder")
     done = {folder: [r for r in runs if "unfinished" not in r] for folder, runs in found.items()}
     lines = ["| row | " + " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS) + " |", "|---" * 11 + "|"]
-    points = {}  # folder -> {key: (mean, half-width of the paired interval or None)}, for the figure
+    # folder -> {key: (mean, half-width of the paired interval or None)}, for the figure
+    points = {}
     for name, folder, _ in TABLE_ROWS:
         cells, points[folder] = [], {}
         for column in TABLE_COLUMNS:
@@ -1406,7 +1434,8 @@ def run_table(args, device=None):
     print("\n".join(lines))
 
 # The figure: two panels, y = MedMCQA accuracy; x = WikiText ppl (left), TriviaQA alias accuracy (right).
-PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 130  # pixels: plot box, margins, label column
+# pixels: plot box, margins, label column
+PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 130
 SMF_START = {"replacement": "retrofit_replacement", "additive": "retrofit_additive"}
 
 def frontier(points, higher_x_is_better):
@@ -1484,7 +1513,8 @@ def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
     out.append("</g>")
     return out
 
-MARKER_FILL = {"base": "#000", "retrofit": "#fff"}  # Base black, the retrofits hollow, the rest blue
+# Base black, the retrofits hollow, the rest blue
+MARKER_FILL = {"base": "#000", "retrofit": "#fff"}
 
 def figure_svg(points, n_seeds, questions):
     """The SVG text: one point per row with results, the mean over its seeds; rows without results,
@@ -1522,11 +1552,12 @@ def figure_svg(points, n_seeds, questions):
     out.append(f'<text class="caption" x="10" y="{height - 14}" font-size="11">{caption}</text>')
     return "\n".join(out + ["</svg>"]) + "\n"
 
-# -----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # CLI
 
 class Parser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):  # no abbreviations: `eval --medmcqa` must not silently mean --medmcqa-mode
+    # no abbreviations: `eval --medmcqa` must not silently mean --medmcqa-mode
+    def __init__(self, **kwargs):
         super().__init__(**{"allow_abbrev": False, **kwargs})
 
     def error(self, message):  # a mistyped flag gets the same one-line error as every other mistake
@@ -1534,10 +1565,11 @@ class Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 def config_comments(cls):
-    """{field: the comment beside it in the source}: a config class is the one place a setting is
-    explained."""
-    source = re.sub(r"\n\s+#\s+", " ", inspect.getsource(cls))  # a comment's continuation lines
-    return dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", source, re.M))
+    """{field: its comment in the source, beside it or on the line above}: a config class is the one place
+    a setting is explained."""
+    source = inspect.getsource(cls)
+    above = {name: text for text, name in re.findall(r"^\s+# (.*)\n\s+(\w+): ", source, re.M)}
+    return above | dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", source, re.M))
 
 CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": tuple(SELECTORS),
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
@@ -1599,7 +1631,8 @@ def build_parser():
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
-RANGES = [  # (options, what a good value is, lowest, highest, lowest allowed): values lie below `highest`
+# (options, what a good value is, lowest, highest, lowest allowed): values lie below `highest`
+RANGES = [
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, math.inf, False),
     ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t "
      "batch_size "
@@ -1712,7 +1745,8 @@ def check_new_memory(args):
             "--memory-n-keys")
 
 def interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (Slurm's time limit, scancel) cleans up exactly as Ctrl-C does
+    # SIGTERM (Slurm's time limit, scancel) cleans up exactly as Ctrl-C does
+    raise KeyboardInterrupt
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
