@@ -1566,3 +1566,17 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tiny, tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait() == 130 and "interrupted" in p.stderr.read()
     assert os.listdir(tmp_path) == ["ck"] and (tmp_path / "ck" / "weights.safetensors").read_bytes() == first
+
+
+def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path / "out")}
+    for args in (["--lst"], ["-x"], ["--list", "extra"]):
+        p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), *args], capture_output=True, text=True, env=env)
+        assert p.returncode == 2 and "error: unknown argument" in p.stderr and not (tmp_path / "out").exists()
+    for flag in ("--help", "-h"):
+        p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), flag], capture_output=True, text=True, env=env)
+        assert p.returncode == 0 and "MODEL=" in p.stdout and "GPUS=" in p.stdout and not (tmp_path / "out").exists()
+    if not torch.cuda.is_available():                                   # an example that fits this machine
+        p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
+                           env={**env, "GPUS": "0"})
+        assert p.returncode == 2 and 'GPUS="cpu" (this torch sees no GPU)' in p.stderr
