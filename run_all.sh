@@ -58,9 +58,9 @@ done
 if [ -n "$GPUS" ]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
   for g in $GPUS; do
-    example='GPUS="cpu" (this torch sees no GPU)'
-    [ "$n_gpus" -gt 0 ] && example="GPU ids below $n_gpus (this torch sees $n_gpus GPUs), e.g. GPUS=\"$(seq -s ' ' 0 $((n_gpus - 1)))\""
-    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or $example" >&2; exit 2; }
+    fix='give GPUS="cpu" (this torch sees no GPU)'
+    [ "$n_gpus" -gt 0 ] && fix="give \"cpu\" or GPU ids below $n_gpus (this torch sees $n_gpus GPUs), e.g. GPUS=\"$(seq -s ' ' 0 $((n_gpus - 1)))\""
+    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — $fix" >&2; exit 2; }
   done
 fi
 # local paths as absolute ones, so that the stages (and their recorded settings) mean the same files from any folder

@@ -1205,7 +1205,7 @@ def test_table_and_run_all_refuse_what_they_cannot_use(tiny, tmp_path, capsys):
     assert "holds no <row>/seed<S>/eval.json" in error_of(capsys, "table", tmp_path / "empty")
     assert os.listdir(tmp_path / "empty") == []
     for env, message in (({"ROWS": "base lora_typo"}, "unknown row 'lora_typo'"), ({"SEEDS": " "}, "SEEDS is empty"),
-                         ({"GPUS": "banana"}, "error: GPUS=\"banana\": 'banana' is not a slot — give \"cpu\" or GPU ids below 0"),
+                         ({"GPUS": "banana"}, "error: GPUS=\"banana\": 'banana' is not a slot — give"),
                          ({"GPUS": "cpu 3"}, "'3' is not a slot")):
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                            env={**smoke_env(tiny, tmp_path / "res"), **env})
@@ -1554,7 +1554,7 @@ def test_the_one_liner_says_which_settings_its_retrofit_uses(tiny, tmp_path, cap
 
 def test_sigterm_cleans_up_as_ctrl_c_does(tiny, tmp_path):
     import signal, time
-    args = train_args(tiny, tmp_path / "ck", "lora", "--limit-train", "16", "--lr", "1e-2")
+    args = train_args(tiny, tmp_path / "ck", "lora", "--limit-train", "16", "--lr", "1e-2", "--epochs", "100000")
     cli(*args, "--max-steps", "1")
     first = (tmp_path / "ck" / "weights.safetensors").read_bytes()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
