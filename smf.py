@@ -211,7 +211,8 @@ def memory_blocks(model):
     return [m for m in model.modules() if isinstance(m, MemoryBlock)]
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B A dropout(x); A kaiming-uniform and B zero: at init y = base(x)."""
+    """y = base(x) + (alpha / r) * B A dropout(x); A kaiming-uniform and B zero: at init y =
+    base(x)."""
 
     def __init__(self, base: nn.Linear, r=16, alpha=32.0, dropout=0.05):
         super().__init__()
@@ -275,7 +276,8 @@ def select_rows(scores, counts, top_t):  # (N,) or (G, N) -> bool of the same sh
     return chosen.scatter_(-1, best, (counts > 0).gather(-1, best))
 
 def token_groups(mask, group_size):  # mask (B, T) -> (B*T,)
-    """Each token's group (its sequence // group_size: a micro-batch, or an example); -1 for pads."""
+    """Each token's group (its sequence // group_size: a micro-batch, or an example); -1 for pads.
+    """
     group = torch.arange(mask.shape[0], device=mask.device)[:, None] // group_size  # (B, 1)
     return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
 
@@ -289,10 +291,10 @@ def count_reads(rows, group, n_groups, n_rows):  # rows (M, S), group (M,) -> (n
     return counts.view(n_groups, n_rows).long()
 
 class ReadGate:
-    """SMF's read gate for one memory layer in one forward of G micro-batches: each micro-batch picks
-    the top_t rows it read by the selector's score, and a read may teach its row only if its own
-    micro-batch picked that row. After the forward, `chosen` (G, N) holds the picks.
-    Needs: count_reads, select_rows, a score function such as kl_scores."""
+    """SMF's read gate for one memory layer in one forward of G micro-batches: each micro-batch
+    picks the top_t rows it read by the selector's score, and a read may teach its row only if its
+    own micro-batch picked that row. After the forward, `chosen` (G, N) holds the picks. Needs:
+    count_reads, select_rows, a score function such as kl_scores."""
 
     def __init__(self, group, n_groups, background: BackgroundStats, score_fn, top_t):
         self.group, self.n_groups = group, n_groups  # group (M,): a token's micro-batch, -1: pad
@@ -440,7 +442,8 @@ def total_steps(n_examples, cfg):
 
 def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
     """One forward and backward of some micro-batches, each gating its own reads. The loss is summed
-    over tokens and divided by the whole step's n_targets: any split of a step gives one gradient."""
+    over tokens and divided by the whole step's n_targets: any split of a step gives one gradient.
+    """
     ids, mask = pad_batch(seqs, pad_id, device=device)                              # (B, T)
     n_groups = math.ceil(len(seqs) / cfg.micro_batch)
     for block, stats in gates:
@@ -456,7 +459,8 @@ def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
 
 def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_path=None):
     """Trains the parameters that require grad, in place, on lists of token ids; SMF needs one
-    BackgroundStats per memory layer. Writes a JSON line per step to log_path; returns the records."""
+    BackgroundStats per memory layer. Writes a JSON line per step to log_path; returns the records.
+    """
     blocks, gates = memory_blocks(model), []  # gates, SMF only: (memory block, its statistics)
     if cfg.method == "smf":
         gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.batches))
@@ -500,7 +504,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
         tokens, seconds = sum(len(examples[i]) for i in batch), time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "step_time": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
-                  "alpha": [round(a.item(), 6) for a in alphas], "rows_updated": list(map(len, rows))}
+                  "alpha": [round(a.item(), 6) for a in alphas],
+                  "rows_updated": [len(r) for r in rows]}
         finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                   for k, v in record.items()}  # JSON has no NaN or Infinity
         log.write(json.dumps(finite) + "\n")
@@ -523,7 +528,8 @@ def make_dense_optimizer(params, cfg, device):
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size changes no answer
 
 def medmcqa_prompt(row):
-    """The training text up to and including `Answer:`; the model continues it with ` {L}. {option}`."""
+    """The training text up to and including `Answer:`; the model continues it with ` {L}.
+    {option}`."""
     return (f"Medical exam question:\nQuestion: {row['question']}\nA. {row['opa']}\n"
             f"B. {row['opb']}\nC. {row['opc']}\nD. {row['opd']}\nAnswer:")
 
@@ -532,9 +538,9 @@ def medmcqa_answer(row, option, letter_only=False):
     return letter if letter_only else f"{letter}. {row['op' + 'abcd'[option]]}"
 
 def medmcqa_text(row):
-    """The training text: prompt, gold answer, and the explanation line if any. No EOS (the published
-    code appends none): it would teach the model to stop early, which moves TriviaQA for a reason
-    that is not forgetting."""
+    """The training text: prompt, gold answer, and the explanation line if any. No EOS (the
+    published code appends none): it would teach the model to stop early, which moves TriviaQA for a
+    reason that is not forgetting."""
     text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
     if (row.get("exp") or "").strip():
         text += f"\nExplanation: {row['exp']}"
@@ -579,10 +585,10 @@ def option_logprobs(model, prompts, options, pad_id):
 
 @torch.no_grad()
 def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
-    """Accuracy of the argmax over the 4 options of the mean per-token log-likelihood of
-    ` {L}. {option}` (the mean keeps long options from losing for their length; letter mode: ` A`..
-    ` D`). The gold answer's NLL moves long before the argmax flips: it shows learning that accuracy
-    on 1,000 questions cannot yet resolve. Needs: medmcqa_prompt, medmcqa_answer, option_logprobs."""
+    """Accuracy of the argmax over the 4 options of the mean per-token log-likelihood of ` {L}.
+    {option}` (the mean keeps long options from losing for their length; letter mode: ` A`.. ` D`).
+    The gold answer's NLL moves long before the argmax flips: it shows learning that accuracy on
+    1,000 questions cannot yet resolve. Needs: medmcqa_prompt, medmcqa_answer, option_logprobs."""
     prompts, options = [], []  # token ids: a prompt per question, its four answers after it
     for row in rows:
         prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
@@ -673,7 +679,8 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_pen
                 answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     return [answers[i] for i in range(len(prompts))]
 
-def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32, repetition_penalty=None):
+def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32,
+                  repetition_penalty=None):
     """Alias containment (the paper's) and exact match of a greedy generation per question. The
     paper's generate(do_sample=False) applies the repetition penalty of the model's own
     generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless one is given.
@@ -697,7 +704,8 @@ def is_local(path):
     return os.path.exists(path) or spelled or path.lower().endswith((".jsonl", ".json", ".txt"))
 
 def read_rows(source, hub_config=None, split="train"):
-    """(where, row) pairs; `where` names a row in errors: its line in a file (every line counted)."""
+    """(where, row) pairs; `where` names a row in errors: its line in a file (every line counted).
+    """
     if not is_local(source):
         try:
             import datasets  # here: `eval` and `bench` run where `datasets` is not installed
@@ -736,9 +744,9 @@ def parse_rows(source, rows, parse):
         try:
             value, passed = parse(row)
         except KeyError as e:
-            raise UserError(f"{source}: {where}: field {e} is missing — use the hub's schema") from e
+            raise UserError(f"{source}: {where}: field {e} is missing — use the hub schema") from e
         except (TypeError, ValueError, AttributeError) as e:
-            raise UserError(f"{source}: {where}: {e} — use the hub's schema") from e
+            raise UserError(f"{source}: {where}: {e} — use the hub schema") from e
         for name in [name for name, ok in passed.items() if not ok]:
             removed[name] = removed.get(name, 0) + 1
         if all(passed.values()):
@@ -868,8 +876,9 @@ def check_output(flag, path, reads, folder=False, overwrite=False):
 @contextlib.contextmanager
 def replacing(out, overwrite=False):
     """Yields a staging folder, this run's own, that becomes `out` if the block ends without error:
-    one rename, which fails if another run wrote `out` meanwhile; with `overwrite` the old checkpoint
-    is renamed aside first, and back if the second rename fails. Until then `out` is untouched."""
+    one rename, which fails if another run wrote `out` meanwhile; with `overwrite` the old
+    checkpoint is renamed aside first, and back if the second rename fails. Until then `out` is
+    untouched."""
     place, name = os.path.split(os.path.abspath(out))  # on `out`'s file system: a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
@@ -997,7 +1006,8 @@ def readable_weights(file):
 def check_model_path(path):
     """A local model is a folder holding config.json; anything else is named as what it is."""
     if is_local(path):
-        require(not os.path.isfile(path), f"--model {path} is a file — give the folder that holds it")
+        require(not os.path.isfile(path),
+                f"--model {path} is a file — give the folder that holds it")
         require(os.path.isdir(path), f"--model {path}: there is no such folder, and as a hub id it "
                 "could not be loaded — check the path")
         require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging "
@@ -1062,7 +1072,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
 PROBES = ("medmcqa", "wikitext", "triviaqa")
 RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background",
                    "background_examples")  # what the one-liner's retrofit takes from the command
-APPLIES = {  # rule 2: option -> the kind of run it applies to; given to any other run, it is refused
+APPLIES = {  # rule 2: option -> the kind of run it applies to; given to another run, it is refused
     "selector": "smf", "top_t": "smf", "train_scale": "smf",
     "lora_r": "lora", "lora_alpha": "lora", "lora_dropout": "lora", "medmcqa": "finetuning",
     "background": "new memory", "background_examples": "new memory",
@@ -1083,9 +1093,10 @@ def run_kinds(method, has_memory, memory_mode, eval_out=None):
 
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
-    loaders = {"--eval-medmcqa": functools.partial(load_medmcqa, args.eval_medmcqa, limit=args.limit),
-               "--wikitext": functools.partial(load_wikitext, args.wikitext, limit=args.limit),
-               "--triviaqa": functools.partial(load_triviaqa, args.triviaqa, limit=args.limit)}
+    limit = args.limit
+    loaders = {"--eval-medmcqa": functools.partial(load_medmcqa, args.eval_medmcqa, limit=limit),
+               "--wikitext": functools.partial(load_wikitext, args.wikitext, limit=limit),
+               "--triviaqa": functools.partial(load_triviaqa, args.triviaqa, limit=limit)}
     data = {}
     for name, (flag, load) in zip(PROBES, loaders.items()):
         try:
@@ -1116,7 +1127,8 @@ def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
         log = os.path.join(staged, "train_log.jsonl")
         history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
         meta = provenance(parent, out) | {"kind": cfg.method, "given": args.given}
-        meta["train"] = {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
+        recipe = {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
+        meta["train"] = recipe
         meta["train"]["total_steps"] = len(history)
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
@@ -1183,7 +1195,7 @@ def run_eval(args, device, probes=None):
     bs, letter = args.batch_size, args.medmcqa_mode == "letter"
     evaluate = {"medmcqa": functools.partial(eval_medmcqa, model, tok, letter_only=letter,
                                              batch_size=bs),
-                "wikitext": functools.partial(eval_wikitext, model, tok, batch_size=max(1, bs // 2)),
+                "wikitext": functools.partial(eval_wikitext, model, tok, batch_size=bs // 2 or 1),
                 "triviaqa": functools.partial(eval_triviaqa, model, tok, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
     results = {"model": args.model}
@@ -1218,7 +1230,8 @@ def run_bench(args, device):
     from transformers import AutoModelForCausalLM, Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
     cuda = str(device).startswith("cuda")
-    B, T = args.batch_size or (16 if cuda else 4), args.seq_len or (512 if cuda else 256)
+    B, T = (16, 512) if cuda else (4, 256)  # the defaults: sequences a step, tokens a sequence
+    B, T = args.batch_size or B, args.seq_len or T
     config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
     L = config.num_hidden_layers
     mem_cfg = MemoryConfig(layers=(L // 4, L // 2, 3 * L // 4))  # layers 6, 12, 18 of 24
@@ -1244,7 +1257,8 @@ def run_bench(args, device):
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
         print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
-    print(f"SMF tokens/s / full finetuning tokens/s: {tokens_per_s['smf'] / tokens_per_s['full']:.2f}")
+    ratio = tokens_per_s["smf"] / tokens_per_s["full"]
+    print(f"SMF tokens/s / full finetuning tokens/s: {ratio:.2f}")
     x = torch.randn(2048, 896, device=device, requires_grad=True)
     ffn = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))
     seconds = {}
@@ -1396,7 +1410,8 @@ def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
         xv, yv = x_lo + (x_hi - x_lo) * (i + 0.5) / 5, y_lo + (y_hi - y_lo) * (i + 0.5) / 5
         out.append(svg("text", f"{xv:.3g}", x=px(xv), y=bottom + 16, text_anchor="middle",
                        font_size=11))
-        out.append(svg("text", f"{yv:.3g}", x=x0 - 6, y=py(yv) + 4, text_anchor="end", font_size=11))
+        out.append(svg("text", f"{yv:.3g}", x=x0 - 6, y=py(yv) + 4, text_anchor="end",
+                       font_size=11))
     xy = {r["folder"]: (px(r[x_key][0]), py(r["acc"][0])) for r in rows}      # pixels
     for folder, (x, y) in xy.items():
         if starting_point(folder) in xy:
@@ -1422,7 +1437,8 @@ def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
         out.append(svg("circle", class_=f"point {kind}", data_row=folder, cx=x, cy=y, r=4,
                        fill=MARKER_FILL.get(kind, "#4a7ab5"), stroke="#000"))
         out.append(svg("line", x1=x, y1=y, x2=right + 12, y2=label_y, stroke="#ddd"))
-        out.append(svg("text", r["label"], class_="label", x=right + 15, y=label_y + 4, font_size=11))
+        out.append(svg("text", r["label"], class_="label", x=right + 15, y=label_y + 4,
+                       font_size=11))
     return out + ["</g>"]
 
 def figure_svg(points, seeds, questions):
@@ -1442,7 +1458,8 @@ def figure_svg(points, seeds, questions):
            'font-family="sans-serif">', svg("rect", width=width, height=height, fill="#fff")]
     if len(rows) < 2:
         only = rows[0]["label"] if rows else "no row"
-        out.append(svg("text", f"Only {only} has results: nothing to compare yet.", x=20, y=TOP + 20))
+        message = f"Only {only} has results: nothing to compare yet."
+        out.append(svg("text", message, x=20, y=TOP + 20))
     else:
         out.append(svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
                        transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle"))
@@ -1472,8 +1489,8 @@ CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector"
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
 
 def add_config_flags(group, cls, prefix=""):
-    """A flag per field of a config dataclass, the comment beside it as the help. Every flag defaults
-    to None, so that check_args knows what was given before it fills in the default."""
+    """A flag per field of a config dataclass, the comment beside it as the help. Every flag
+    defaults to None, so that check_args knows what was given before it fills in the default."""
     comments = dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", inspect.getsource(cls), re.M))
     for f in dataclasses.fields(cls):
         kind = {"type": f.type, "choices": CHOICES.get(f.name)}
@@ -1511,7 +1528,7 @@ def build_parser():
     b = sub.add_parser("bench", parents=[common], help="training speed on random weights")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES), help="(default: tiny)")
     b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 else")
-    b.add_argument("--seq-len", type=int, help="tokens per sequence; default 512 on a GPU, 256 else")
+    b.add_argument("--seq-len", type=int, help="tokens a sequence; default 512 on a GPU, 256 else")
     b.add_argument("--steps", type=int, default=5, help="timed steps per method (default: 5)")
     tb = sub.add_parser("table", help="the results table and figure of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
@@ -1521,7 +1538,8 @@ def build_parser():
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
     ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t "
-     "batch_size limit memory_n_keys memory_heads memory_topk steps seq_len", ">= 1", 1, True, math.inf),
+     "batch_size limit memory_n_keys memory_heads memory_topk steps seq_len", ">= 1", 1, True,
+     math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
     ("lora_dropout", "in [0, 1)", 0, True, 1),
     ("max_len", ">= 2 (a text needs two tokens to have a target)", 2, True, math.inf),
@@ -1531,9 +1549,9 @@ PATHS = ("model", "out", "eval_out", "results_dir", "medmcqa", "background", "ev
          "wikitext", "triviaqa")
 
 def check_args(args):
-    """Every mistake in the options, before any model or data loads: a value out of range, the device,
-    an option that does not apply (rule 2), a path this run must not write (the output rule). Records
-    the options given, then fills in the defaults of the others."""
+    """Every mistake in the options, before any model or data loads: a value out of range, the
+    device, an option that does not apply (rule 2), a path this run must not write (the output
+    rule). Records the options given, then fills in the defaults of the others."""
     for names, need, lowest, lowest_ok, highest in RANGES:
         for name in names.split():
             v = getattr(args, name, None)
@@ -1610,7 +1628,9 @@ def check_new_memory(args):
     require(args.memory_topk <= n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
             f"{n_keys} — lower it")
     config = os.path.join(args.model, "config.json")
-    hidden = read_json(config, "restore it").get("hidden_size", 896) if is_local(args.model) else 896
+    hidden = 896  # a hub model's config is not read here: assume Qwen2.5-0.5B's width
+    if is_local(args.model):
+        hidden = read_json(config, "restore it").get("hidden_size", hidden)
     need = 16 * len(layers) * n_keys ** 2 * hidden  # bytes: fp32 values, gradient, two moments
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if args.device.startswith("cuda"):
@@ -1638,7 +1658,8 @@ def main(argv=None):
             raise
         message = str(e)
         if not isinstance(e, UserError):
-            message = f"unexpected {type(e).__name__}: {message[:300]} — rerun with --debug for the traceback"
+            message = (f"unexpected {type(e).__name__}: {message[:300]} — rerun with --debug for "
+                       "the traceback")
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
 
