@@ -1510,6 +1510,14 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
     caption = svg.find(f"{ns}text[@class='caption']").text
     assert "Full finetuning (a value is not finite)" in caption and "SMF replacement KL (no results)" in caption
     assert "2 seed(s)" in caption and "5 MedMCQA and 4 TriviaQA questions" in caption
+    same = tmp_path / "same"                                             # points on top of each other
+    for folder in ("base", "lora", "full", "smf_additive_kl"):
+        write_eval(same / folder / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
+    run("table", same)
+    for panel in ET.parse(same / "figure.svg").getroot().findall(f"{ns}g[@class='panel']"):
+        ys = sorted(float(t.get("y")) for t in panel.iter(f"{ns}text") if t.get("class") == "label")
+        assert len(ys) == 4 and all(b - a >= 14 - 1e-6 for a, b in zip(ys, ys[1:]))  # never overlap
+        assert ys[-1] <= float(panel.get("data-bottom")) + 4                  # and stay beside the panel
     only = tmp_path / "only"
     write_eval(only / "base" / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
     run("table", only)
