@@ -579,8 +579,8 @@ def option_logprobs(model, prompts, options, pad_id):
     logits = model(input_ids=opt_ids, attention_mask=torch.cat([past_mask, opt_mask], -1),
                    position_ids=opt_pos, past_key_values=out.past_key_values).logits
     # option token j is predicted by the logits before it: for j = 0 the prompt's last
-    first = out.logits[:, -1:].repeat_interleave(k, 0)                              # (B*k, 1, V)
-    lp = token_logprobs(torch.cat([first, logits[:, :-1]], 1), opt_ids)            # (B*k, O)
+    first = token_logprobs(out.logits[:, -1:].repeat_interleave(k, 0), opt_ids[:, :1])  # (B*k, 1)
+    lp = torch.cat([first, token_logprobs(logits[:, :-1], opt_ids[:, 1:])], 1)     # (B*k, O)
     return [lp[i, :len(o)] for i, o in enumerate(options)]
 
 @torch.no_grad()
@@ -1099,9 +1099,10 @@ def load_probes(args, names=PROBES):
                "--triviaqa": functools.partial(load_triviaqa, args.triviaqa, limit=limit)}
     data = {}
     for name, (flag, load) in zip(PROBES, loaders.items()):
+        if name not in names:
+            continue
         try:
-            if name in names:
-                data[name] = load()
+            data[name] = load()
         except UserError as e:  # name the flag to change
             raise UserError(f"{flag}: {e}") from e
     return data
@@ -1128,8 +1129,7 @@ def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
         history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
         meta = provenance(parent, out) | {"kind": cfg.method, "given": args.given}
         recipe = {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
-        meta["train"] = recipe
-        meta["train"]["total_steps"] = len(history)
+        meta["train"] = recipe | {"total_steps": len(history)}
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)

@@ -995,7 +995,13 @@ class Recorder(torch.nn.Module):
 
 @pytest.mark.parametrize("letter_only", [False, True])
 def test_medmcqa_scores_equal_a_naive_computation(tiny, letter_only):
-    model, tok = load(tiny)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    rng = random.Random(1)                   # a tokenizer with " A".." D" as single tokens: the options'
+    tok = toy_tokenizer([sentence(rng, 40) for _ in range(300)] + ["Answer: A. B. C. D."] * 50, 400)
+    torch.manual_seed(0)                     # first tokens differ, as with Qwen's tokenizer
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         initializer_range=0.2)).eval()
     rows = smf.load_medmcqa(tiny["medmcqa"], limit=7)
     recorder = Recorder(model)
     r = smf.eval_medmcqa(recorder, tok, rows, letter_only=letter_only, batch_size=3)
@@ -1010,6 +1016,8 @@ def test_medmcqa_scores_equal_a_naive_computation(tiny, letter_only):
             assert scores[option] == pytest.approx(mean, abs=1e-4)
             lengths.add(len(ids) - len(prompt))
     assert len(lengths) > (0 if letter_only else 2)                  # options of different lengths
+    firsts = {tok(smf.medmcqa_answer(rows[0], option, letter_only))["input_ids"][0] for option in range(4)}
+    assert len(firsts) == 4                                          # their first tokens differ too
     assert r["predictions"] == [max(range(4), key=s.__getitem__) for s in r["scores"]]
 
 
