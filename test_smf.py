@@ -1,5 +1,5 @@
 """Tests for smf.py: a tiny Qwen2 and synthetic data in the hub schemas, all built here, nothing downloaded."""
-import functools, json, math, os, random, statistics, subprocess, sys
+import functools, json, math, os, random, re, statistics, subprocess, sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -288,6 +288,13 @@ def test_medmcqa_model_preferring_one_option(tiny):
     r = smf.eval_medmcqa(fixed_logits_model(tiny, bias), tok, rows, letter_only=True)
     assert r["predictions"] == [2] * 20
     assert r["acc"] == sum(row["cop"] == 2 for row in rows) / 20
+    lp = bias.log_softmax(-1)                  # whatever the context: the gold option's NLL, by hand
+    for row, nll in zip(rows, r["gold_nlls"]):  # (the predicted option's differs where cop != 2)
+        start = len(tok(smf.medmcqa_prompt(row))["input_ids"])
+        ids = tok(smf.medmcqa_prompt(row) + smf.medmcqa_answer(row, row["cop"], True))["input_ids"]
+        assert nll == pytest.approx(-lp[ids[start:]].mean().item(), abs=1e-5)
+    assert r["gold_nll"] == pytest.approx(statistics.mean(r["gold_nlls"]))
+    assert len({round(n, 4) for n in r["gold_nlls"]}) == 2                     # gold C and gold not C
 
 
 def test_medmcqa_prompt_and_filters(tiny):
@@ -1424,6 +1431,9 @@ def test_checkpoints_find_their_parents_wherever_they_are_copied(tiny, tmp_path,
     assert torch.equal(logits(smf.load_model(str(tmp_path / "elsewhere" / "deep" / "s"))[0], ids), expected)
     monkeypatch.chdir(tmp_path / "runs")                                                  # from another folder
     assert torch.equal(logits(smf.load_model("s")[0], ids), expected)
+    shutil.move(tmp_path / "runs", tmp_path / "moved")       # the chain moved together: the recorded
+    monkeypatch.chdir(tmp_path / "elsewhere")                # absolute paths point nowhere now
+    assert torch.equal(logits(smf.load_model(str(tmp_path / "moved" / "s"))[0], ids), expected)
 
 
 def test_damaged_files_and_a_missing_tokenizer_are_named(tiny, tmp_path, capsys):
@@ -1596,3 +1606,47 @@ def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                            env={**env, "GPUS": "0"})
         assert p.returncode == 2 and 'GPUS="cpu" (this torch sees no GPU)' in p.stderr
+
+
+def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path):
+    """Every variable run_stage passes to smf.py is in the stage's recorded settings, except those that
+    cannot change a result (batch sizes of evaluation and of a forward, the device, the interpreter);
+    a rerun with only MODEL changed is refused."""
+    source = open(os.path.join(HERE, "run_all.sh")).read()
+    stage = source[source.index("run_stage() {"):source.index("# start STAGE SLOT")]
+    passed = set(re.findall(r"\$\{?([A-Z_]+)", stage)) - {"OUT", "SMF", "PYTHON", "EVAL_BATCH", "FORWARD_BATCH"}
+    recorded = source[source.index("settings() {"):source.index("# check_settings STAGE")]
+    assert passed and all(name in recorded for name in passed), passed
+    env = {**smoke_env(tiny, tmp_path / "res"), "ROWS": "base"}
+    assert run_all(env).returncode == 0
+    import shutil
+    shutil.copytree(tiny["model"], tmp_path / "same_model")
+    other = run_all({**env, "MODEL": str(tmp_path / "same_model")})
+    assert other.returncode == 2 and f"was made with MODEL={tiny['model']}" in other.stderr
+
+
+def test_run_all_finishes_a_stage_only_when_its_eval_holds_every_probe(tiny, tmp_path):
+    env = {**smoke_env(tiny, tmp_path / "res"), "ROWS": "base"}
+    assert run_all(env).returncode == 0
+    path = tmp_path / "res" / "base" / "seed1" / "eval.json"
+    full = json.load(open(path))
+    for probe in smf.PROBES:
+        json.dump({k: v for k, v in full.items() if k != probe}, open(path, "w"), indent=2)
+        again = run_all(env)
+        assert again.returncode == 0 and "done  base seed 1" in again.stdout, probe
+        assert json.load(open(path)) == full                          # evaluated again: the same numbers
+
+
+def test_triviaqa_per_question_results_belong_to_their_questions(tiny):
+    """Aliases made from each question's own generation: the per-question lists must say contained for
+    every question and exact only where the alias is the whole answer, in the questions' order."""
+    model, tok = load(tiny)
+    qa = smf.load_triviaqa(tiny["triviaqa"], limit=8)
+    alone = [smf.eval_triviaqa(model, tok, [row], max_new_tokens=6)["predictions"][0] for row in qa]
+    words = [p.split() for p in alone]
+    assert all(words) and len({w[0] for w in words}) > 1
+    rows = [(q, [w[0]] if i % 2 else [" ".join(w)]) for i, ((q, _), w) in enumerate(zip(qa, words))]
+    r = smf.eval_triviaqa(model, tok, rows, batch_size=3, max_new_tokens=6)
+    assert r["predictions"] == alone and r["alias_correct"] == [1] * 8
+    assert r["exact_correct"] == [int(i % 2 == 0 or len(w) == 1) for i, w in enumerate(words)]
+    assert r["alias_contains_acc"] == 1 and r["exact_match"] == statistics.mean(r["exact_correct"])
