@@ -814,7 +814,7 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
 # --------------------------------------------------------------------------------------------------
 # Checkpoints: small files on top of a parent model, staged and renamed into place
 
-STATS = "background_stats.safetensors"  # a retrofit's background statistics; SMF runs carry a copy
+STATS = "background_stats.safetensors"  # a retrofit's background statistics, one per memory layer
 
 def read_json(path, fix):
     """A JSON file's content, or a one-line error naming the file and how to `fix` it."""
@@ -945,8 +945,8 @@ def model_memory(path):
     return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
 
 def fingerprint(path):
-    """The sha256 of a local plain model's weight files: a parent saved again with other weights
-    under the same path is caught. None for a hub id (the hub's cache is content-addressed)."""
+    """The sha256 of a local model's weight files, so that a parent trained or saved again under the
+    same path is caught. None for a hub id (the hub's cache is content-addressed)."""
     if not is_local(path):
         return None
     digest = hashlib.sha256()
@@ -958,18 +958,13 @@ def fingerprint(path):
     return digest.hexdigest()
 
 def provenance(parent, out):
-    """Where a checkpoint comes from: its parent (relative to the checkpoint, and absolute), the
-    parent's id or fingerprint, an id of its own, and the versions it was made with."""
+    """Where a checkpoint comes from (its parent relative to it, and absolute, and the parent's
+    fingerprint) and the versions it was made with."""
     import transformers
-    meta = {"id": os.urandom(8).hex(), "parent": parent,
+    meta = {"parent": parent, "parent_fingerprint": fingerprint(parent),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     if is_local(parent):
         meta["parent"], meta["parent_abs"] = os.path.relpath(parent, out), os.path.abspath(parent)
-    parent_meta = checkpoint_meta(parent)
-    if parent_meta is None:
-        meta["parent_fingerprint"] = fingerprint(parent)
-    else:
-        meta["parent_id"] = parent_meta["id"]
     return meta
 
 def smf_patch(before, trained):
@@ -989,19 +984,19 @@ def stats_tensors(stats):
 
 def load_stats(path):
     """The background statistics a retrofit saved beside its weights, one per memory layer."""
-    from safetensors.torch import load_file
-    saved = load_file(os.path.join(path, STATS))
+    saved = load_weights(os.path.join(path, STATS), "retrofit again")
     n_layers = sum(k.endswith(".df") for k in saved)
     return [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"]))
             for j in range(n_layers)]
 
-def readable_weights(file):
-    from safetensors import safe_open
+def load_weights(file, fix, device="cpu"):
+    """A safetensors file's tensors, or a one-line error naming it as missing or damaged."""
+    from safetensors.torch import load_file
+    require(os.path.isfile(file), f"{file} is missing — {fix}")
     try:
-        with safe_open(file, "pt"):
-            return True
-    except Exception:
-        return False
+        return load_file(file, device=str(device))
+    except Exception as e:
+        raise UserError(f"{file} is damaged ({type(e).__name__}) — {fix}") from e
 
 def check_model_path(path):
     """A local model is a folder holding config.json; anything else is named as what it is."""
@@ -1015,20 +1010,19 @@ def check_model_path(path):
 
 def load_plain_model(path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer_files = glob.glob(os.path.join(path, "tokenizer*"))
-    tokenizer_files += glob.glob(os.path.join(path, "vocab.*"))
-    require(not is_local(path) or tokenizer_files, f"{path} has no tokenizer — save the model's "
-            "tokenizer into it (save_pretrained)")
+    if is_local(path):
+        has_tokenizer = any(f.startswith(("tokenizer", "vocab.")) for f in os.listdir(path))
+        require(has_tokenizer, f"{path} has no tokenizer — save the model's tokenizer into it "
+                "(save_pretrained)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except Exception as e:
         for file in glob.glob(os.path.join(path, "*.safetensors")):
-            require(readable_weights(file), f"{file} is damaged — restore it, or download {path}")
+            load_weights(file, f"restore it, or download {path} again")  # names a damaged one
         detail = " ".join(str(e).split())[:150]
-        raise UserError(f"could not load model '{path}': no such local folder, and as a hub id it "
-                        f"could not be loaded ({type(e).__name__}: {detail}) — check the path, or "
-                        "download the model while online") from e
+        raise UserError(f"could not load model '{path}' ({type(e).__name__}: {detail}) — check the "
+                        "path, or download the model while online") from e
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
     return model.eval(), tokenizer
 
@@ -1038,20 +1032,13 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     meta = checkpoint_meta(path)
     if meta is None:
         return load_plain_model(path, device, dtype)
-    parent = parent_of(path, meta)
+    parent, again = parent_of(path, meta), f"restore it, or train {path} again"
     require(not is_local(parent) or os.path.isfile(os.path.join(parent, "config.json")),
-            f"the parent {meta['parent']} of {path} is missing — restore it, or train {path} again")
-    changed = meta.get("parent_id") != (checkpoint_meta(parent) or {}).get("id")
-    if "parent_fingerprint" in meta:
-        changed = meta["parent_fingerprint"] != fingerprint(parent)
-    require(not changed, f"the parent {parent} of {path} has other weights than it was trained "
-            f"from — restore that parent, or train {path} again")
+            f"the parent {meta['parent']} of {path} is missing — {again}")
+    require(meta["parent_fingerprint"] == fingerprint(parent), f"the parent {parent} of {path} has "
+            f"other weights than it was trained from — restore that parent, or train {path} again")
     model, tokenizer = load_model(parent, device, dtype)
-    weights = os.path.join(path, "weights.safetensors")
-    require(os.path.isfile(weights), f"{weights} is missing — restore it, or train {path} again")
-    require(readable_weights(weights), f"{weights} is damaged — restore it, or train {path} again")
-    from safetensors.torch import load_file
-    tensors = load_file(weights, device=str(device))
+    tensors = load_weights(os.path.join(path, "weights.safetensors"), again, device)
     if meta["kind"] == "memory":
         add_memory(model, MemoryConfig(**meta["memory"]))
     if meta["kind"] == "lora":
@@ -1093,16 +1080,14 @@ def run_kinds(method, has_memory, memory_mode, eval_out=None):
 
 def load_probes(args, names=PROBES):
     """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
-    limit = args.limit
-    loaders = {"--eval-medmcqa": functools.partial(load_medmcqa, args.eval_medmcqa, limit=limit),
-               "--wikitext": functools.partial(load_wikitext, args.wikitext, limit=limit),
-               "--triviaqa": functools.partial(load_triviaqa, args.triviaqa, limit=limit)}
+    loaders = {"medmcqa": (load_medmcqa, "--eval-medmcqa", args.eval_medmcqa),
+               "wikitext": (load_wikitext, "--wikitext", args.wikitext),
+               "triviaqa": (load_triviaqa, "--triviaqa", args.triviaqa)}
     data = {}
-    for name, (flag, load) in zip(PROBES, loaders.items()):
-        if name not in names:
-            continue
+    for name in names:
+        load, flag, source = loaders[name]
         try:
-            data[name] = load()
+            data[name] = load(source, limit=args.limit)
         except UserError as e:  # name the flag to change
             raise UserError(f"{flag}: {e}") from e
     return data

@@ -1,5 +1,5 @@
 """Tests for smf.py: a tiny Qwen2 and synthetic data in the hub schemas, all built here, nothing downloaded."""
-import functools, json, math, os, random, re, statistics, subprocess, sys
+import functools, glob, hashlib, json, math, os, random, re, statistics, subprocess, sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -131,8 +131,8 @@ def memory_tensors(model):
 def save_memory(out, model, parent):
     """A memory checkpoint of `model`, written as `train` writes one: built in a staging folder, then swapped in."""
     with smf.replacing(str(out), overwrite=True) as folder:
-        smf.save_checkpoint(folder, {"kind": "memory", "parent": parent, "memory": vars(TINY_MEM)},
-                            tensors=memory_tensors(model))
+        meta = smf.provenance(parent, str(out)) | {"kind": "memory", "memory": vars(TINY_MEM)}
+        smf.save_checkpoint(folder, meta, tensors=memory_tensors(model))
 
 
 def with_memory(tiny, mode="additive", seed=0):
@@ -1103,7 +1103,8 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert open(stats, "rb").read() == open(tmp_path / "s" / "background_stats.safetensors", "rb").read()
     assert retrofit["train"]["background"] == tiny["background"] and "medmcqa" not in retrofit["train"]
     assert set(lora["versions"]) == {"torch", "transformers"} and "background" not in lora["train"]
-    assert smf_meta["parent_id"] == smf.checkpoint_meta(str(tmp_path / "r"))["id"] and smf_meta["id"] != smf_meta["parent_id"]
+    weights = b"".join(open(f, "rb").read() for f in sorted(glob.glob(str(tmp_path / "r" / "*.safetensors"))))
+    assert smf_meta["parent_fingerprint"] == hashlib.sha256(weights).hexdigest()   # the retrofit's own bytes
     smf.load_model(str(tmp_path / "s"))
     run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--overwrite",
                     "--seed", "9"))
