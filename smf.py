@@ -1111,7 +1111,8 @@ def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
                   f"{cfg.method}: its lr never reaches {cfg.lr:g}", file=sys.stderr)
         stats = load_stats(parent) if cfg.method == "smf" else None
         log = os.path.join(staged, "train_log.jsonl")
-        history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
+        t0, history = time.time(), train(model, examples, cfg, stats, tokenizer.pad_token_id,
+                                         device, log)
         meta = provenance(parent, out) | {"kind": cfg.method, "given": args.given}
         recipe = {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
         meta["train"] = recipe | {"total_steps": len(history)}
@@ -1123,7 +1124,13 @@ def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
             meta["background_stats"] = os.path.abspath(os.path.join(parent, STATS))
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
-    return model, history
+    last, tokens = history[-1], sum(h["tokens"] for h in history)
+    print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out}")
+    for key in ("rows_updated", "alpha"):
+        if last[key]:
+            print(f"   {key} per memory layer in the last step: {last[key]}")
+    return model
 
 def run_train(args, device):
     """`train`. SMF from a model without memory first retrofits it into <out>_retrofit, with the
@@ -1149,57 +1156,38 @@ def run_train(args, device):
               "(to set those, train --method retrofit first, then SMF from it)")
     probes = load_probes(args) if args.eval_out else None
     for stage_cfg, parent, out in stages:
-        t0 = time.time()
         texts = background if stage_cfg.method == "retrofit" else medmcqa
-        model, history = train_stage(stage_cfg, mem_cfg, parent, out, texts, args, device)
-        print_summary(stage_cfg.method, out, history, time.time() - t0, args)
+        model = train_stage(stage_cfg, mem_cfg, parent, out, texts, args, device)
+    flags = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in args.given
+             if name in ("eval_medmcqa", "wikitext", "triviaqa")]  # the evaluation data given
+    here = os.path.relpath(__file__)
+    print(f"   evaluate: python {here} eval --model {args.out} {' '.join(flags)}")
     if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
         run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out,
                                        "probe": "all"}), device, probes)
     return model
 
-def print_summary(method, out, history, seconds, args):
-    size = sum(os.path.getsize(file) for file in glob.glob(os.path.join(out, "*"))) / 2 ** 20
-    last, tokens = history[-1], sum(h["tokens"] for h in history)
-    print(f"\n== {method} finished: {len(history)} steps, {tokens:,} tokens, {seconds:.0f}s, final "
-          f"loss {last['loss']:.4f}, checkpoint {out} ({size:.1f} MB, log train_log.jsonl)")
-    for key in ("rows_updated", "alpha"):
-        if last[key]:
-            print(f"   {key} per layer in the last step: {last[key]}")
-    flags = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in args.given
-             if name in ("eval_medmcqa", "wikitext", "triviaqa")]  # the evaluation data given
-    print(f"   evaluate: python {os.path.relpath(__file__)} eval --model {out} {' '.join(flags)}")
-
 def run_eval(args, device, probes=None):
-    """`eval`: a line per probe, and the results JSON (if a probe fails: those that finished, and
-    `unfinished`)."""
+    """`eval`: a line per probe, then the results JSON."""
     names = PROBES if args.probe == "all" else (args.probe,)
     probes = probes or load_probes(args, names)
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tok = load_model(args.model, device, dtype)
     bs, letter = args.batch_size, args.medmcqa_mode == "letter"
-    evaluate = {"medmcqa": functools.partial(eval_medmcqa, model, tok, letter_only=letter,
-                                             batch_size=bs),
-                "wikitext": functools.partial(eval_wikitext, model, tok, batch_size=bs // 2 or 1),
-                "triviaqa": functools.partial(eval_triviaqa, model, tok, batch_size=2 * bs,
+    evaluate = {"medmcqa": functools.partial(eval_medmcqa, letter_only=letter, batch_size=bs),
+                "wikitext": functools.partial(eval_wikitext, batch_size=bs // 2 or 1),
+                "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
     results = {"model": args.model}
-    try:
-        for probe in names:
-            t0, r = time.time(), evaluate[probe](probes[probe])
-            keys = [k for k in ("acc", "gold_nll", "ppl", "alias_contains_acc", "exact_match")
-                    if k in r]
-            metrics = " ".join(f"{k} {r[k]:.4f}" for k in keys)
-            print(f"{probe:9s} {metrics}  n={r.get('n', r.get('tokens'))}  ({r['protocol']}; "
-                  f"{time.time() - t0:.1f}s)")
-            results[probe] = r
-    finally:
-        unfinished = [n for n in names if n not in results]
-        if args.out and len(results) > 1 and unfinished:
-            results["unfinished"] = unfinished
-            print(f"{args.out} is written without {', '.join(unfinished)}")
-        if args.out and len(results) > 1:
-            write_atomic(args.out, json.dumps(results, indent=2))
+    for probe in names:
+        t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
+        metrics = [f"{k} {r[k]:.4f}" for k in ("acc", "gold_nll", "ppl", "alias_contains_acc",
+                                               "exact_match") if k in r]
+        print(f"{probe:9s} {' '.join(metrics)}  n={r.get('n', r.get('tokens'))}  "
+              f"({r['protocol']}; {time.time() - t0:.1f}s)")
+        results[probe] = r
+    if args.out:
+        write_atomic(args.out, json.dumps(results, indent=2))
     return results
 
 SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions, and a small one
@@ -1209,9 +1197,20 @@ SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
 
+def fwd_bwd_seconds(layer, x, device, calls=3):
+    """Mean seconds of a forward and backward of `layer` on x, after one warm-up."""
+    for i in range(calls + 1):
+        if i == 1:
+            sync(device)
+            t0 = time.perf_counter()
+        with autocast(device):
+            layer(x).float().sum().backward()
+    sync(device)
+    return (time.perf_counter() - t0) / calls
+
 def run_bench(args, device):
-    """Every method's training steps on random tokens and weights (after 2 warm-up steps), and a
-    memory layer's forward and backward against the SwiGLU FFN beside it."""
+    """Every method's training steps on random tokens and weights, and a memory layer's forward and
+    backward against the SwiGLU FFN beside it."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
     cuda = str(device).startswith("cuda")
@@ -1220,8 +1219,6 @@ def run_bench(args, device):
     config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
     L = config.num_hidden_layers
     mem_cfg = MemoryConfig(layers=(L // 4, L // 2, 3 * L // 4))  # layers 6, 12, 18 of 24
-    examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T),
-                             generator=torch.Generator().manual_seed(0)).tolist()
     n = mem_cfg.n_keys ** 2
     background = [BackgroundStats(torch.randint(50, (n,)), torch.randint(500, (n,)), 2000)] * 3
     print(f"bench: {args.shape} on {torch.cuda.get_device_name() if cuda else 'cpu'}, "
@@ -1234,31 +1231,22 @@ def run_bench(args, device):
         if method == "smf":
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
-        micro = math.gcd(4, B)
-        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=B // micro, max_len=T,
-                          max_steps=args.steps + 2, warmup=1)
+        examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T)).tolist()
+        cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B),
+                          max_len=T, max_steps=args.steps + 2, warmup=1)
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            history = train(model, examples, cfg, background, 0, device)[2:]
+            history = train(model, examples, cfg, background, 0, device)[2:]  # after 2 warm-ups
         step_s = statistics.mean(h["step_time"] for h in history)
         tokens_per_s[method] = B * T / step_s
         print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
     ratio = tokens_per_s["smf"] / tokens_per_s["full"]
     print(f"SMF tokens/s / full finetuning tokens/s: {ratio:.2f}")
     x = torch.randn(2048, 896, device=device, requires_grad=True)
-    ffn = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864))
-    seconds = {}
-    for name, layer in (("memory", ProductKeyMemory(896).to(device)), ("ffn", ffn.to(device))):
-        for i in range(4):  # a warm-up, then three timed forwards and backwards
-            sync(device)
-            if i == 1:
-                t0 = time.perf_counter()
-            with autocast(device):
-                layer(x).float().sum().backward()
-        sync(device)
-        seconds[name] = (time.perf_counter() - t0) / 3
+    ffn = Qwen2MLP(Qwen2Config(hidden_size=896, intermediate_size=4864)).to(device)
+    memory = ProductKeyMemory(896).to(device)
+    seconds = [fwd_bwd_seconds(layer, x, device) for layer in (memory, ffn)]
     print(f"memory layer fwd+bwd / SwiGLU FFN fwd+bwd (hidden 896, N=16384, 2048 tokens): "
-          f"{seconds['memory'] / seconds['ffn']:.2f} ({1000 * seconds['memory']:.1f} ms vs "
-          f"{1000 * seconds['ffn']:.1f} ms)")
+          f"{seconds[0] / seconds[1]:.2f} ({1000 * seconds[0]:.1f} vs {1000 * seconds[1]:.1f} ms)")
 
 TABLE_ROWS = [  # (row name, results folder, the figure's short label)
     ("Base", "base", "Base"), ("Retrofit (additive)", "retrofit_additive", "Retro add"),
@@ -1306,30 +1294,25 @@ def table_cells(runs, base, column, is_base):
     return [cell, f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}]"], (mean, half)
 
 def run_table(args, device=None):
-    """table.md (unfinished runs are counted in the row's name, never averaged in) and figure.svg,
-    the learning-versus-forgetting plot of the same numbers."""
+    """table.md, and figure.svg: the learning-versus-forgetting plot of the same numbers."""
     found = {}
     for _, folder, _ in TABLE_ROWS:
         files = sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*", "eval.json")))
         found[folder] = [read_json(f, "rerun that stage's evaluation") for f in files]
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run "
             "run_all.sh first, or point at its OUT folder")
-    done = {folder: [r for r in runs if "unfinished" not in r] for folder, runs in found.items()}
     header = " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS)
     lines, points = [f"| row | {header} |", "|---" * 11 + "|"], {}  # points: the figure's values
     for name, folder, _ in TABLE_ROWS:
         cells, points[folder] = [], {}
         for column in TABLE_COLUMNS:
-            runs = [r[column[1]] for r in done[folder] if column[1] in r]
-            base = [r[column[1]] for r in done["base"] if column[1] in r]
+            runs = [r[column[1]] for r in found[folder] if column[1] in r]
+            base = [r[column[1]] for r in found["base"] if column[1] in r]
             two, points[folder][column[2]] = table_cells(runs, base, column, folder == "base")
             cells += two
-        unfinished = len(found[folder]) - len(done[folder])
-        if unfinished:
-            name += f" ({unfinished} unfinished)"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    seeds = max(map(len, done.values()))
-    questions = {p: len(r[p][key]) for runs in done.values() for r in runs
+    seeds = max(map(len, found.values()))
+    questions = {p: len(r[p][key]) for runs in found.values() for r in runs
                  for p, key in (("medmcqa", "correct"), ("triviaqa", "alias_correct")) if p in r}
     write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(lines) + "\n")
     write_atomic(os.path.join(args.results_dir, "figure.svg"), figure_svg(points, seeds, questions))
@@ -1337,23 +1320,20 @@ def run_table(args, device=None):
 
 # The figure: MedMCQA accuracy (y) against WikiText perplexity (left) and TriviaQA accuracy (right)
 PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 130  # pixels: plot, margins, labels
-MARKER_FILL = {"base": "#000", "retrofit": "#fff"}  # Base black, the retrofits hollow, others blue
 
 def svg(tag, content=None, **attrs):
     """One SVG element; in attribute names `_` stands for `-` (and `class_` for class)."""
-    def value(v):
-        return f"{v:.2f}" if isinstance(v, float) else v
-    names = " ".join(f'{k.rstrip("_").replace("_", "-")}="{value(v)}"' for k, v in attrs.items())
+    names = " ".join(f'{k.rstrip("_").replace("_", "-")}="{v}"' for k, v in attrs.items())
     if content is None:
         return f"<{tag} {names}/>"
     return f"<{tag} {names}>{content}</{tag}>"
 
-def frontier(points, higher_x_is_better):
+def frontier(points, lower_x_is_better):
     """The (x, y) points no other point beats on both axes at once (y: higher is better)."""
-    def beats(q, p):
-        x_better = q[0] >= p[0] if higher_x_is_better else q[0] <= p[0]
-        return q != p and x_better and q[1] >= p[1]
-    return sorted(p for p in points if not any(beats(q, p) for q in points))
+    sign = -1 if lower_x_is_better else 1  # compare sign * x, so that higher is better there too
+    def beaten(p):
+        return any(q != p and sign * q[0] >= sign * p[0] and q[1] >= p[1] for q in points)
+    return sorted(p for p in points if not beaten(p))
 
 def scale_axis(pairs, pixels):
     """(lo, hi, to_pixel): the range of (value, whisker or None) pairs, padded, onto `pixels`."""
@@ -1363,72 +1343,57 @@ def scale_axis(pairs, pixels):
     lo, hi = lo - pad, hi + pad
     return lo, hi, lambda v: pixels[0] + (v - lo) / (hi - lo) * (pixels[1] - pixels[0])
 
-def starting_point(folder):
-    """The retrofit an SMF row is trained from (None for the other rows)."""
-    for mode in ("replacement", "additive"):
-        if folder.startswith(f"smf_{mode}"):
-            return f"retrofit_{mode}"
-
-def label_positions(ys, gap=14):
-    """Heights for labels of points at ys (top to bottom): each level with its point, but at least
-    `gap` below the one above and no lower than the panel, so that labels never overlap."""
+def label_heights(ys, bottom, gap=14):
+    """Heights for the labels of points at ys (top to bottom): level with the point, at least `gap`
+    below the label above, and pushed up where they would run past `bottom`: never overlapping."""
     placed = []
     for y in ys:
         placed.append(max(y, placed[-1] + gap) if placed else y)
-    for i in reversed(range(len(placed))):
-        lowest = TOP + PANEL_H if i == len(placed) - 1 else placed[i + 1] - gap
-        placed[i] = min(placed[i], lowest)
-    return placed
+    n = len(placed)
+    return [min(y, bottom - gap * (n - 1 - i)) for i, y in enumerate(placed)]
 
-def panel_svg(x0, rows, x_key, x_title, higher_x_is_better):
+def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
     """One panel: axes and ticks, dotted lines from each retrofit to its SMF rows, the dashed
     frontier, whiskers, points, and their labels in a column beside the plot."""
     x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, x0 + PANEL_W))
     y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (TOP + PANEL_H, TOP))
     bottom, right = TOP + PANEL_H, x0 + PANEL_W
-    out = [f'<g class="panel" data-x="{x_key}" data-x-lo="{x_lo}" data-x-hi="{x_hi}" '
-           f'data-y-lo="{y_lo}" data-y-hi="{y_hi}" data-left="{x0}" data-right="{right}" '
-           f'data-top="{TOP}" data-bottom="{bottom}">',
-           svg("rect", x=x0, y=TOP, width=PANEL_W, height=PANEL_H, fill="none", stroke="#888"),
+    out = [svg("rect", x=x0, y=TOP, width=PANEL_W, height=PANEL_H, fill="none", stroke="#888"),
            svg("text", x_title, x=x0 + PANEL_W / 2, y=bottom + 38, text_anchor="middle")]
     for i in range(5):  # ticks
         xv, yv = x_lo + (x_hi - x_lo) * (i + 0.5) / 5, y_lo + (y_hi - y_lo) * (i + 0.5) / 5
-        out.append(svg("text", f"{xv:.3g}", x=px(xv), y=bottom + 16, text_anchor="middle",
-                       font_size=11))
-        out.append(svg("text", f"{yv:.3g}", x=x0 - 6, y=py(yv) + 4, text_anchor="end",
-                       font_size=11))
+        out.append(svg("text", f"{xv:.3g}", x=px(xv), y=bottom + 16, text_anchor="middle"))
+        out.append(svg("text", f"{yv:.3g}", x=x0 - 6, y=py(yv) + 4, text_anchor="end"))
     xy = {r["folder"]: (px(r[x_key][0]), py(r["acc"][0])) for r in rows}      # pixels
     for folder, (x, y) in xy.items():
-        if starting_point(folder) in xy:
-            x1, y1 = xy[starting_point(folder)]
-            out.append(svg("line", class_="from-retrofit", x1=x1, y1=y1, x2=x, y2=y, stroke="#bbb",
+        start = "retrofit_" + folder.split("_")[1] if folder.startswith("smf_") else None
+        if start in xy:  # an SMF row's own starting point
+            out.append(svg("line", x1=xy[start][0], y1=xy[start][1], x2=x, y2=y, stroke="#bbb",
                            stroke_dasharray="2 2"))
-    best = frontier([(r[x_key][0], r["acc"][0]) for r in rows], higher_x_is_better)
-    out.append(svg("polyline", class_="frontier", points=" ".join(
-        f"{px(x):.2f},{py(y):.2f}" for x, y in best), fill="none", stroke="#555",
-        stroke_dasharray="6 4"))
+    best = frontier([(r[x_key][0], r["acc"][0]) for r in rows], lower_x_is_better)
+    out.append(svg("polyline", class_="frontier", points=" ".join(f"{px(x)},{py(y)}" for x, y in
+                   best), fill="none", stroke="#555", stroke_dasharray="6 4"))
     rows = sorted(rows, key=lambda r: -r["acc"][0])
-    for r, label_y in zip(rows, label_positions([xy[r["folder"]][1] for r in rows])):
+    for r, label_y in zip(rows, label_heights([xy[r["folder"]][1] for r in rows], bottom)):
         (x, y), folder = xy[r["folder"]], r["folder"]
-        if r[x_key][1]:  # half-widths of the paired intervals, in pixels
-            w = r[x_key][1] * (px(1) - px(0))
+        w, h = (r[x_key][1] or 0) * (px(1) - px(0)), (r["acc"][1] or 0) * (py(0) - py(1))
+        if w:  # the half-widths of the paired intervals, in pixels
             out.append(svg("line", class_="whisker-x", data_row=folder, x1=x - w, y1=y, x2=x + w,
                            y2=y, stroke="#333"))
-        if r["acc"][1]:
-            h = r["acc"][1] * (py(0) - py(1))
+        if h:
             out.append(svg("line", class_="whisker-y", data_row=folder, x1=x, y1=y - h, x2=x,
                            y2=y + h, stroke="#333"))
-        kind = folder.split("_")[0]
-        out.append(svg("circle", class_=f"point {kind}", data_row=folder, cx=x, cy=y, r=4,
-                       fill=MARKER_FILL.get(kind, "#4a7ab5"), stroke="#000"))
+        fill = {"base": "#000", "retrofit": "#fff"}.get(folder.split("_")[0], "#4a7ab5")
+        out.append(svg("circle", data_row=folder, cx=x, cy=y, r=4, fill=fill, stroke="#000"))
         out.append(svg("line", x1=x, y1=y, x2=right + 12, y2=label_y, stroke="#ddd"))
-        out.append(svg("text", r["label"], class_="label", x=right + 15, y=label_y + 4,
-                       font_size=11))
-    return out + ["</g>"]
+        out.append(svg("text", r["label"], class_="label", x=right + 15, y=label_y + 4))
+    return svg("g", "\n".join(out), class_="panel", data_x=x_key, data_x_lo=x_lo, data_x_hi=x_hi,
+               data_y_lo=y_lo, data_y_hi=y_hi, data_left=x0, data_right=right, data_top=TOP,
+               data_bottom=bottom)
 
 def figure_svg(points, seeds, questions):
-    """The SVG text: a point per row with results, the mean over its seeds; a row without results or
-    with a value that is not finite is left out and named in the caption."""
+    """The SVG text: a point per row with results, the mean over its seeds (Base black, retrofits
+    hollow); a row without results or with a value that is not finite is named in the caption."""
     rows, left_out = [], []
     for name, folder, label in TABLE_ROWS:
         values = [points[folder][key][0] for key in ("acc", "ppl", "alias_contains_acc")]
@@ -1439,8 +1404,7 @@ def figure_svg(points, seeds, questions):
         else:
             rows.append({"folder": folder, "label": label, **points[folder]})
     width, height = 2 * (LEFT + PANEL_W + LABEL_W), TOP + PANEL_H + 90
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           'font-family="sans-serif">', svg("rect", width=width, height=height, fill="#fff")]
+    out = [svg("rect", width=width, height=height, fill="#fff")]
     if len(rows) < 2:
         only = rows[0]["label"] if rows else "no row"
         message = f"Only {only} has results: nothing to compare yet."
@@ -1448,16 +1412,17 @@ def figure_svg(points, seeds, questions):
     else:
         out.append(svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
                        transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle"))
-        out += panel_svg(LEFT, rows, "ppl", "WikiText perplexity (lower is better)", False)
-        out += panel_svg(2 * LEFT + PANEL_W + LABEL_W, rows, "alias_contains_acc",
-                         "TriviaQA alias accuracy, % (higher is better)", True)
+        out.append(panel_svg(LEFT, rows, "ppl", "WikiText perplexity (lower is better)", True))
+        out.append(panel_svg(2 * LEFT + PANEL_W + LABEL_W, rows, "alias_contains_acc",
+                             "TriviaQA alias accuracy, % (higher is better)", False))
     caption = (f"Points: mean over {seeds} seed(s) on {questions.get('medmcqa', 0)} MedMCQA and "
                f"{questions.get('triviaqa', 0)} TriviaQA questions; whiskers: paired 95% interval "
                "of the Δ vs Base; dashed: the frontier; dotted: each SMF row from its retrofit.")
     if left_out:
         caption += " Left out: " + "; ".join(left_out) + "."
     out.append(svg("text", caption, class_="caption", x=10, y=height - 14, font_size=11))
-    return "\n".join(out + ["</svg>"]) + "\n"
+    return svg("svg", "\n".join(out), xmlns="http://www.w3.org/2000/svg", width=width,
+               height=height, font_family="sans-serif", font_size=12) + "\n"
 
 # --------------------------------------------------------------------------------------------------
 # CLI

@@ -1203,17 +1203,23 @@ def test_sources_are_checked_before_training(tiny, tmp_path, capsys):
     assert not (tmp_path / "l").exists() and "train lora" not in capsys.readouterr().err     # nothing trained
 
 
-def test_eval_all_keeps_the_probes_that_finished(tiny, tmp_path, capsys, monkeypatch):
+def test_an_eval_that_fails_writes_nothing_and_keeps_the_old_results(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "e.json"
+    flags = ["eval", "--model", tiny["model"], "--eval-medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"],
+             "--triviaqa", tiny["triviaqa"], "--limit", "4", "--out", out]
     def broken(*a, **kw):
         raise RuntimeError("CUDA out of memory\nsecond line")
     monkeypatch.setattr(smf, "eval_triviaqa", broken)
-    out = tmp_path / "e.json"
-    err = error_of(capsys, "eval", "--model", tiny["model"], "--eval-medmcqa", tiny["medmcqa"], "--wikitext",
-                   tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4", "--out", out)
+    err = error_of(capsys, *flags)
     assert err == ("error: unexpected RuntimeError: CUDA out of memory second line — rerun with --debug for the "
                    "traceback")
-    r = json.load(open(out))
-    assert r["unfinished"] == ["triviaqa"] and r["medmcqa"]["n"] == 4 and r["wikitext"]["tokens"] > 0
+    assert not out.exists()                                              # no half-written results
+    monkeypatch.undo()
+    run(*flags)
+    before = out.read_bytes()
+    monkeypatch.setattr(smf, "eval_triviaqa", broken)
+    error_of(capsys, *flags)
+    assert out.read_bytes() == before                                    # the old results stay whole
 
 
 def test_table_and_run_all_refuse_what_they_cannot_use(tiny, tmp_path, capsys):
@@ -1260,7 +1266,7 @@ def test_generation_applies_the_models_repetition_penalty_as_generate_does(tiny)
     assert plain["protocol"].endswith("repetition penalty 1") and plain["predictions"] != r["predictions"]
 
 
-def write_eval(path, medmcqa=None, triviaqa=None, ppl=None, unfinished=False):
+def write_eval(path, medmcqa=None, triviaqa=None, ppl=None):
     """An eval.json as `eval` writes it, from per-question correctness lists."""
     r = {"model": "m"}
     if medmcqa is not None:
@@ -1272,16 +1278,15 @@ def write_eval(path, medmcqa=None, triviaqa=None, ppl=None, unfinished=False):
     if ppl is not None:
         r["wikitext"] = {"ppl": ppl}
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    json.dump(r | ({"unfinished": ["triviaqa"]} if unfinished else {}), open(path, "w"))
+    json.dump(r, open(path, "w"))
 
 
-def test_table_shows_sample_std_paired_intervals_n_per_column_and_unfinished_runs(tmp_path, capsys):
+def test_table_shows_sample_std_paired_intervals_and_n_per_column(tmp_path, capsys):
     base = ([1, 0, 0, 1, 0], [1.0, 2.0, 2.0, 1.0, 3.0])
     write_eval(tmp_path / "base" / "seed0" / "eval.json", base, [1, 0, 1, 0], ppl=10.0)
     write_eval(tmp_path / "lora" / "seed0" / "eval.json", ([1, 1, 0, 1, 0], [0.5, 1.0, 2.0, 1.0, 2.5]), [1, 0, 0, 0],
                ppl=11.0)
     write_eval(tmp_path / "lora" / "seed1" / "eval.json", ([1, 1, 1, 1, 0], [0.5, 1.0, 1.0, 1.0, 2.5]), ppl=12.0)
-    write_eval(tmp_path / "full" / "seed0" / "eval.json", base, [1, 0, 1, 0], ppl=9.0, unfinished=True)
     run("table", tmp_path)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in open(tmp_path / "table.md").read().splitlines()[2:]}
@@ -1295,7 +1300,6 @@ def test_table_shows_sample_std_paired_intervals_n_per_column_and_unfinished_run
     assert lora[4] == "11.50 ± 0.71 (n=2)" and lora[5] == "+1.50"       # WikiText: no interval
     assert lora[6] == "25.00 (n=1)"                                     # TriviaQA counted apart: one seed, no ±
     assert rows["Base"][0] == "40.00 (n=1)" and rows["Base"][1] == ""
-    assert rows["Full finetuning (1 unfinished)"][0] == "missing"       # reported, never averaged in
     assert rows["SMF additive KL"][0] == "missing"
 
 
