@@ -1095,6 +1095,7 @@ def load_probes(args, names=PROBES):
 def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
     """One checkpoint: load the parent, prepare what the method trains, train, save; in a staging
     folder that becomes `out` only when complete. config.json records the recipe that applied."""
+    t0 = time.time()
     kinds = run_kinds(cfg.method, model_memory(parent), mem_cfg.mode)
     with replacing(out, args.overwrite) as staged:
         torch.manual_seed(cfg.seed)
@@ -1111,8 +1112,7 @@ def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
                   f"{cfg.method}: its lr never reaches {cfg.lr:g}", file=sys.stderr)
         stats = load_stats(parent) if cfg.method == "smf" else None
         log = os.path.join(staged, "train_log.jsonl")
-        t0, history = time.time(), train(model, examples, cfg, stats, tokenizer.pad_token_id,
-                                         device, log)
+        history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
         meta = provenance(parent, out) | {"kind": cfg.method, "given": args.given}
         recipe = {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
         meta["train"] = recipe | {"total_steps": len(history)}
