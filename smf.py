@@ -1125,8 +1125,10 @@ def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
     last, tokens = history[-1], sum(h["tokens"] for h in history)
+    size = sum(os.path.getsize(file) for file in glob.glob(os.path.join(out, "*"))) / 2 ** 20
     print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out}")
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out} "
+          f"({size:.1f} MB, log train_log.jsonl)")
     for key in ("rows_updated", "alpha"):
         if last[key]:
             print(f"   {key} per memory layer in the last step: {last[key]}")
