@@ -1225,7 +1225,9 @@ def run_bench(args, device):
     background = [BackgroundStats(torch.randint(50, (n,)), torch.randint(500, (n,)), 2000)] * 3
     print(f"bench: {args.shape} on {torch.cuda.get_device_name() if cuda else 'cpu'}, "
           f"{B} x {T} tokens a step")
-    tokens_per_s = {}
+    examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T),
+                             generator=torch.Generator().manual_seed(0)).tolist()
+    micro, tokens_per_s = math.gcd(4, B), {}  # micro-batches of 4 where B allows
     for method in ("full", "lora", "smf", "retrofit"):
         torch.manual_seed(0)
         with torch.device(device):
@@ -1233,9 +1235,8 @@ def run_bench(args, device):
         if method == "smf":
             add_memory(model, mem_cfg)
         prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
-        examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T)).tolist()
-        cfg = TrainConfig(method=method, micro_batch=math.gcd(4, B), grad_accum=B // math.gcd(4, B),
-                          max_len=T, max_steps=args.steps + 2, warmup=1)
+        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=B // micro, max_len=T,
+                          max_steps=args.steps + 2, warmup=1)
         with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
             history = train(model, examples, cfg, background, 0, device)[2:]  # after 2 warm-ups
         step_s = statistics.mean(h["step_time"] for h in history)
@@ -1343,7 +1344,9 @@ def scale_axis(pairs, pixels):
     hi = max(v + (w or 0) for v, w in pairs)
     pad = (hi - lo) * 0.08 or 1.0
     lo, hi = lo - pad, hi + pad
-    return lo, hi, lambda v: pixels[0] + (v - lo) / (hi - lo) * (pixels[1] - pixels[0])
+    def to_pixel(v):
+        return pixels[0] + (v - lo) / (hi - lo) * (pixels[1] - pixels[0])
+    return lo, hi, to_pixel
 
 def label_heights(ys, bottom, gap=14):
     """Heights for the labels of points at ys (top to bottom): level with the point, at least `gap`

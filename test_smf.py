@@ -1541,6 +1541,14 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
         ys = sorted(float(t.get("y")) for t in panel.iter(f"{ns}text") if t.get("class") == "label")
         assert len(ys) == 4 and all(b - a >= 14 - 1e-6 for a, b in zip(ys, ys[1:]))  # never overlap
         assert ys[-1] <= float(panel.get("data-bottom")) + 4                  # and stay beside the panel
+    low = tmp_path / "low"                                               # three points at the panel's bottom
+    write_eval(low / "base" / "seed0" / "eval.json", ([1, 1], [1.0, 1.0]), [1, 0], ppl=10.0)
+    for folder in ("lora", "full", "smf_additive_kl"):
+        write_eval(low / folder / "seed0" / "eval.json", ([0, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
+    run("table", low)
+    for panel in ET.parse(low / "figure.svg").getroot().findall(f"{ns}g[@class='panel']"):
+        ys = sorted(float(t.get("y")) for t in panel.iter(f"{ns}text") if t.get("class") == "label")
+        assert all(b - a >= 14 - 1e-6 for a, b in zip(ys, ys[1:])) and ys[-1] <= float(panel.get("data-bottom")) + 4
     only = tmp_path / "only"
     write_eval(only / "base" / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
     run("table", only)
