@@ -126,7 +126,7 @@ check_settings() {
 run_stage() {
   local row=${1%/seed*} seed=${1#*/seed} device=$2 dir="$OUT/$1"
   settings "$1" > "$dir/settings.txt"   # what its results will depend on (check_settings reads it)
-  local data=(--device "$device" --eval-medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
+  local data=(--device "$device" --medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
               --limit "$EVAL_LIMIT" --batch-size "$EVAL_BATCH")
   local train=(--micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
                ${FORWARD_BATCH:+--forward-batch "$FORWARD_BATCH"} ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
@@ -140,11 +140,10 @@ run_stage() {
            case $row in *_scale_*) how+=(--train-scale) ;; esac ;;
     lora|full) how=(--method "$row" --model "$MODEL" --medmcqa "$MEDMCQA") ;;
   esac
-  if [ -f "$dir/model/config.json" ]; then   # trained before, its evaluation did not finish
-    $PYTHON "$SMF" eval --model "$dir/model" "${data[@]}" --out "$dir/eval.json"
-  else
-    $PYTHON "$SMF" train --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}" "${data[@]}" --eval-out "$dir/eval.json"
+  if [ ! -f "$dir/model/config.json" ]; then   # not trained yet (else: trained before, its evaluation did not finish)
+    $PYTHON "$SMF" train --device "$device" --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}"
   fi
+  $PYTHON "$SMF" eval --model "$dir/model" "${data[@]}" --out "$dir/eval.json"
 }
 
 # start STAGE SLOT: runs the stage in the background on a slot ("cpu", or a GPU id seen alone through

@@ -66,7 +66,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    eval_medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation): hub id or file
+    medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or file
     medmcqa_mode: str = "answer"  # score ' L. option text' (the paper's) or the letter alone
     wikitext: str = "Salesforce/wikitext"  # WikiText probe (test split): hub id or file
     triviaqa: str = "mandarjoshi/trivia_qa"  # TriviaQA probe (rc.nocontext validation): id or file
@@ -384,17 +384,6 @@ class RowSparseAdamW:
             w = w * (1 - lr * self.wd) - lr * m_hat / (v_hat.sqrt() + self.eps)
             p.index_copy_(0, rows, w.to(p.dtype))
 
-def clip_grads(grads, max_norm):
-    """Scales the gradients in place to a joint L2 norm of at most max_norm (0: no clipping);
-    returns the norm before."""
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads)
-    if max_norm:
-        for g in grads:
-            g.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
-    return float(norm)
-
 def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
     """Adds what the method trains and freezes the rest (retrofit: all memory; smf: values, and
     alpha with train_scale; lora: A, B; full: all). On a GPU frozen weights are bf16 (they run
@@ -487,19 +476,19 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
             require(math.isfinite(loss), f"the loss became {loss} at step {step + 1} — lower --lr "
                     "or check the data; no checkpoint was written by this run")
             picked = [p | c for p, c in zip(picked, chosen)]
-        # Only picked rows got gradient, but backward built each full (N, dim) gradient: keep the
-        # picked rows' (R, dim), clip them with the dense gradients, and step exactly those rows.
-        rows = [p.nonzero()[:, 0] for p in picked]                                  # (R,)
-        row_grads = [v.grad.index_select(0, r) for v, r in zip(values, rows)]       # (R, dim)
-        for v in values:
-            v.grad = None
-        grad_norm = clip_grads([p.grad for p in dense if p.grad is not None] + row_grads, cfg.clip)
+        # Only picked rows got gradient (the gate detached every other read), so clipping the full
+        # (N, dim) gradients with the dense ones clips exactly what is stepped; then step those rows.
+        max_norm = cfg.clip or math.inf  # clip 0: no clipping
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(dense + values, max_norm))
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
         if dense_opt is not None:
             dense_opt.param_groups[0]["lr"] = lr
             dense_opt.step()
             dense_opt.zero_grad(set_to_none=True)
-        sparse_opt.step(rows, row_grads, lr)
+        rows = [p.nonzero()[:, 0] for p in picked]                                  # (R,)
+        sparse_opt.step(rows, [v.grad[r] for v, r in zip(values, rows)], lr)        # (R, dim)
+        for v in values:
+            v.grad = None
         sync(device)
         tokens, seconds = sum(len(examples[i]) for i in batch), time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -704,8 +693,8 @@ def is_local(path):
     return os.path.exists(path) or spelled or path.lower().endswith((".jsonl", ".json", ".txt"))
 
 def read_rows(source, hub_config=None, split="train"):
-    """(where, row) pairs; `where` names a row in errors: its line in a file (every line counted).
-    """
+    """(where, row) pairs from the hub, or a local JSON Lines file (.txt: a row per line); `where`
+    names a row in errors."""
     if not is_local(source):
         try:
             import datasets  # here: `eval` and `bench` run where `datasets` is not installed
@@ -714,21 +703,18 @@ def read_rows(source, hub_config=None, split="train"):
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download "
                             "it first, or pass a local file in the same schema") from e
         return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
-    kind = source.lower().rsplit(".", 1)[-1]
-    require(os.path.exists(source), f"data file {source} does not exist — check the path")
-    require(not os.path.isdir(source), f"data file {source} is a folder — give the file in it")
-    require(kind in ("jsonl", "json", "txt"), f"data file {source} is not a .jsonl, .json (JSON "
-            "Lines, what datasets' to_json writes) or .txt file — give one")
+    require(os.path.isfile(source), f"data file {source} is not a file — check the path")
     with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows) is no text
         lines = f.read().split("\n")
-    if kind == "txt":
+    if source.lower().endswith(".txt"):
         return [(f"line {i}", {"text": line}) for i, line in enumerate(lines, 1)]
     rows = []
     for i, line in enumerate(lines, 1):
         try:
             row = json.loads(line) if line.strip() else {}
         except ValueError as e:
-            raise UserError(f"{source}: line {i} is not JSON ({e}) — is the file complete?") from e
+            raise UserError(f"{source}: line {i} is not JSON ({e}) — one JSON object per line "
+                            "(JSON Lines, what datasets' to_json writes)") from e
         require(isinstance(row, dict), f"{source}: line {i} is a {type(row).__name__}, not a JSON "
                 "object — one object per line (JSON Lines, what datasets' to_json writes)")
         if row:
@@ -846,43 +832,29 @@ def written_by_smf(path):
         return isinstance(content, dict) and "model" in content
     return False
 
-def check_output(flag, path, reads, folder=False, overwrite=False):
-    """The output rule: a path a command writes must not exist, except a checkpoint folder replaced
-    with --overwrite that holds only the files its config.json lists, and a results file this tool
-    wrote (rerunning into it is normal). It never is, nor lies inside, a model the run reads."""
-    real = os.path.realpath(path)
-    for read in map(os.path.realpath, reads):
-        require(real != read and not real.startswith(read + os.sep), f"{flag} {path} is or lies "
-                f"inside {read}, which this run reads — choose another path")
-    place = os.path.dirname(real)
+def check_output(flag, path, folder=False):
+    """The output rule: a path a command writes must not exist, except a results file this tool
+    wrote (rerunning an evaluation into it is normal). A checkpoint folder is never replaced."""
+    place = os.path.dirname(os.path.realpath(path))
     while not os.path.exists(place):
         place = os.path.dirname(place)
     require(os.path.isdir(place) and os.access(place, os.W_OK), f"{flag} {path} cannot be written "
             f"({place} is a file or not writable) — choose a writable place")
-    if not os.path.exists(path):
-        return
-    if not folder:
+    if folder:
+        require(not os.path.exists(path), f"{flag} {path} exists — choose a new folder (a "
+                "checkpoint is never replaced: move the old one away to train it again)")
+    elif os.path.exists(path):
         require(written_by_smf(path), f"{flag} {path} exists and is not a results file of smf — "
                 "choose a new file name")
-        return
-    meta = checkpoint_meta(path) if os.path.isdir(path) else None
-    require(meta, f"{flag} {path} exists and is not an smf checkpoint — choose a new folder")
-    extra = sorted(set(os.listdir(path)) - set(meta["files"]))
-    require(not extra, f"{flag} {path} also holds {', '.join(extra)}, which replacing the "
-            "checkpoint would delete — move them out, or choose another folder")
-    require(overwrite, f"{flag} {path} already holds a checkpoint — pass --overwrite to replace it "
-            "(once the new one is complete), or choose a new folder")
 
 @contextlib.contextmanager
-def replacing(out, overwrite=False):
-    """Yields a staging folder, this run's own, that becomes `out` if the block ends without error:
-    one rename, which fails if another run wrote `out` meanwhile; with `overwrite` the old
-    checkpoint is renamed aside first, and back if the second rename fails. Until then `out` is
-    untouched."""
+def staging(out):
+    """Yields a staging folder, this run's own, that becomes `out` only if the block ends without
+    error: one rename, which fails if another run wrote `out` meanwhile. So a checkpoint is never
+    half-written, and never replaced."""
     place, name = os.path.split(os.path.abspath(out))  # on `out`'s file system: a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
-    old = staged + ".old"
     try:
         yield staged
         umask = os.umask(0)
@@ -890,28 +862,21 @@ def replacing(out, overwrite=False):
         for file in [staged] + glob.glob(os.path.join(staged, "*")):  # mkdtemp makes 0700 ...
             os.chmod(file, (0o777 if file == staged else 0o666) & ~umask)  # ... safetensors 0600
         try:
-            if overwrite and os.path.exists(out):
-                os.rename(out, old)
             os.rename(staged, out)
         except OSError as e:
             raise UserError(f"{out} was written by another run meanwhile ({e.strerror}) — that "
                             "checkpoint stays; train again into another folder") from e
-        finally:
-            if os.path.exists(old) and not os.path.exists(out):
-                os.rename(old, out)
-        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
 def save_checkpoint(folder, meta, tensors, extra=None):
-    """weights.safetensors, the `extra` {file: tensors}, and config.json's `smf`: `meta`, files."""
+    """weights.safetensors, the `extra` {file: tensors}, and `meta` as config.json's `smf`."""
     from safetensors.torch import save_file
     for name, named in ({"weights.safetensors": tensors} | (extra or {})).items():
         named = {k: v.detach().contiguous().cpu() for k, v in named.items()}
         save_file(named, os.path.join(folder, name))
-    files = sorted(set(os.listdir(folder)) | {"config.json"})
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"smf": {**meta, "files": files}}, f, indent=2)
+        json.dump({"smf": meta}, f, indent=2)
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
@@ -928,21 +893,10 @@ def parent_of(path, meta):
             return parent
     return meta["parent"]
 
-def checkpoint_chain(path):
-    """The local folders a model is built from: `path`, its parent, ... (a hub id ends it)."""
-    chain = []
-    while is_local(path) and os.path.isfile(os.path.join(path, "config.json")):
-        chain.append(path)
-        meta = checkpoint_meta(path)
-        if meta is None:
-            break
-        path = parent_of(path, meta)
-    return chain
-
 def model_memory(path):
-    """The memory settings of the retrofit a model is built on; None for a model without memory."""
-    metas = [checkpoint_meta(p) for p in checkpoint_chain(path)]
-    return next((m["memory"] for m in metas if m and m["kind"] == "memory"), None)
+    """The memory settings a checkpoint carries (its retrofit's); None for a model without memory."""
+    meta = checkpoint_meta(path)
+    return meta.get("memory") if meta else None
 
 def fingerprint(path):
     """The sha256 of a local model's weight files, so that a parent trained or saved again under the
@@ -1057,122 +1011,63 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
 # Commands: train, eval, bench, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
-RETROFIT_SHARES = ("seed", "micro_batch", "grad_accum", "forward_batch", "max_len", "background",
-                   "background_examples")  # what the one-liner's retrofit takes from the command
-APPLIES = {  # rule 2: option -> the kind of run it applies to; given to another run, it is refused
-    "selector": "smf", "top_t": "smf", "train_scale": "smf",
-    "lora_r": "lora", "lora_alpha": "lora", "lora_dropout": "lora", "medmcqa": "finetuning",
-    "background": "new memory", "background_examples": "new memory",
-    **{f"memory_{f.name}": "new memory" for f in dataclasses.fields(MemoryConfig)},
-    "memory_alpha_init": "new additive memory",
-    **{f.name: "eval_out" for f in dataclasses.fields(EvalConfig)}}
-RUNS = {"smf": "--method smf", "lora": "--method lora", "finetuning": "--method smf, lora or full",
-        "new memory": "a new memory (--method retrofit, or smf from a model without memory); a "
-                      "model's memory and background statistics are its own",
-        "new additive memory": "a new additive memory", "eval_out": "--eval-out"}
+APPLIES = {  # rule 2: option -> the methods it applies to; given to another method, it is refused
+    "medmcqa": ("smf", "lora", "full"), "selector": ("smf",), "top_t": ("smf",),
+    "train_scale": ("smf",), "lora_r": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",),
+    "background": ("retrofit",), "background_examples": ("retrofit",),
+    **{f"memory_{f.name}": ("retrofit",) for f in dataclasses.fields(MemoryConfig)}}
 
-def run_kinds(method, has_memory, memory_mode, eval_out=None):
-    """{kind of run in RUNS: whether this run is one}: what decides which options apply."""
-    new_memory = method == "retrofit" or (method == "smf" and not has_memory)
-    return {"smf": method == "smf", "lora": method == "lora", "finetuning": method != "retrofit",
-            "new memory": new_memory, "eval_out": bool(eval_out),
-            "new additive memory": new_memory and memory_mode == "additive"}
-
-def load_probes(args, names=PROBES):
-    """Every probe's data, read before any model loads, so that a wrong source fails in seconds."""
-    loaders = {"medmcqa": (load_medmcqa, "--eval-medmcqa", args.eval_medmcqa),
-               "wikitext": (load_wikitext, "--wikitext", args.wikitext),
-               "triviaqa": (load_triviaqa, "--triviaqa", args.triviaqa)}
-    data = {}
-    for name in names:
-        load, flag, source = loaders[name]
-        try:
-            data[name] = load(source, limit=args.limit)
-        except UserError as e:  # name the flag to change
-            raise UserError(f"{flag}: {e}") from e
-    return data
-
-def train_stage(cfg, mem_cfg, parent, out, texts, args, device):
-    """One checkpoint: load the parent, prepare what the method trains, train, save; in a staging
-    folder that becomes `out` only when complete. config.json records the recipe that applied."""
+def run_train(args, device):
+    """`train`: load the parent, prepare what the method trains, train, save; in a staging folder
+    that becomes --out only when complete. config.json records the recipe that applied."""
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    mem_cfg = MemoryConfig(**{f.name: getattr(args, "memory_" + f.name)
+                              for f in dataclasses.fields(MemoryConfig)})
+    if cfg.method == "retrofit":
+        texts = load_background(cfg.background)
+    else:
+        rows = load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)
+        texts = [medmcqa_text(row) for row in rows]
     t0 = time.time()
-    kinds = run_kinds(cfg.method, model_memory(parent), mem_cfg.mode)
-    with replacing(out, args.overwrite) as staged:
+    with staging(args.out) as staged:
         torch.manual_seed(cfg.seed)
-        model, tokenizer = load_model(parent, device)
+        model, tokenizer = load_model(args.model, device)
         lora = (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
         prepare_model(model, cfg.method, mem_cfg, lora, cfg.train_scale, device)
         trained = {name: p for name, p in model.named_parameters() if p.requires_grad}
         before = {name: p.detach().clone() for name, p in trained.items() if "values" in name}
         examples = tokenize(tokenizer, texts[:cfg.limit_train], cfg.max_len)
         require(examples, "no training text has two tokens or more — check the training data")
-        steps = total_steps(len(examples), cfg)
-        if cfg.warmup >= steps:
-            print(f"warning: warm-up ({cfg.warmup} steps) covers all {steps} steps of this "
-                  f"{cfg.method}: its lr never reaches {cfg.lr:g}", file=sys.stderr)
-        stats = load_stats(parent) if cfg.method == "smf" else None
+        stats = load_stats(args.model) if cfg.method == "smf" else None
         log = os.path.join(staged, "train_log.jsonl")
         history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
-        meta = provenance(parent, out) | {"kind": cfg.method, "given": args.given}
-        recipe = {k: v for k, v in vars(cfg).items() if k not in APPLIES or kinds[APPLIES[k]]}
-        meta["train"] = recipe | {"total_steps": len(history)}
+        recipe = {k: v for k, v in vars(cfg).items() if cfg.method in APPLIES.get(k, cfg.method)}
+        meta = provenance(args.model, args.out) | {"kind": cfg.method, "given": args.given}
+        meta |= {"train": recipe | {"total_steps": len(history)}, "memory": model_memory(args.model)}
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
             meta |= {"kind": "memory", "memory": vars(mem_cfg)}
         if cfg.method == "smf":
-            meta["background_stats"] = os.path.abspath(os.path.join(parent, STATS))
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
     last, tokens = history[-1], sum(h["tokens"] for h in history)
-    size = sum(os.path.getsize(file) for file in glob.glob(os.path.join(out, "*"))) / 2 ** 20
+    size = sum(os.path.getsize(file) for file in glob.glob(os.path.join(args.out, "*"))) / 2 ** 20
     print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {out} "
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} "
           f"({size:.1f} MB, log train_log.jsonl)")
     for key in ("rows_updated", "alpha"):
         if last[key]:
             print(f"   {key} per memory layer in the last step: {last[key]}")
+    print(f"   evaluate: python {os.path.relpath(__file__)} eval --model {args.out}")
     return model
 
-def run_train(args, device):
-    """`train`. SMF from a model without memory first retrofits it into <out>_retrofit, with the
-    retrofit recipe and the settings both stages share (RETROFIT_SHARES)."""
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    mem_cfg = MemoryConfig(**{f.name: getattr(args, "memory_" + f.name)
-                              for f in dataclasses.fields(MemoryConfig)})
-    stages, medmcqa, background = [(cfg, args.model, args.out)], [], []
-    if cfg.method != "retrofit":
-        rows = load_medmcqa(cfg.medmcqa, "train", cfg.limit_train or 60000, cfg.seed)
-        medmcqa = [medmcqa_text(row) for row in rows]
-    if run_kinds(cfg.method, model_memory(args.model), mem_cfg.mode)["new memory"]:
-        background = load_background(cfg.background)
-    if cfg.method == "smf" and background:  # the one-liner: a retrofit first
-        retrofit = TrainConfig(method="retrofit", **{k: getattr(cfg, k) for k in RETROFIT_SHARES})
-        first = args.out.rstrip("/") + "_retrofit"
-        stages = [(retrofit, args.model, first), (cfg, first, args.out)]
-        unused = sorted(set(args.given) - set(RETROFIT_SHARES) - set(APPLIES) - {"method"})
-        print(f"{args.model} has no memory: retrofitting it first into {first} with the retrofit "
-              f"recipe: {len(background):,} background texts x {retrofit.epochs:g} epochs = "
-              f"{total_steps(len(background), retrofit):,} steps. It takes "
-              f"{', '.join(RETROFIT_SHARES)} from this command, not {', '.join(unused) or '-'} "
-              "(to set those, train --method retrofit first, then SMF from it)")
-    probes = load_probes(args) if args.eval_out else None
-    for stage_cfg, parent, out in stages:
-        texts = background if stage_cfg.method == "retrofit" else medmcqa
-        model = train_stage(stage_cfg, mem_cfg, parent, out, texts, args, device)
-    flags = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in args.given
-             if name in ("eval_medmcqa", "wikitext", "triviaqa")]  # the evaluation data given
-    here = os.path.relpath(__file__)
-    print(f"   evaluate: python {here} eval --model {args.out} {' '.join(flags)}")
-    if args.eval_out:  # evaluate the checkpoint as load_model reads it, in this process
-        run_eval(argparse.Namespace(**{**vars(args), "model": args.out, "out": args.eval_out,
-                                       "probe": "all"}), device, probes)
-    return model
-
-def run_eval(args, device, probes=None):
-    """`eval`: a line per probe, then the results JSON."""
+def run_eval(args, device):
+    """`eval`: every probe's data first (a wrong source fails in seconds), then a line per probe,
+    then the results JSON."""
     names = PROBES if args.probe == "all" else (args.probe,)
-    probes = probes or load_probes(args, names)
+    loaders = {"medmcqa": load_medmcqa, "wikitext": load_wikitext, "triviaqa": load_triviaqa}
+    probes = {name: loaders[name](getattr(args, name), limit=args.limit) for name in names}
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tok = load_model(args.model, device, dtype)
     bs, letter = args.batch_size, args.medmcqa_mode == "letter"
@@ -1464,22 +1359,18 @@ def build_parser():
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    model = Parser(add_help=False)
-    model.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint "
-                       f"(default: {DEFAULT_MODEL})")
-    e = sub.add_parser("eval", parents=[common, model], help="evaluate a model on the probes")
+    e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint "
+                   f"(default: {DEFAULT_MODEL})")
     e.add_argument("--probe", default="all", choices=PROBES + ("all",), help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
-    t = sub.add_parser("train", parents=[common, model], help="retrofit, smf, lora or full")
+    t = sub.add_parser("train", parents=[common], help="retrofit, smf, lora or full")
+    t.add_argument("--model", help="the parent: hub id, HF folder or smf checkpoint (default: "
+                   f"runs/retrofit for smf, else {DEFAULT_MODEL})")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
-    t.add_argument("--overwrite", action="store_true", help="replace the checkpoint in --out, once "
-                   "the new one is complete")
     add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig)
-    add_config_flags(t.add_argument_group("a new memory"), MemoryConfig, "memory_")
-    probes = t.add_argument_group("evaluation after training (only with --eval-out)")
-    probes.add_argument("--eval-out", help="evaluate the checkpoint on all probes into this JSON")
-    add_config_flags(probes, EvalConfig)
+    add_config_flags(t.add_argument_group("a new memory (retrofit)"), MemoryConfig, "memory_")
     b = sub.add_parser("bench", parents=[common], help="training speed on random weights")
     b.add_argument("--shape", default="tiny", choices=list(SHAPES), help="(default: tiny)")
     b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 else")
@@ -1500,13 +1391,12 @@ RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: v
     ("max_len", ">= 2 (a text needs two tokens to have a target)", 2, True, math.inf),
     ("memory_key_dim", "even (it is split in halves), >= 2", 2, True, math.inf),
     ("seed", "in [0, 2**63)", 0, True, 2 ** 63)]
-PATHS = ("model", "out", "eval_out", "results_dir", "medmcqa", "background", "eval_medmcqa",
-         "wikitext", "triviaqa")
+PATHS = ("model", "out", "results_dir", "medmcqa", "background", "wikitext", "triviaqa")
 
 def check_args(args):
-    """Every mistake in the options, before any model or data loads: a value out of range, the
-    device, an option that does not apply (rule 2), a path this run must not write (the output
-    rule). Records the options given, then fills in the defaults of the others."""
+    """Every mistake in the options, before any model or data loads: a value out of range, an option
+    that does not apply (rule 2), a path this run must not write (the output rule). Records the
+    options given, then fills in the defaults of the others."""
     for names, need, lowest, lowest_ok, highest in RANGES:
         for name in names.split():
             v = getattr(args, name, None)
@@ -1516,7 +1406,7 @@ def check_args(args):
     for name in PATHS:
         if getattr(args, name, None):
             setattr(args, name, os.path.expanduser(getattr(args, name)))
-    configs = {"train": [TrainConfig, MemoryConfig, EvalConfig], "eval": [EvalConfig]}
+    configs = {"train": [TrainConfig, MemoryConfig], "eval": [EvalConfig]}
     defaults = {}
     for cls in configs.get(args.command, []):
         prefix = "memory_" if cls is MemoryConfig else ""
@@ -1525,74 +1415,50 @@ def check_args(args):
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
-    outputs, reads = [], []  # (flag, path, a checkpoint folder?), the models this run reads
     if args.command in ("train", "eval"):
         n_gpus = torch.cuda.device_count()
         cuda = re.fullmatch(r"cuda(:\d+)?", args.device)
         require(args.device == "cpu" or (cuda and int(args.device[5:] or 0) < n_gpus), f"--device "
                 f"{args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
-        check_model_path(args.model)
-        reads = checkpoint_chain(args.model)
-        outputs = [("--out", args.out, False)]
     if args.command == "train":
-        outputs = check_train_args(args)
+        default_model = "runs/retrofit" if args.method == "smf" else DEFAULT_MODEL
+        args.model, args.out = args.model or default_model, args.out or f"runs/{args.method}"
+        check_model_path(args.model)
+        check_train_args(args)
+        check_output("--out", args.out, folder=True)
+    if args.command == "eval":
+        check_model_path(args.model)
+        if args.out:
+            check_output("--out", args.out)
     if args.command == "table":
-        outputs = [(name, os.path.join(args.results_dir, name), False)
-                   for name in ("table.md", "figure.svg")]
-    for flag, path, folder in outputs:
-        if path:
-            check_output(flag, path, reads, folder, getattr(args, "overwrite", False))
+        for name in ("table.md", "figure.svg"):
+            check_output(name, os.path.join(args.results_dir, name))
 
 def check_train_args(args):
-    """train's own checks, each before anything runs (for the one-liner, before its retrofit);
-    returns the paths it writes."""
+    """train's own checks, each before anything loads."""
     memory = model_memory(args.model)
     mode = (memory or {}).get("mode", args.memory_mode)
-    kinds = run_kinds(args.method, memory, mode, args.eval_out)
     for name in args.given:
-        require(kinds[APPLIES.get(name, "finetuning")] or name not in APPLIES, f"--"
-                f"{name.replace('_', '-')} applies only to {RUNS.get(APPLIES.get(name))} — drop it")
+        methods = APPLIES.get(name, (args.method,))
+        require(args.method in methods, f"--{name.replace('_', '-')} applies only to --method "
+                f"{' or '.join(methods)} — drop it")
     require(not memory or args.method in ("smf", "lora"), f"{args.model} already has memory layers "
             f"— {args.method} starts from a model without memory; train it with --method smf")
-    require(not (args.train_scale and mode == "replacement"), "--train-scale needs additive memory "
-            "— replacement memory has no alpha")
+    require(memory or args.method != "smf", f"{args.model} has no memory layers — SMF trains the "
+            "memory of a retrofit: train --method retrofit first, then smf with --model <its --out>")
     stats = os.path.join(args.model, STATS)
-    require(not memory or args.method != "smf" or os.path.isfile(stats), f"{stats} is missing: SMF "
-            "ranks rows against the statistics its retrofit saved — restore it, or retrofit again")
+    require(args.method != "smf" or os.path.isfile(stats), f"{stats} is missing: SMF ranks rows "
+            "against the statistics its retrofit saved — restore it, or retrofit again")
+    for name in ("train_scale", "memory_alpha_init"):
+        require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
+                "additive memory — replacement memory has no alpha")
     require(args.forward_batch is None or args.forward_batch % args.micro_batch == 0, f"--forward-"
             f"batch {args.forward_batch} is not a multiple of --micro-batch {args.micro_batch}")
-    if kinds["new memory"]:
-        check_new_memory(args)
-    args.out = args.out or os.path.join("runs", args.method)
-    out, outputs = os.path.realpath(args.out), [("--out", args.out, True)]
-    require(not args.eval_out or not os.path.realpath(args.eval_out).startswith(out + os.sep),
-            f"--eval-out {args.eval_out} lies inside {out}, which this run writes — choose another")
-    if args.method == "smf" and not memory:  # the one-liner's retrofit
-        first = args.out.rstrip("/") + "_retrofit"
-        require(not os.path.exists(first), f"{first} exists — train SMF from it (--model {first}), "
-                "or move it away to retrofit again")
-        outputs.append(("--out", first, True))
-    return outputs + [("--eval-out", args.eval_out, False)]
-
-def check_new_memory(args):
-    """A new memory's settings, and that its value tables fit, with their gradient and two AdamW
-    moments, where they train."""
-    layers, n_keys = args.memory_layers, args.memory_n_keys
+    layers = args.memory_layers
     require(len(set(layers)) == len(layers), f"--memory-layers {' '.join(map(str, layers))} name a "
             "layer twice — give each layer once")
-    require(args.memory_topk <= n_keys, f"--memory-topk {args.memory_topk} exceeds --memory-n-keys "
-            f"{n_keys} — lower it")
-    config = os.path.join(args.model, "config.json")
-    hidden = 896  # a hub model's config is not read here: assume Qwen2.5-0.5B's width
-    if is_local(args.model):
-        hidden = read_json(config, "restore it").get("hidden_size", hidden)
-    need = 16 * len(layers) * n_keys ** 2 * hidden  # bytes: fp32 values, gradient, two moments
-    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if args.device.startswith("cuda"):
-        have = torch.cuda.get_device_properties(args.device).total_memory
-    require(need < have, f"--memory-n-keys {n_keys}: its value tables would need "
-            f"{need / 2 ** 30:,.1f} GiB to train, more than the {have / 2 ** 30:,.1f} GiB of "
-            f"{args.device} — lower --memory-n-keys")
+    require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds "
+            f"--memory-n-keys {args.memory_n_keys} — lower it")
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (Slurm's time limit, scancel) cleans up as Ctrl-C does
