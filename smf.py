@@ -476,8 +476,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
             require(math.isfinite(loss), f"the loss became {loss} at step {step + 1} — lower --lr "
                     "or check the data; no checkpoint was written by this run")
             picked = [p | c for p, c in zip(picked, chosen)]
-        # Only picked rows got gradient (the gate detached every other read), so clipping the full
-        # (N, dim) gradients with the dense ones clips exactly what is stepped; then step those rows.
+        # Only picked rows got gradient (the gate detached every other read), so clipping the
+        # full (N, dim) gradients with the dense ones clips exactly what is stepped.
         max_norm = cfg.clip or math.inf  # clip 0: no clipping
         grad_norm = float(torch.nn.utils.clip_grad_norm_(dense + values, max_norm))
         lr = get_lr(step, total, cfg.lr, cfg.warmup)
@@ -894,7 +894,7 @@ def parent_of(path, meta):
     return meta["parent"]
 
 def model_memory(path):
-    """The memory settings a checkpoint carries (its retrofit's); None for a model without memory."""
+    """The memory settings of a checkpoint's retrofit; None for a model without memory."""
     meta = checkpoint_meta(path)
     return meta.get("memory") if meta else None
 
@@ -1013,8 +1013,8 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
 PROBES = ("medmcqa", "wikitext", "triviaqa")
 APPLIES = {  # rule 2: option -> the methods it applies to; given to another method, it is refused
     "medmcqa": ("smf", "lora", "full"), "selector": ("smf",), "top_t": ("smf",),
-    "train_scale": ("smf",), "lora_r": ("lora",), "lora_alpha": ("lora",), "lora_dropout": ("lora",),
-    "background": ("retrofit",), "background_examples": ("retrofit",),
+    "train_scale": ("smf",), "lora_r": ("lora",), "lora_alpha": ("lora",),
+    "lora_dropout": ("lora",), "background": ("retrofit",), "background_examples": ("retrofit",),
     **{f"memory_{f.name}": ("retrofit",) for f in dataclasses.fields(MemoryConfig)}}
 
 def run_train(args, device):
@@ -1041,9 +1041,10 @@ def run_train(args, device):
         stats = load_stats(args.model) if cfg.method == "smf" else None
         log = os.path.join(staged, "train_log.jsonl")
         history = train(model, examples, cfg, stats, tokenizer.pad_token_id, device, log)
-        recipe = {k: v for k, v in vars(cfg).items() if cfg.method in APPLIES.get(k, cfg.method)}
+        recipe = {k: v for k, v in vars(cfg).items() if cfg.method in APPLIES.get(k, METHOD_LR)}
         meta = provenance(args.model, args.out) | {"kind": cfg.method, "given": args.given}
-        meta |= {"train": recipe | {"total_steps": len(history)}, "memory": model_memory(args.model)}
+        meta["train"] = recipe | {"total_steps": len(history)}
+        meta["memory"] = model_memory(args.model)  # a retrofit's, carried by every child
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
@@ -1439,13 +1440,13 @@ def check_train_args(args):
     memory = model_memory(args.model)
     mode = (memory or {}).get("mode", args.memory_mode)
     for name in args.given:
-        methods = APPLIES.get(name, (args.method,))
+        methods = APPLIES.get(name, METHOD_LR)
         require(args.method in methods, f"--{name.replace('_', '-')} applies only to --method "
                 f"{' or '.join(methods)} — drop it")
     require(not memory or args.method in ("smf", "lora"), f"{args.model} already has memory layers "
             f"— {args.method} starts from a model without memory; train it with --method smf")
     require(memory or args.method != "smf", f"{args.model} has no memory layers — SMF trains the "
-            "memory of a retrofit: train --method retrofit first, then smf with --model <its --out>")
+            "memory of a retrofit: train --method retrofit first, then smf --model <its --out>")
     stats = os.path.join(args.model, STATS)
     require(args.method != "smf" or os.path.isfile(stats), f"{stats} is missing: SMF ranks rows "
             "against the statistics its retrofit saved — restore it, or retrofit again")
@@ -1459,6 +1460,18 @@ def check_train_args(args):
             "layer twice — give each layer once")
     require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds "
             f"--memory-n-keys {args.memory_n_keys} — lower it")
+    if args.method == "retrofit":  # the new value tables must fit, with gradient and AdamW moments
+        hidden = 896  # a hub model's config is not read here: assume Qwen2.5-0.5B's width
+        if is_local(args.model):
+            config = read_json(os.path.join(args.model, "config.json"), "restore it")
+            hidden = config.get("hidden_size", hidden)
+        need = 16 * len(layers) * args.memory_n_keys ** 2 * hidden  # bytes: 4 fp32 tables
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if args.device.startswith("cuda"):
+            have = torch.cuda.get_device_properties(args.device).total_memory
+        require(need < have, f"--memory-n-keys {args.memory_n_keys}: its value tables would need "
+                f"{need / 2 ** 30:,.1f} GiB to train, more than the {have / 2 ** 30:,.1f} GiB of "
+                f"{args.device} — lower --memory-n-keys")
 
 def interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (Slurm's time limit, scancel) cleans up as Ctrl-C does

@@ -408,6 +408,26 @@ def test_smf_forward_batch_changes_speed_not_the_update(tiny):
         assert torch.allclose(x.memory.values, y.memory.values, atol=1e-6)
 
 
+def test_each_step_uses_only_its_own_gradient(tiny):
+    """SGD keeps no state, so two steps in one run equal two runs of one step (the second at the schedule's second
+    lr), if and only if no step's gradient is carried into the next: every step here trains on the same batch."""
+    text = smf.medmcqa_text(smf.load_medmcqa(tiny["medmcqa"], "train")[0])
+    values = []
+    for runs in ([(2, 0.5)], [(1, 0.5), (1, 0.25)]):              # 2 steps, cosine: lr 0.5, then 0.25
+        model, tok = with_memory(tiny, "replacement")
+        smf.prepare_model(model, "smf")
+        bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
+        for steps, lr in runs:
+            cfg = smf.TrainConfig(method="smf", optimizer="sgd", lr=lr, clip=0, warmup=0, max_steps=steps, top_t=6)
+            train_texts(model, tok, [text] * 16, cfg, bg)              # 16 copies: one step a pass, the same batch
+            assert all(p.grad is None for p in model.parameters())     # no gradient left for a later step
+            model.zero_grad(set_to_none=True)
+        values.append(torch.cat([b.memory.values.detach() for b in smf.memory_blocks(model)]))
+    init = torch.cat([b.memory.values.detach() for b in smf.memory_blocks(with_memory(tiny, "replacement")[0])])
+    assert (values[0] - init).abs().max() > 1e-3                      # the steps moved the values
+    assert torch.allclose(values[0], values[1], rtol=0, atol=1e-7)
+
+
 def test_smf_train_scale_moves_alpha(tiny):  # without the flag alpha stays bit-identical (test above)
     model, hist = smf_run(tiny, 2, "adamw", train_scale=True)
     assert all(b.alpha.item() != 0.01 for b in smf.memory_blocks(model))
@@ -1515,6 +1535,8 @@ def test_a_changed_plain_parent_is_refused_and_an_identical_copy_loads(tiny, tmp
 
 
 def test_train_refuses_up_front_what_training_would_refuse(tiny, tmp_path, capsys):
+    err = error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit"), "--memory-n-keys", "100000")
+    assert err.startswith("error: --memory-n-keys 100000: its value tables would need") and "GiB" in err
     run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT, "--memory-mode", "replacement"))
     err = error_of(capsys, *train_args(tiny, tmp_path / "s", "smf", "--model", tmp_path / "r", "--train-scale"))
     assert "--train-scale needs additive memory" in err and not os.path.exists(tmp_path / "s")
