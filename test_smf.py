@@ -1135,7 +1135,7 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
 
 
 def test_a_run_that_another_run_overtakes_never_replaces_its_checkpoint(tiny, tmp_path, capsys, monkeypatch):
-    """Two runs into one --out, neither with --overwrite: the one that finishes second fails at its swap and leaves
+    """Two runs into one --out: the one that finishes second fails at its swap and leaves
     the first one's checkpoint as it was, and no staging folder behind (no lock file is needed for that)."""
     out, real_train = tmp_path / "ckpt", smf.train
     def overtaken(*a, **kw):                                           # another run finishes while this one trains
