@@ -1278,12 +1278,10 @@ def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
     for r, label_y in zip(rows, label_heights([xy[r["folder"]][1] for r in rows], bottom)):
         (x, y), folder = xy[r["folder"]], r["folder"]
         w, h = (r[x_key][1] or 0) * (px(1) - px(0)), (r["acc"][1] or 0) * (py(0) - py(1))
-        if w:  # the half-widths of the paired intervals, in pixels
-            out.append(svg("line", class_="whisker-x", data_row=folder, x1=x - w, y1=y, x2=x + w,
-                           y2=y, stroke="#333"))
-        if h:
-            out.append(svg("line", class_="whisker-y", data_row=folder, x1=x, y1=y - h, x2=x,
-                           y2=y + h, stroke="#333"))
+        for axis, dx, dy in (("x", w, 0), ("y", 0, h)):  # the paired intervals' half-widths
+            if dx or dy:
+                out.append(svg("line", class_=f"whisker-{axis}", data_row=folder, x1=x - dx,
+                               y1=y - dy, x2=x + dx, y2=y + dy, stroke="#333"))
         fill = {"base": "#000", "retrofit": "#fff"}.get(folder.split("_")[0], "#4a7ab5")
         out.append(svg("circle", data_row=folder, cx=x, cy=y, r=4, fill=fill, stroke="#000"))
         out.append(svg("line", x1=x, y1=y, x2=right + 12, y2=label_y, stroke="#ddd"))
