@@ -1048,7 +1048,7 @@ def run_train(args, device):
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
-            meta |= {"kind": "memory", "memory": vars(mem_cfg)}
+            meta["kind"], meta["memory"] = "memory", vars(mem_cfg)
         if cfg.method == "smf":
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
@@ -1414,21 +1414,20 @@ def check_args(args):
     for name, default in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if args.command == "train":
+        default_model = "runs/retrofit" if args.method == "smf" else DEFAULT_MODEL
+        args.model, args.out = args.model or default_model, args.out or f"runs/{args.method}"
     if args.command in ("train", "eval"):
         n_gpus = torch.cuda.device_count()
         cuda = re.fullmatch(r"cuda(:\d+)?", args.device)
         require(args.device == "cpu" or (cuda and int(args.device[5:] or 0) < n_gpus), f"--device "
                 f"{args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
-    if args.command == "train":
-        default_model = "runs/retrofit" if args.method == "smf" else DEFAULT_MODEL
-        args.model, args.out = args.model or default_model, args.out or f"runs/{args.method}"
         check_model_path(args.model)
+    if args.command == "train":
         check_train_args(args)
         check_output("--out", args.out, folder=True)
-    if args.command == "eval":
-        check_model_path(args.model)
-        if args.out:
-            check_output("--out", args.out)
+    if args.command == "eval" and args.out:
+        check_output("--out", args.out)
     if args.command == "table":
         for name in ("table.md", "figure.svg"):
             check_output(name, os.path.join(args.results_dir, name))
