@@ -16,8 +16,8 @@ normalize_answer, greedy_generate.
 
 Start with `python smf.py train --method retrofit`, then `python smf.py train --method smf`.
 """
-import argparse, contextlib, dataclasses, functools, glob, hashlib, inspect, io, itertools, json
-import math, os, random, re, shutil, signal, statistics, sys, tempfile, time
+import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, io, itertools, json
+import math, os, random, re, shutil, signal, statistics, sys, tempfile, textwrap, time
 from dataclasses import dataclass
 
 import torch
@@ -394,7 +394,7 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, 
     the retrofit: SMF trains only values, so the queries and keys that decide which rows a text
     reads stay the retrofit's. (Approximate in one way: value updates in an earlier memory layer
     shift the hidden states, and so the reads, of the later ones.) Only the work the counts need:
-    texts sorted by length share a batch (so few pads), up to batch_tokens tokens with pads, and
+    texts sorted by length share a batch (pads under 20% of it, batch_tokens tokens at most), and
     each forward stops after the last memory layer. A text is its own group, so neither the order
     nor the batching changes a count. Needs: BackgroundStats, BackgroundCounter, StopForward,
     memory_blocks, token_groups, pad_batch, autocast, progress."""
@@ -404,8 +404,9 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, 
     stats = [BackgroundStats(zeros(), zeros(), len(texts)) for _ in blocks]
     seqs = sorted((tokenizer(t)["input_ids"][:max_len] for t in texts), key=len)
     batches = [[]]
-    for seq in filter(None, seqs):  # a text of no token reads nothing
-        if batches[-1] and (len(batches[-1]) + 1) * len(seq) > batch_tokens:  # seq: the longest
+    for seq in filter(None, seqs):  # sorted, so seq is the longest of its batch; empty: no reads
+        full = (len(batches[-1]) + 1) * len(seq) > batch_tokens
+        if batches[-1] and (full or len(seq) > 1.25 * len(batches[-1][0])):  # pads < 20%
             batches.append([])
         batches[-1].append(seq)
     model.eval()
@@ -1239,40 +1240,92 @@ TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question va
     ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", "alias_correct", 100),
     ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100)]
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+def read_value(run, probe, key):
+    """(number, None), or (None, what the value is instead: missing, null, NaN, inf, not a number)."""
+    results = run.get(probe)
+    if not isinstance(results, dict) or key not in results:
+        return None, "missing"
+    value = results[key]
+    if value is None:
+        return None, "null"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None, "not a number"
+    if not math.isfinite(value):
+        return None, str(value).replace("nan", "NaN")
+    return value, None
+
 def paired_delta(runs, base, key, scale):
     """(Δ, half-width of its 95% interval) against Base, paired over questions: per question the
     row's mean over seeds minus Base's, then the mean and 1.96 standard errors. None unless every
-    run scored the same questions."""
-    if len({len(r[key]) for r in runs + base}) != 1 or len(runs[0][key]) < 2:
+    run holds finite per-question values for the same number of questions."""
+    lists = [r.get(key) for r in runs + base]
+    finite = [isinstance(x, list) and all(map(is_number, x)) for x in lists]
+    if not all(finite) or len({len(x) for x in lists}) != 1 or len(lists[0]) < 2:
         return None
     row = [statistics.mean(q) for q in zip(*(r[key] for r in runs))]
     ref = [statistics.mean(q) for q in zip(*(r[key] for r in base))]
     d = [scale * (a - b) for a, b in zip(row, ref)]
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
+def scored_data(run, probe, per_question):
+    """What a probe was scored on: its data's fingerprint, and how many questions (or tokens)."""
+    results = run.get(probe, {})
+    n = len(results.get(per_question) or []) if per_question else results.get("tokens")
+    return results.get("data"), n
+
 def table_cells(runs, base, column, is_base):
-    """The column's two cells (mean ± sample std (n) over seeds; Δ vs Base [its interval]), and the
-    figure's (mean, half-width of the interval or None)."""
-    _, _, key, per_question, scale = column
-    xs = [scale * r[key] for r in runs]
-    if not xs:
-        return ["missing", ""], (None, None)
+    """The column's two cells (mean ± sample std (n) over the seeds that have the value; Δ vs Base
+    [its interval]), and the figure's (mean, half-width of the interval or None), or (None, what is
+    wrong). A value that is not a finite number costs only its cell, which says what it is."""
+    _, probe, key, per_question, scale = column
+    values = [read_value(r, probe, key) for r in runs]
+    problems = collections.Counter(why for _, why in values if why and why != "missing")
+    if problems:
+        why = ", ".join(f"{what} in {n} of {len(runs)} seeds" for what, n in problems.items())
+        return [why, ""], (None, why)
+    runs = [r for r, (_, why) in zip(runs, values) if why is None]  # the seeds that have it
+    if not runs:
+        return ["missing", ""], (None, "missing")
+    xs = [scale * read_value(r, probe, key)[0] for r in runs]
     spread = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
     cell, mean = f"{statistics.mean(xs):.2f}{spread} (n={len(xs)})", statistics.mean(xs)
+    base = [r for r in base if read_value(r, probe, key)[1] is None]
     if is_base or not base:
         return [cell, ""], (mean, None)
-    paired = paired_delta(runs, base, per_question, scale) if per_question else None
+    if len({scored_data(r, probe, per_question) for r in runs + base}) > 1:
+        return [cell, "scored on other data than Base"], (mean, None)
+    paired = paired_delta([r[probe] for r in runs], [r[probe] for r in base], per_question, scale)
     if paired is None:
-        return [cell, f"{mean - scale * statistics.mean(r[key] for r in base):+.2f}"], (mean, None)
+        base_mean = statistics.mean(r[probe][key] for r in base)
+        return [cell, f"{mean - scale * base_mean:+.2f}"], (mean, None)
     d, half = paired
     return [cell, f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}]"], (mean, half)
 
+TABLE_HEADER = "<!-- written by `smf.py table` from the eval.json files: rewritten on every run -->"
+
+def read_results(results_dir, folder):
+    """The results of a row's seeds (folders seed<integer>); a file that is no results object
+    counts as a seed without results, named in a note."""
+    runs = []
+    for file in sorted(glob.glob(os.path.join(results_dir, folder, "seed*", "eval.json"))):
+        if re.fullmatch(r"seed\d+", os.path.basename(os.path.dirname(file))):
+            content = read_json(file, "rerun that stage's evaluation")
+            if not isinstance(content, dict):
+                print(f"note: {file} holds a JSON {type(content).__name__}, not results: shown as "
+                      "missing", file=sys.stderr)
+            runs.append(content if isinstance(content, dict) else {})
+            for column in TABLE_COLUMNS:
+                _, why = read_value(runs[-1], column[1], column[2])
+                if why and why != "missing":
+                    print(f"note: {file}: {column[1]}.{column[2]} is {why}", file=sys.stderr)
+    return runs
+
 def run_table(args, device=None):
     """table.md, and figure.svg: the learning-versus-forgetting plot of the same numbers."""
-    found = {}
-    for _, folder, _ in TABLE_ROWS:
-        files = sorted(glob.glob(os.path.join(args.results_dir, folder, "seed*", "eval.json")))
-        found[folder] = [read_json(f, "rerun that stage's evaluation") for f in files]
+    found = {folder: read_results(args.results_dir, folder) for _, folder, _ in TABLE_ROWS}
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run "
             "run_all.sh first, or point at its OUT folder")
     header = " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS)
@@ -1280,20 +1333,22 @@ def run_table(args, device=None):
     for name, folder, _ in TABLE_ROWS:
         cells, points[folder] = [], {}
         for column in TABLE_COLUMNS:
-            runs = [r[column[1]] for r in found[folder] if column[1] in r]
-            base = [r[column[1]] for r in found["base"] if column[1] in r]
-            two, points[folder][column[2]] = table_cells(runs, base, column, folder == "base")
+            two, points[folder][column[2]] = table_cells(found[folder], found["base"], column,
+                                                         folder == "base")
             cells += two
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     seeds = max(map(len, found.values()))
-    questions = {p: len(r[p][key]) for runs in found.values() for r in runs
-                 for p, key in (("medmcqa", "correct"), ("triviaqa", "alias_correct")) if p in r}
-    write_atomic(os.path.join(args.results_dir, "table.md"), "\n".join(lines) + "\n")
-    write_atomic(os.path.join(args.results_dir, "figure.svg"), figure_svg(points, seeds, questions))
-    print("\n".join(lines))
+    questions = {p: {len(r[p].get(key) or []) for runs in found.values() for r in runs
+                     if isinstance(r.get(p), dict)} for p, key in (("medmcqa", "correct"),
+                                                                    ("triviaqa", "alias_correct"))}
+    table, figure = (os.path.join(args.results_dir, name) for name in ("table.md", "figure.svg"))
+    write_atomic(table, "\n".join([TABLE_HEADER, ""] + lines) + "\n")
+    write_atomic(figure, TABLE_HEADER + "\n" + figure_svg(points, seeds, questions))
+    print("\n".join(lines) + f"\n\nwrote {table} and {figure}")
 
 # The figure: MedMCQA accuracy (y) against WikiText perplexity (left) and TriviaQA accuracy (right)
-PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 130  # pixels: plot, margins, labels
+PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 140  # pixels: plot, margins, labels
+CAPTION_PX = 11  # the caption's font size
 
 def svg(tag, content=None, **attrs):
     """One SVG element; in attribute names `_` stands for `-` (and `class_` for class)."""
@@ -1309,15 +1364,23 @@ def frontier(points, lower_x_is_better):
         return any(q != p and sign * q[0] >= sign * p[0] and q[1] >= p[1] for q in points)
     return sorted(p for p in points if not beaten(p))
 
-def scale_axis(pairs, pixels):
-    """(lo, hi, to_pixel): the range of (value, whisker or None) pairs, padded, onto `pixels`."""
+def scale_axis(pairs, pixels, bounds=(-math.inf, math.inf)):
+    """(lo, hi, to_pixel): the range of (value, whisker or None) pairs, padded and kept within
+    `bounds` (an accuracy stays in 0..100: a whisker may reach the frame), onto `pixels`."""
     lo = min(v - (w or 0) for v, w in pairs)
     hi = max(v + (w or 0) for v, w in pairs)
     pad = (hi - lo) * 0.08 or 1.0
-    lo, hi = lo - pad, hi + pad
+    lo, hi = max(lo - pad, bounds[0]), min(hi + pad, bounds[1])
     def to_pixel(v):
         return pixels[0] + (v - lo) / (hi - lo) * (pixels[1] - pixels[0])
     return lo, hi, to_pixel
+
+def round_ticks(lo, hi, count=5):
+    """About `count` round values inside [lo, hi]: multiples of a step of 1, 2, 2.5 or 5 x 10^k."""
+    raw = (hi - lo) / count
+    power = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
+    return [round(i * step, 12) for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 def label_heights(ys, bottom, gap=14):
     """Heights for the labels of points at ys (top to bottom): level with the point, at least `gap`
@@ -1329,17 +1392,20 @@ def label_heights(ys, bottom, gap=14):
     return [min(y, bottom - gap * (n - 1 - i)) for i, y in enumerate(placed)]
 
 def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
-    """One panel: axes and ticks, dotted lines from each retrofit to its SMF rows, the dashed
-    frontier, whiskers, points, and their labels in a column beside the plot."""
-    x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, x0 + PANEL_W))
-    y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (TOP + PANEL_H, TOP))
+    """One panel: axes and round ticks, dotted lines from each retrofit to its SMF rows, the dashed
+    frontier, whiskers (cut at the frame), points, and their labels in a column beside the plot."""
+    x_bounds = (0, 100) if x_key != "ppl" else (0, math.inf)
+    x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, x0 + PANEL_W), x_bounds)
+    y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (TOP + PANEL_H, TOP), (0, 100))
     bottom, right = TOP + PANEL_H, x0 + PANEL_W
     out = [svg("rect", x=x0, y=TOP, width=PANEL_W, height=PANEL_H, fill="none", stroke="#888"),
            svg("text", x_title, x=x0 + PANEL_W / 2, y=bottom + 38, text_anchor="middle")]
-    for i in range(5):  # ticks
-        xv, yv = x_lo + (x_hi - x_lo) * (i + 0.5) / 5, y_lo + (y_hi - y_lo) * (i + 0.5) / 5
-        out.append(svg("text", f"{xv:.3g}", x=px(xv), y=bottom + 16, text_anchor="middle"))
-        out.append(svg("text", f"{yv:.3g}", x=x0 - 6, y=py(yv) + 4, text_anchor="end"))
+    for xv in round_ticks(x_lo, x_hi):
+        out.append(svg("text", f"{xv:g}", class_="tick-x", x=px(xv), y=bottom + 16,
+                       text_anchor="middle"))
+    for yv in round_ticks(y_lo, y_hi):
+        out.append(svg("text", f"{yv:g}", class_="tick-y", x=x0 - 6, y=py(yv) + 4,
+                       text_anchor="end"))
     xy = {r["folder"]: (px(r[x_key][0]), py(r["acc"][0])) for r in rows}      # pixels
     for folder, (x, y) in xy.items():
         start = "retrofit_" + folder.split("_")[1] if folder.startswith("smf_") else None
@@ -1355,8 +1421,10 @@ def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
         w, h = (r[x_key][1] or 0) * (px(1) - px(0)), (r["acc"][1] or 0) * (py(0) - py(1))
         for axis, dx, dy in (("x", w, 0), ("y", 0, h)):  # the paired intervals' half-widths
             if dx or dy:
-                out.append(svg("line", class_=f"whisker-{axis}", data_row=folder, x1=x - dx,
-                               y1=y - dy, x2=x + dx, y2=y + dy, stroke="#333"))
+                ends = {"x1": max(x - dx, x0), "x2": min(x + dx, right),
+                        "y1": min(y + dy, bottom), "y2": max(y - dy, TOP)}  # cut at the frame
+                out.append(svg("line", class_=f"whisker-{axis}", data_row=folder, **ends,
+                               stroke="#333"))
         fill = {"base": "#000", "retrofit": "#fff"}.get(folder.split("_")[0], "#4a7ab5")
         out.append(svg("circle", data_row=folder, cx=x, cy=y, r=4, fill=fill, stroke="#000"))
         out.append(svg("line", x1=x, y1=y, x2=right + 12, y2=label_y, stroke="#ddd"))
@@ -1366,35 +1434,46 @@ def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
                data_bottom=bottom)
 
 def figure_svg(points, seeds, questions):
-    """The SVG text: a point per row with results, the mean over its seeds (Base black, retrofits
-    hollow); a row without results or with a value that is not finite is named in the caption."""
-    rows, left_out = [], []
+    """The SVG text: in each panel a point per row with both of its values (the mean over its
+    seeds; Base black, retrofits hollow); the caption names every value left out, and why."""
+    panels = [("ppl", "WikiText perplexity (lower is better)", True, "WikiText ppl"),
+              ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)", False,
+               "TriviaQA alias acc")]
+    drawn, left_out = {key: [] for key, *_ in panels}, []
     for name, folder, label in TABLE_ROWS:
-        values = [points[folder][key][0] for key in ("acc", "ppl", "alias_contains_acc")]
-        if None in values:
-            left_out.append(f"{name} (no results)")
-        elif not all(map(math.isfinite, values)):
-            left_out.append(f"{name} (a value is not finite)")
+        values = {"MedMCQA acc": points[folder]["acc"]} | {
+            title: points[folder][key] for key, _, _, title in panels}
+        bad = [f"{title} {why}" for title, (v, why) in values.items() if v is None]
+        if len(bad) == len(values) and all("missing" in b for b in bad):
+            bad = ["no results"]
+        left_out += [f"{name} ({'; '.join(bad)})"] if bad else []
+        for key, *_ in panels:
+            if points[folder]["acc"][0] is not None and points[folder][key][0] is not None:
+                drawn[key].append({"folder": folder, "label": label, **points[folder]})
+    width = 2 * (LEFT + PANEL_W + LABEL_W)
+    out = [svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
+               transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle")]
+    for i, (key, title, lower_is_better, _) in enumerate(panels):
+        x0 = LEFT + i * (LEFT + PANEL_W + LABEL_W)
+        if len(drawn[key]) < 2:
+            only = drawn[key][0]["label"] if drawn[key] else "no row"
+            message = f"Only {only} has results here: nothing to compare yet."
+            out.append(svg("text", message, x=x0, y=TOP + 20))
         else:
-            rows.append({"folder": folder, "label": label, **points[folder]})
-    width, height = 2 * (LEFT + PANEL_W + LABEL_W), TOP + PANEL_H + 90
-    out = [svg("rect", width=width, height=height, fill="#fff")]
-    if len(rows) < 2:
-        only = rows[0]["label"] if rows else "no row"
-        message = f"Only {only} has results: nothing to compare yet."
-        out.append(svg("text", message, x=20, y=TOP + 20))
-    else:
-        out.append(svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
-                       transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle"))
-        out.append(panel_svg(LEFT, rows, "ppl", "WikiText perplexity (lower is better)", True))
-        out.append(panel_svg(2 * LEFT + PANEL_W + LABEL_W, rows, "alias_contains_acc",
-                             "TriviaQA alias accuracy, % (higher is better)", False))
-    caption = (f"Points: mean over {seeds} seed(s) on {questions.get('medmcqa', 0)} MedMCQA and "
-               f"{questions.get('triviaqa', 0)} TriviaQA questions; whiskers: paired 95% interval "
-               "of the Δ vs Base; dashed: the frontier; dotted: each SMF row from its retrofit.")
+            out.append(panel_svg(x0, drawn[key], key, title, lower_is_better))
+    n = {p: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0" for p, q in questions.items()}
+    caption = (f"Points: mean over {seeds} seed(s) on {n['medmcqa']} MedMCQA and {n['triviaqa']} "
+               "TriviaQA questions; whiskers: paired 95% interval of the Δ vs Base; dashed: the "
+               "frontier; dotted: each SMF row from its retrofit.")
     if left_out:
         caption += " Left out: " + "; ".join(left_out) + "."
-    out.append(svg("text", caption, class_="caption", x=10, y=height - 14, font_size=11))
+    lines = textwrap.wrap(caption, int((width - 20) / (CAPTION_PX * 0.6)))  # 0.6 em: a wide glyph
+    height = TOP + PANEL_H + 60 + (CAPTION_PX + 3) * len(lines)
+    spans = "".join(svg("tspan", line, x=10, dy=0 if i == 0 else CAPTION_PX + 3)
+                    for i, line in enumerate(lines))
+    out.append(svg("text", spans, class_="caption", x=10, y=TOP + PANEL_H + 66,
+                   font_size=CAPTION_PX))
+    out.insert(0, svg("rect", width=width, height=height, fill="#fff"))
     return svg("svg", "\n".join(out), xmlns="http://www.w3.org/2000/svg", width=width,
                height=height, font_family="sans-serif", font_size=12) + "\n"
 

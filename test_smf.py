@@ -1467,15 +1467,15 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
         row = [mean(q) for q in zip(*(seed[i] for seed in results[folder]))]
         d = [100 * (a - b) for a, b in zip(row, results["base"][0][i])]
         return 1.96 * statistics.stdev(d) / math.sqrt(len(d))
-    shown = ["base", "retrofit_additive", "smf_additive_kl", "lora"]
     panels = svg.findall(f"{ns}g[@class='panel']")
     assert [p.get("data-x") for p in panels] == ["ppl", "alias_contains_acc"]
     for panel, i, lower_better in zip(panels, (2, 1), (True, False)):
+        shown = ["base", "retrofit_additive", "smf_additive_kl", "lora"] + (["full"] if i == 1 else [])  # NaN: one panel
         a = {k: float(panel.get(f"data-{k}")) for k in ("x-lo", "x-hi", "y-lo", "y-hi", "left", "right", "top", "bottom")}
         px = lambda v: a["left"] + (v - a["x-lo"]) / (a["x-hi"] - a["x-lo"]) * (a["right"] - a["left"])
         py = lambda v: a["bottom"] - (v - a["y-lo"]) / (a["y-hi"] - a["y-lo"]) * (a["bottom"] - a["top"])
         points = {c.get("data-row"): (float(c.get("cx")), float(c.get("cy"))) for c in panel.iter(f"{ns}circle")}
-        assert sorted(points) == sorted(shown)                           # full (NaN) and the missing rows left out
+        assert sorted(points) == sorted(shown)                           # the missing rows left out
         value = {}
         for folder in shown:
             x = mean([seed[i] if i == 2 else 100 * mean(seed[i]) for seed in results[folder]])
@@ -1484,11 +1484,14 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
             assert abs(points[folder][0] - px(x)) < 1 and abs(points[folder][1] - py(y)) < 1, folder
         whiskers = {(l.get("class"), l.get("data-row")): l for l in panel.iter(f"{ns}line") if l.get("data-row")}
         for folder in shown[1:]:
-            y_line = whiskers[("whisker-y", folder)]
-            assert abs(float(y_line.get("y2")) - float(y_line.get("y1")) - 2 * half_width(folder, 0) * (py(0) - py(1))) < 1
+            y_line, (x, y) = whiskers[("whisker-y", folder)], points[folder]
+            h = half_width(folder, 0) * (py(0) - py(1))                  # cut at the frame
+            assert abs(float(y_line.get("y1")) - min(y + h, a["bottom"])) < 1
+            assert abs(float(y_line.get("y2")) - max(y - h, a["top"])) < 1
             if i == 1:   # TriviaQA has an interval; WikiText has none
-                x_line = whiskers[("whisker-x", folder)]
-                assert abs(float(x_line.get("x2")) - float(x_line.get("x1")) - 2 * half_width(folder, 1) * (px(1) - px(0))) < 1
+                x_line, w = whiskers[("whisker-x", folder)], half_width(folder, 1) * (px(1) - px(0))
+                assert abs(float(x_line.get("x1")) - max(x - w, a["left"])) < 1
+                assert abs(float(x_line.get("x2")) - min(x + w, a["right"])) < 1
             else:
                 assert ("whisker-x", folder) not in whiskers
         assert ("whisker-y", "base") not in whiskers                   # Base has no Δ against itself
@@ -1498,8 +1501,8 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
         drawn = {min(shown, key=lambda f: abs(points[f][0] - float(xy.split(",")[0])) + abs(points[f][1] - float(xy.split(",")[1])))
                  for xy in line}
         assert drawn == front and len(line) == len(front)
-    caption = svg.find(f"{ns}text[@class='caption']").text
-    assert "Full finetuning (a value is not finite)" in caption and "SMF replacement KL (no results)" in caption
+    caption = "".join(svg.find(f"{ns}text[@class='caption']").itertext())
+    assert "Full finetuning (WikiText ppl NaN in 1 of 1 seeds)" in caption and "SMF replacement KL (no results)" in caption
     assert "2 seed(s)" in caption and "5 MedMCQA and 4 TriviaQA questions" in caption
     same = tmp_path / "same"                                             # points on top of each other
     for folder in ("base", "lora", "full", "smf_additive_kl"):
@@ -1521,6 +1524,59 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
     write_eval(only / "base" / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
     run("table", only)
     assert "Only Base has results" in open(only / "figure.svg").read()
+
+
+def figure_layouts(root):
+    """Results folders for the figure's hard layouts: {name: folder}."""
+    rng = random.Random(0)
+    def seeds(folder, n_seeds, acc, tqa, ppl, n=50):
+        for s in range(n_seeds):
+            med = [int(rng.random() < acc) for _ in range(n)]
+            write_eval(root / name / folder / f"seed{s}" / "eval.json", (med, [1.0] * n),
+                       [int(rng.random() < tqa) for _ in range(n)], ppl=ppl + rng.random())
+    name = "eleven"   # every row, 3 seeds, one row's whiskers reaching past 0 and 100 %
+    for k, (_, folder, _) in enumerate(smf.TABLE_ROWS):
+        seeds(folder, 3, 0.25 + 0.04 * k if folder != "full" else 0.98, 0.3 - 0.02 * k if folder != "lora" else 0.02, 15 + k)
+    name = "two"
+    seeds("base", 1, 0.3, 0.4, 15.2)
+    seeds("lora", 1, 0.35, 0.35, 16.9)
+    name = "one_value"  # every point shares one value
+    for folder in ("base", "lora", "full"):
+        for s in range(2):
+            write_eval(root / name / folder / f"seed{s}" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 1], ppl=12.0)
+    return {n: root / n for n in ("eleven", "two", "one_value")}
+
+
+def test_figure_ticks_are_round_accuracy_stays_in_0_to_100_and_text_stays_in_the_image(tmp_path):
+    import xml.etree.ElementTree as ET
+    ns = "{http://www.w3.org/2000/svg}"
+    for name, folder in figure_layouts(tmp_path).items():
+        run("table", folder)
+        svg = ET.parse(folder / "figure.svg").getroot()
+        width, height = float(svg.get("width")), float(svg.get("height"))
+        for panel in svg.findall(f"{ns}g[@class='panel']"):
+            for axis in ("x", "y"):
+                lo, hi = float(panel.get(f"data-{axis}-lo")), float(panel.get(f"data-{axis}-hi"))
+                ticks = [float(t.text) for t in panel.iter(f"{ns}text") if t.get("class") == f"tick-{axis}"]
+                assert len(ticks) >= 2, (name, axis)
+                step = ticks[1] - ticks[0]
+                mantissa = step / 10 ** math.floor(math.log10(step))
+                assert any(abs(mantissa - m) < 1e-6 for m in (1, 2, 2.5, 5)), (name, axis, ticks)
+                assert all(abs(t / step - round(t / step)) < 1e-6 for t in ticks), (name, axis, ticks)  # round values
+                assert all(lo - 1e-9 <= t <= hi + 1e-9 for t in ticks), (name, axis, ticks, lo, hi)
+                if axis == "y" or panel.get("data-x") != "ppl":          # accuracies
+                    assert 0 <= lo and hi <= 100
+        for text in svg.iter(f"{ns}text"):                              # every label and caption line in the image
+            size = float(text.get("font-size", 12))
+            for span in list(text.iter(f"{ns}tspan")) or [text]:
+                content = "".join(span.itertext()) if span is not text or not list(text) else ""
+                if not content or text.get("transform"):
+                    continue
+                w, x = len(content) * size * 0.6, float(span.get("x", text.get("x")))
+                x0 = {"middle": x - w / 2, "end": x - w}.get(text.get("text-anchor"), x)
+                assert 0 <= x0 and x0 + w <= width, (name, content)
+            y = float(text.get("y")) + sum(float(t.get("dy", 0)) for t in text.iter(f"{ns}tspan"))
+            assert 0 < y <= height, (name, "".join(text.itertext()))
 
 
 def test_a_changed_plain_parent_is_refused_and_an_identical_copy_loads(tiny, tmp_path, capsys):
