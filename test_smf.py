@@ -1501,7 +1501,7 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
         drawn = {min(shown, key=lambda f: abs(points[f][0] - float(xy.split(",")[0])) + abs(points[f][1] - float(xy.split(",")[1])))
                  for xy in line}
         assert drawn == front and len(line) == len(front)
-    caption = "".join(svg.find(f"{ns}text[@class='caption']").itertext())
+    caption = " ".join(svg.find(f"{ns}text[@class='caption']").itertext())
     assert "Full finetuning (WikiText ppl NaN in 1 of 1 seeds)" in caption and "SMF replacement KL (no results)" in caption
     assert "2 seed(s)" in caption and "5 MedMCQA and 4 TriviaQA questions" in caption
     same = tmp_path / "same"                                             # points on top of each other
@@ -1524,6 +1524,57 @@ def test_figure_points_whiskers_frontier_and_caption_map_back_to_the_results(tmp
     write_eval(only / "base" / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=10.0)
     run("table", only)
     assert "Only Base has results" in open(only / "figure.svg").read()
+
+
+BAD_VALUES = [  # (row folder, seeds changed, probe, key, value, the cell's text, column index in table.md)
+    ("full", [1], "wikitext", "ppl", float("nan"), "NaN in 1 of 2 seeds", 4),
+    ("full", [0, 1], "wikitext", "ppl", float("nan"), "NaN in 2 of 2 seeds", 4),
+    ("lora", [0], "wikitext", "ppl", float("inf"), "inf in 1 of 2 seeds", 4),
+    ("lora", [0], "medmcqa", "acc", None, "null in 1 of 2 seeds", 0),
+    ("lora", [1], "medmcqa", "acc", "0.3", "not a number in 1 of 2 seeds", 0),
+    ("full", [0], "triviaqa", None, None, None, 6)]                    # the probe missing in one seed
+
+
+@pytest.mark.parametrize("case", range(len(BAD_VALUES)))
+def test_a_bad_value_costs_only_its_cell(tmp_path, case, capsys):
+    import xml.etree.ElementTree as ET
+    def write_all(root):
+        for folder, shift in (("base", 0), ("lora", 1), ("full", 2)):
+            for s in range(2):
+                med = [(q + s + shift) % 3 == 0 for q in range(6)]
+                write_eval(root / folder / f"seed{s}" / "eval.json", ([int(x) for x in med], [1.0 + q for q in range(6)]),
+                           [int((q + shift) % 2 == 0) for q in range(6)], ppl=10.0 + shift + s)
+    def cells(root):
+        lines = open(root / "table.md").read().splitlines()
+        return {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in lines if l.startswith("| ") and "---" not in l}
+    write_all(tmp_path / "good")
+    smf.main(["table", str(tmp_path / "good")])
+    folder, seeds, probe, key, value, shown, column = BAD_VALUES[case]
+    bad = tmp_path / "bad"
+    write_all(bad)
+    for s in seeds:
+        path = bad / folder / f"seed{s}" / "eval.json"
+        r = json.load(open(path))
+        if key is None:
+            del r[probe]
+        else:
+            r[probe][key] = value
+        json.dump(r, open(path, "w"))
+    smf.main(["table", str(bad)])                                        # exits 0: no SystemExit
+    good, got = cells(tmp_path / "good"), cells(bad)
+    name = {"lora": "LoRA", "full": "Full finetuning"}[folder]
+    changed = {(name, column), (name, column + 1)} | ({(name, 7), (name, 8), (name, 9)} if key is None else set())
+    for row in good:
+        for i, cell in enumerate(good[row]):
+            if (row, i) not in changed:
+                assert got[row][i] == cell, (row, i)
+    if shown:
+        assert got[name][column] == shown and got[name][column + 1] == ""
+        caption = " ".join(ET.parse(bad / "figure.svg").getroot().find("{http://www.w3.org/2000/svg}text[@class='caption']").itertext())
+        assert f"{name} (" in caption and shown in caption
+        assert f"{bad / folder / f'seed{seeds[-1]}' / 'eval.json'}: {probe}.{key} is" in capsys.readouterr().err  # named
+    else:                                                                # counted over the seed that has it
+        assert got[name][column].endswith("(n=1)") and got[name][column + 2].endswith("(n=1)")
 
 
 def figure_layouts(root):
