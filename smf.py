@@ -896,6 +896,7 @@ def load_background(source="OpenAssistant/oasst1", limit=None):
 # Checkpoints: small files on top of a parent model, staged and renamed into place
 
 STATS = "background_stats.safetensors"  # a retrofit's background statistics, one per memory layer
+RESULTS = "smf.py eval"  # the `written_by` of a results file: only such a file is ever replaced
 
 def read_json(path, fix):
     """A JSON file's content, or a one-line error naming the file and how to `fix` it."""
@@ -917,30 +918,37 @@ def write_atomic(path, text):
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
-def written_by_smf(path):
-    """A results JSON (it names its model), table.md or figure.svg this tool wrote."""
+def model_id(path):
+    """How results name a model: a local one by its absolute path, a hub id as it is."""
+    return os.path.abspath(path) if is_local(path) else path
+
+def earlier_results(path, model):
+    """The content of the results file smf eval wrote at `path` for `model`, or None."""
+    with contextlib.suppress(OSError, ValueError, TypeError), open(path) as f:
+        content = json.load(f)
+        if content.get("written_by") == RESULTS and content.get("model") == model_id(model):
+            return content
+    return None
+
+def has_table_header(path):
     with contextlib.suppress(OSError, ValueError), open(path) as f:
-        first = f.readline()
-        if first.startswith(("| row |", "<svg ")):
-            return True
-        content = json.loads(first + f.read())
-        return isinstance(content, dict) and "model" in content
+        return f.readline().rstrip("\n") == TABLE_HEADER
     return False
 
-def check_output(flag, path, folder=False):
-    """The output rule: a path a command writes must not exist, except a results file this tool
-    wrote (rerunning an evaluation into it is normal). A checkpoint folder is never replaced."""
-    place = os.path.dirname(os.path.realpath(path))
-    while not os.path.exists(place):
+def check_output(flag, path, fix, mine=None):
+    """The output rule: a path a command writes must not exist, except a file smf wrote that
+    mine(path) accepts; a checkpoint folder (mine None) is never replaced. The place must take a
+    new file: one is made there and removed, so that no run fails at its end."""
+    place = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(place):
         place = os.path.dirname(place)
-    require(os.path.isdir(place) and os.access(place, os.W_OK), f"{flag} {path} cannot be written "
-            f"({place} is a file or not writable) — choose a writable place")
-    if folder:
-        require(not os.path.exists(path), f"{flag} {path} exists — choose a new folder (a "
-                "checkpoint is never replaced: move the old one away to train it again)")
-    elif os.path.exists(path):
-        require(written_by_smf(path), f"{flag} {path} exists and is not a results file of smf — "
-                "choose a new file name")
+    try:
+        tempfile.TemporaryFile(dir=place).close()
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written ({place}: {e.strerror}) — choose a "
+                        "writable place") from e
+    replaceable = mine and os.path.isfile(path) and mine(path)
+    require(not os.path.lexists(path) or replaceable, f"{flag} {path} exists — {fix}")
 
 @contextlib.contextmanager
 def staging(out):
@@ -981,30 +989,41 @@ def checkpoint_meta(path):
     content = read_json(config, "restore the file, or train or download that model again")
     return content.get("smf") if isinstance(content, dict) else None
 
-def parent_of(path, meta):
-    """A checkpoint's parent: as recorded relative to it (moved together), else where it was."""
-    for parent in (os.path.join(path, meta["parent"]), meta.get("parent_abs", "")):
-        if os.path.isfile(os.path.join(parent, "config.json")):
+def fingerprint(path):
+    """{file: sha256} of a local model's weight files, so that a parent trained or saved again
+    under the same path is caught, and the changed files named. None for a hub id (the hub's cache
+    is content-addressed)."""
+    if not is_local(path):
+        return None
+    digests = {}
+    for file in sorted(glob.glob(os.path.join(path, "*.safetensors")) +
+                       glob.glob(os.path.join(path, "*.bin"))):
+        with open(file, "rb") as f:
+            digests[os.path.basename(file)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+def find_parent(path, meta):
+    """A checkpoint's parent with the weights it was trained from: where it is recorded relative
+    to the checkpoint (moved together), else where it was (the absolute path)."""
+    if "parent_abs" not in meta:  # a hub id
+        return meta["parent"]
+    places = dict.fromkeys([os.path.normpath(os.path.join(path, meta["parent"])),
+                            meta["parent_abs"]])
+    found = [p for p in places if os.path.isfile(os.path.join(p, "config.json"))]
+    recorded, again = meta["parent_fingerprint"], f"restore it, or train {path} again"
+    for parent in found:
+        if fingerprint(parent) == recorded:
             return parent
-    return meta["parent"]
+    require(found, f"the parent of {path} is missing: not at {' nor at '.join(places)} — {again}")
+    recorded, now = recorded if isinstance(recorded, dict) else {}, fingerprint(found[0])
+    changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
+    raise UserError(f"the parent {found[0]} of {path} has other weights than it was trained from "
+                    f"({', '.join(changed)} changed) — {again}")
 
 def model_memory(path):
     """The memory settings of a checkpoint's retrofit; None for a model without memory."""
     meta = checkpoint_meta(path)
     return meta.get("memory") if meta else None
-
-def fingerprint(path):
-    """The sha256 of a local model's weight files, so that a parent trained or saved again under the
-    same path is caught. None for a hub id (the hub's cache is content-addressed)."""
-    if not is_local(path):
-        return None
-    digest = hashlib.sha256()
-    for pattern in ("*.safetensors", "*.bin"):
-        for file in sorted(glob.glob(os.path.join(path, pattern))):
-            with open(file, "rb") as f:
-                while block := f.read(1 << 24):
-                    digest.update(block)
-    return digest.hexdigest()
 
 def provenance(parent, out):
     """Where a checkpoint comes from (its parent relative to it, and absolute, and the parent's
@@ -1081,12 +1100,8 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     meta = checkpoint_meta(path)
     if meta is None:
         return load_plain_model(path, device, dtype)
-    parent, again = parent_of(path, meta), f"restore it, or train {path} again"
-    require(not is_local(parent) or os.path.isfile(os.path.join(parent, "config.json")),
-            f"the parent {meta['parent']} of {path} is missing — {again}")
-    require(meta["parent_fingerprint"] == fingerprint(parent), f"the parent {parent} of {path} has "
-            f"other weights than it was trained from — restore that parent, or train {path} again")
-    model, tokenizer = load_model(parent, device, dtype)
+    model, tokenizer = load_model(find_parent(path, meta), device, dtype)
+    again = f"restore it, or train {path} again"
     tensors = load_weights(os.path.join(path, "weights.safetensors"), again, device)
     if meta["kind"] == "memory":
         add_memory(model, MemoryConfig(**meta["memory"]))
@@ -1148,32 +1163,34 @@ def run_train(args, device):
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
     last, tokens = history[-1], sum(h["tokens"] for h in history)
-    size = sum(os.path.getsize(file) for file in glob.glob(os.path.join(args.out, "*"))) / 2 ** 20
     print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
           f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} "
-          f"({size:.1f} MB, log train_log.jsonl)")
-    for key in ("rows_updated", "alpha"):
-        if last[key]:
-            print(f"   {key} per memory layer in the last step: {last[key]}")
-    print(f"   evaluate: python {os.path.relpath(__file__)} eval --model {args.out}")
+          f"(log train_log.jsonl); per memory layer in the last step: rows updated "
+          f"{last['rows_updated']}, alpha {last['alpha']}")
+    print(f"   evaluate: python {os.path.relpath(__file__)} eval --model {args.out} --device "
+          f"{device} (offline: add --medmcqa, --wikitext and --triviaqa files)")
     return model
 
 def run_eval(args, device):
     """`eval`: every probe's data first (a wrong source fails in seconds), then a line per probe,
-    then the results JSON."""
+    then the results JSON. It keeps the other probes of this model's results already there."""
     names = PROBES if args.probe == "all" else (args.probe,)
     loaders = {"medmcqa": load_medmcqa, "wikitext": load_wikitext, "triviaqa": load_triviaqa}
     probes = {name: loaders[name](getattr(args, name), limit=args.limit) for name in names}
     dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     model, tok = load_model(args.model, device, dtype)
+    require(len(tok(probes.get("wikitext", "two tokens"))["input_ids"]) > 1, f"{args.wikitext}: "
+            "the WikiText probe has fewer than two tokens — perplexity needs two; check the file")
     bs, letter = args.batch_size, args.medmcqa_mode == "letter"
     evaluate = {"medmcqa": functools.partial(eval_medmcqa, letter_only=letter, batch_size=bs),
                 "wikitext": functools.partial(eval_wikitext, batch_size=bs // 2 or 1),
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
-    results = {"model": args.model}
+    earlier = args.out and earlier_results(args.out, args.model)
+    results = (earlier or {}) | {"model": model_id(args.model), "written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
+        r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
         metrics = [f"{k} {r[k]:.4f}" for k in ("acc", "gold_nll", "ppl", "alias_contains_acc",
                                                "exact_match") if k in r]
         print(f"{probe:9s} {' '.join(metrics)}  n={r.get('n', r.get('tokens'))}  "
@@ -1575,12 +1592,19 @@ def check_args(args):
         check_model_path(args.model)
     if args.command == "train":
         check_train_args(args)
-        check_output("--out", args.out, folder=True)
+        check_output("--out", args.out, "choose a new folder (a checkpoint is never replaced: move "
+                     "the old one away to train it again)")
+        place, name = os.path.split(os.path.abspath(args.out))
+        for stale in glob.glob(os.path.join(place, f".{name}.tmp*")):
+            print(f"note: {stale} was left by a run that was killed — delete it", file=sys.stderr)
     if args.command == "eval" and args.out:
-        check_output("--out", args.out)
-    if args.command == "table":
-        for name in ("table.md", "figure.svg"):
-            check_output(name, os.path.join(args.results_dir, name))
+        check_output("--out", args.out, f"it is not smf's results of --model {args.model} — "
+                     "choose another file, or move it away", functools.partial(earlier_results,
+                                                                               model=args.model))
+    for name in ("table.md", "figure.svg") if args.command == "table" else ():
+        check_output(name, os.path.join(args.results_dir, name), "it was not written by `smf.py "
+                     f"table` (no header line) — move it away: table writes {name} into "
+                     f"{args.results_dir}", has_table_header)
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
@@ -1591,12 +1615,17 @@ def check_train_args(args):
         require(args.method in methods, f"--{name.replace('_', '-')} applies only to --method "
                 f"{' or '.join(methods)} — drop it")
     require(not memory or args.method in ("smf", "lora"), f"{args.model} already has memory layers "
-            f"— {args.method} starts from a model without memory; train it with --method smf")
-    require(memory or args.method != "smf", f"{args.model} has no memory layers — SMF trains the "
-            "memory of a retrofit: train --method retrofit first, then smf --model <its --out>")
-    stats = os.path.join(args.model, STATS)
-    require(args.method != "smf" or os.path.isfile(stats), f"{stats} is missing: SMF ranks rows "
-            "against the statistics its retrofit saved — restore it, or retrofit again")
+            f"— {args.method} starts from a model without memory: give --model <the base model>")
+    if args.method == "smf":
+        kind = (checkpoint_meta(args.model) or {}).get("kind", "plain")
+        retrofit = "train --method retrofit first (it writes runs/retrofit), or give --model <a "
+        require(os.path.isdir(args.model), f"--model {args.model} does not exist — {retrofit}"
+                "retrofit's --out>")
+        require(kind in ("memory", "smf"), f"{args.model} is a {kind} model, not a retrofit — SMF "
+                f"trains the memory of a retrofit or of an SMF checkpoint: {retrofit}retrofit>")
+        stats = os.path.join(args.model, STATS)
+        require(os.path.isfile(stats), f"{stats} is missing: SMF ranks rows against the "
+                "statistics its retrofit saved — restore it, or retrofit again")
     for name in ("train_scale", "memory_alpha_init"):
         require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
                 "additive memory — replacement memory has no alpha")
@@ -1619,8 +1648,8 @@ def main(argv=None):
         check_args(args)
         commands[args.command](args, getattr(args, "device", "cpu"))
     except KeyboardInterrupt:
-        print("error: interrupted — finished checkpoints and results are intact; rerun to continue",
-              file=sys.stderr)
+        print("error: interrupted — nothing half-written is left; a rerun starts from the "
+              "beginning (training does not resume)", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # the one-line promise holds for the unforeseen too
         if args.debug:

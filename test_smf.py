@@ -80,7 +80,8 @@ def logits(model, ids):
 def cli(*args, check=True):
     """Runs `python smf.py ARGS` offline and returns the completed process."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": HERE}
-    p = subprocess.run([sys.executable, os.path.join(HERE, "smf.py"), *map(str, args)], capture_output=True,
+    warnings = ["-W", "error::FutureWarning", "-W", "error::DeprecationWarning"]   # a deprecated call fails the run
+    p = subprocess.run([sys.executable, *warnings, os.path.join(HERE, "smf.py"), *map(str, args)], capture_output=True,
                        text=True, env=env)
     if check:
         assert p.returncode == 0, p.stderr[-3000:]
@@ -315,7 +316,7 @@ def test_eval_cli_end_to_end(tiny, tmp_path):
     assert "gold_nll" in p.stdout and r["triviaqa"]["alias_correct"] and len(r["triviaqa"]["exact_correct"]) == 8
     assert r["wikitext"]["ppl"] > 1 and r["wikitext"]["tokens"] > 0
     assert r["triviaqa"]["n"] == 8 and 0 <= r["triviaqa"]["exact_match"] <= r["triviaqa"]["alias_contains_acc"] <= 1
-    assert "medmcqa" in p.stdout and "wikitext" in p.stdout and "triviaqa" in p.stdout
+    assert "medmcqa" in p.stdout and "wikitext" in p.stdout and "triviaqa" in p.stdout and "Warning" not in p.stderr
     subcommands = smf.build_parser()._subparsers._group_actions[0].choices
     help_text = subcommands["eval"].format_help()
     assert "--probe" in help_text and "{medmcqa,wikitext,triviaqa,all}" in help_text
@@ -506,13 +507,18 @@ def test_every_checkpoint_kind_round_trips(tiny, tmp_path):
 
 def test_smf_starts_from_the_retrofit_that_train_writes_by_default(tiny, tmp_path, capsys, monkeypatch):
     err = error_of(capsys, *train_args(tiny, tmp_path / "run", "smf"))          # --model: the plain tiny model
-    assert f"{tiny['model']} has no memory layers — SMF trains the memory of a retrofit" in err
+    assert f"{tiny['model']} is a plain model, not a retrofit — SMF trains the memory of a retrofit" in err
     assert not (tmp_path / "run").exists()
     monkeypatch.chdir(tmp_path)                                                  # no --model, no --out: runs/...
     retrofit = [a for a in train_args(tiny, "-", "retrofit", "--max-steps", "1") if a not in ("--out", "-")]
-    assert "runs/retrofit has no memory layers — SMF trains the memory of a retrofit: train --method retrofit first" \
+    assert "--model runs/retrofit does not exist — train --method retrofit first (it writes runs/retrofit)" \
         in error_of(capsys, "train", "--method", "smf")
+    assert "--model a/b does not exist" in error_of(capsys, "train", "--method", "smf", "--model", "a/b")  # a typo
     run(*retrofit)
+    lora = [a for a in train_args(tiny, "runs/lora", "lora", *SHORT) if a != tiny["model"]]
+    run(*[a if a != "--model" else "--model=runs/retrofit" for a in lora])           # LoRA of a retrofit
+    assert "runs/lora is a lora model, not a retrofit" in error_of(capsys, "train", "--method", "smf", "--model",
+                                                                   "runs/lora")
     assert smf.checkpoint_meta("runs/retrofit")["kind"] == "memory"
     smf_args = [a for a in train_args(tiny, "-", "smf", "--max-steps", "1", "--top-t", "4") if a not in ("--out", "-")]
     del smf_args[smf_args.index("--model"):smf_args.index("--model") + 2]
@@ -571,7 +577,8 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
                                                                    "--memory-topk", "9", "--memory-n-keys", "8")
     assert cfg["smf"]["kind"] == "memory"
     os.rename(tmp_path / "mem", tmp_path / "moved")                     # neither beside it nor where it was
-    assert "the parent ../mem of" in ev(tmp_path / "smf") and "is missing" in ev(tmp_path / "smf")
+    err = ev(tmp_path / "smf")                                           # both places named, normalised
+    assert f"the parent of {tmp_path / 'smf'} is missing: not at {tmp_path / 'mem'} — restore it" in err
 
 
 def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
@@ -667,7 +674,7 @@ def test_unwritable_out(tiny, tmp_path, capsys):
     (tmp_path / "file").write_text("")
     err = error_of(capsys, "eval", "--model", tiny["model"], "--probe", "wikitext", "--wikitext", tiny["wikitext"],
                    "--out", tmp_path / "file" / "r.json")
-    assert "cannot be written" in err and "is a file" in err and not (tmp_path / "file" / "r.json").exists()
+    assert "cannot be written" in err and "Not a directory" in err and not (tmp_path / "file" / "r.json").exists()
     err = error_of(capsys, *train_args(tiny, tmp_path / "file" / "ckpt", "lora", "--model", tiny["model"], "--max-steps", "1"))
     assert "cannot be written" in err
 
@@ -1097,13 +1104,23 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert open(stats, "rb").read() == open(tmp_path / "s" / "background_stats.safetensors", "rb").read()
     assert retrofit["train"]["background"] == tiny["background"] and "medmcqa" not in retrofit["train"]
     assert set(lora["versions"]) == {"torch", "transformers"} and "background" not in lora["train"]
-    weights = b"".join(open(f, "rb").read() for f in sorted(glob.glob(str(tmp_path / "r" / "*.safetensors"))))
-    assert smf_meta["parent_fingerprint"] == hashlib.sha256(weights).hexdigest()   # the retrofit's own bytes
+    files = sorted(glob.glob(str(tmp_path / "r" / "*.safetensors")))
+    assert smf_meta["parent_fingerprint"] == {os.path.basename(f): hashlib.sha256(open(f, "rb").read()).hexdigest()
+                                              for f in files}                  # the retrofit's own bytes, per file
     smf.load_model(str(tmp_path / "s"))
+    import shutil
+    shutil.copytree(tmp_path / "s", tmp_path / "other" / "s")           # a copy beside an unrelated folder that has
+    shutil.copytree(tiny["model"], tmp_path / "other" / "r")            # its parent's relative name: the absolute
+    smf.load_model(str(tmp_path / "other" / "s"))                       # parent, intact, is the one it loads onto
     os.rename(tmp_path / "r", tmp_path / "r_first")
     run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--seed", "9"))
     err = error_of(capsys, "eval", "--model", tmp_path / "s", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    assert "has other weights than it was trained from" in err
+    assert "has other weights than it was trained from (background_stats.safetensors, weights.safetensors changed)" in err
+    os.remove(tmp_path / "r_first" / "background_stats.safetensors")    # a file removed from the parent is named
+    os.rename(tmp_path / "r", tmp_path / "r_second")
+    os.rename(tmp_path / "r_first", tmp_path / "r")
+    err = error_of(capsys, "eval", "--model", tmp_path / "s", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
+    assert "(background_stats.safetensors changed)" in err
 
 
 def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(tiny, tmp_path, capsys, monkeypatch):
@@ -1124,9 +1141,9 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
         (train_args(tiny, t("s"), "lora"), "exists — choose a new folder (a checkpoint is never replaced"),
         (train_args(tiny, str(tmp_path), "retrofit"), "exists — choose a new folder"),
         (train_args(tiny, t("mydata.jsonl"), "lora", "--medmcqa", t("mydata.jsonl")), "mydata.jsonl exists"),
-        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")], "exists and is not a results file of smf"),
-        (["eval", "--model", t("s"), "--out", t("mydata.jsonl")], "exists and is not a results file of smf"),
-        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} exists and is not a results file"),
+        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")], "exists — it is not smf's results of --model"),
+        (["eval", "--model", t("s"), "--out", t("mydata.jsonl")], "exists — it is not smf's results of --model"),
+        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} exists — it is not smf's results"),
         (["eval", "--model", t("s"), "--out", t("mydata.jsonl/e.json")], "cannot be written"),
         (["table", t("empty/x")], "holds no <row>/seed<S>/eval.json"),
     ]
@@ -1644,7 +1661,7 @@ def test_a_changed_plain_parent_is_refused_and_an_identical_copy_loads(tiny, tmp
         model.model.norm.weight.mul_(1.5)
     model.save_pretrained(tmp_path / "b" / "base")                       # the base saved again, other weights
     err = error_of(capsys, "eval", "--model", tmp_path / "b" / "lora", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    assert f"the parent {tmp_path / 'b' / 'lora' / '..' / 'base'} of" in err and "has other weights" in err
+    assert f"the parent {tmp_path / 'b' / 'base'} of" in err and "has other weights" in err    # normalised
 
 
 def test_train_refuses_up_front_what_training_would_refuse(tiny, tmp_path, capsys):
@@ -1835,13 +1852,60 @@ def test_memory_query_and_keys_stay_fp32_where_the_model_runs_in_bf16(tiny, tmp_
     assert all(dtypes[n] == torch.float32 for n in lookup) and dtypes["model.norm.weight"] == torch.bfloat16
 
 
-def test_train_and_eval_print_no_deprecation_warning(tiny, tmp_path):
-    """Warnings of smf's own making are errors here: a deprecated transformers call fails the run."""
-    flags = ["-W", "error::FutureWarning", "-W", "error::DeprecationWarning"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    for argv in (train_args(tiny, tmp_path / "r", "retrofit", *SHORT),
-                 ["eval", "--model", tmp_path / "r", "--limit", "4", "--medmcqa", tiny["medmcqa"],
-                  "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"]]):
-        p = subprocess.run([sys.executable, *flags, os.path.join(HERE, "smf.py"), *map(str, argv), "--debug"],
-                           capture_output=True, text=True, env=env)
-        assert p.returncode == 0 and "Warning" not in p.stderr, p.stderr[-2000:]
+def test_train_prints_no_deprecation_warning(tiny, tmp_path):
+    """cli() turns FutureWarning and DeprecationWarning into errors (the eval end-to-end test runs eval so)."""
+    p = cli(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT), "--debug")
+    assert "Warning" not in p.stderr
+
+
+# ----------------------------------------------------------------------------------------------- never lose a file,
+# never a silent wrong table
+
+def test_eval_replaces_only_its_own_results_of_the_same_model_and_keeps_their_other_probes(tiny, tmp_path, capsys):
+    data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4"]
+    mine = tmp_path / "sweep.json"
+    mine.write_text(json.dumps({"model": tiny["model"], "lr": [1, 2]}))   # the user's own JSON, naming a model
+    assert "--out " + str(mine) + " exists — it is not smf's results" in error_of(capsys, "eval", "--model", tiny["model"], *data, "--out", mine)
+    assert json.loads(mine.read_text()) == {"model": tiny["model"], "lr": [1, 2]}
+    out = tmp_path / "base.eval.json"
+    run("eval", "--model", tiny["model"], *data, "--out", out)
+    full = json.loads(out.read_text())
+    run(*train_args(tiny, tmp_path / "lora", "lora", *SHORT))
+    err = error_of(capsys, "eval", "--model", tmp_path / "lora", *data, "--out", out)   # another model's results
+    assert "it is not smf's results of --model" in err and json.loads(out.read_text()) == full
+    run("eval", "--model", tiny["model"], *data, "--probe", "wikitext", "--out", out)   # one probe again: the others stay
+    again = json.loads(out.read_text())
+    assert again["medmcqa"] == full["medmcqa"] and again["triviaqa"] == full["triviaqa"] and again["wikitext"]["ppl"] > 0
+
+
+def test_table_replaces_only_files_with_its_header_and_counts_only_seed_integer_folders(tmp_path, capsys):
+    write_eval(tmp_path / "base" / "seed0" / "eval.json", ([1, 0, 0, 1], [1.0] * 4), [1, 0, 1, 0], ppl=10.0)
+    write_eval(tmp_path / "lora" / "seed1" / "eval.json", ([1, 1, 0, 1], [1.0] * 4), [1, 0, 0, 0], ppl=12.0)
+    write_eval(tmp_path / "lora" / "seed1.old" / "eval.json", ([0, 0, 0, 0], [1.0] * 4), [0, 0, 0, 0], ppl=99.0)
+    note = tmp_path / "table.md"
+    note.write_text("| row | my own notes |\n")
+    err = error_of(capsys, "table", tmp_path)
+    assert "table.md exists — it was not written by `smf.py table` (no header line) — move it away" in err
+    assert note.read_text() == "| row | my own notes |\n" and not (tmp_path / "figure.svg").exists()
+    note.unlink()
+    run("table", tmp_path)
+    assert open(note).readline().startswith("<!-- written by `smf.py table`") and "wrote " in capsys.readouterr().out
+    lora = [l for l in note.read_text().splitlines() if l.startswith("| LoRA |")][0]
+    assert "| 12.00 (n=1) |" in lora and "99" not in lora                   # seed1.old is no seed
+    note.write_text(note.read_text() + "a note added by hand\n")
+    run("table", tmp_path)                                                 # smf's own file, header kept: rewritten
+    assert "a note added by hand" not in note.read_text()
+
+
+def test_rows_scored_on_other_questions_than_base_get_no_delta(tmp_path):
+    write_eval(tmp_path / "base" / "seed0" / "eval.json", ([1, 0, 0, 1, 0, 1, 0, 0], [1.0] * 8), [1, 0, 1, 0], ppl=10.0)
+    write_eval(tmp_path / "lora" / "seed0" / "eval.json", ([1, 1, 0, 1], [1.0] * 4), [1, 0, 0, 0], ppl=12.0)
+    write_eval(tmp_path / "full" / "seed0" / "eval.json", ([1, 1, 1, 1, 0, 0, 0, 0], [1.0] * 8), [1, 0, 0, 0], ppl=12.0)
+    r = json.load(open(tmp_path / "full" / "seed0" / "eval.json"))
+    r["triviaqa"]["data"] = "other"                                        # same count, other questions
+    json.dump(r, open(tmp_path / "full" / "seed0" / "eval.json", "w"))
+    run("table", tmp_path)
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
+    assert rows["LoRA"][1] == "scored on other data than Base" and rows["LoRA"][6] == "25.00 (n=1)"
+    assert rows["LoRA"][7].startswith("-25.00 [")                          # TriviaQA: the same 4 questions
+    assert rows["Full finetuning"][1].startswith("+12.50 [") and rows["Full finetuning"][7] == "scored on other data than Base"
