@@ -8,7 +8,8 @@
 #   SEEDS=0 ROWS="base lora" bash run_all.sh
 #   GPUS="0 1 2 3" bash run_all.sh       stages in parallel, one per GPU, each as soon as its retrofit is done
 #   STAGE=smf_additive_kl/seed0 bash run_all.sh    one stage (its retrofit must be finished): for a scheduler
-# Override any setting below from the environment.
+# Override any setting below from the environment. Run it with bash (not sh).
+if [ -z "${BASH_VERSION:-}" ]; then echo "error: run_all.sh needs bash — run it with: bash run_all.sh" >&2; exit 2; fi
 set -euo pipefail
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
@@ -43,9 +44,11 @@ GRAD_ACCUM=${GRAD_ACCUM:-4}
 FORWARD_BATCH=${FORWARD_BATCH:-}                        # sequences per forward pass; empty: a whole step (16)
 EVAL_BATCH=${EVAL_BATCH:-16}                            # MedMCQA questions per forward (TriviaQA: twice that)
 DEVICE=${DEVICE:-}                                      # without GPUS: the device; empty: cuda when available
-TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command
+TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command (e.g. --warmup 0)
 MEMORY_ARGS=${MEMORY_ARGS:-}                            # extra flags for the retrofit rows (--memory-*)
 SMF_ARGS=${SMF_ARGS:-}                                  # extra flags for the SMF rows (e.g. --optimizer sgd --lr 2)
+LORA_ARGS=${LORA_ARGS:-}                                # extra flags for the LoRA row (e.g. --lora-r 8)
+FULL_ARGS=${FULL_ARGS:-}                                # extra flags for the full finetuning row
 PYTHON=${PYTHON:-python}
 
 ALL_ROWS="base retrofit_additive retrofit_replacement smf_replacement_kl smf_replacement_tfidf smf_additive_kl smf_additive_tfidf smf_additive_scale_kl smf_additive_scale_tfidf lora full"
@@ -54,6 +57,9 @@ for row in $ROWS; do
   case " $ALL_ROWS " in *" $row "*) ;; *) echo "error: unknown row '$row' in ROWS — use names from: $ALL_ROWS" >&2; exit 2 ;; esac
 done
 [ -n "${SEEDS// /}" ] || { echo "error: SEEDS is empty — give one or more seeds, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
+for seed in $SEEDS; do
+  [[ $seed =~ ^[0-9]+$ ]] || { echo "error: SEEDS=\"$SEEDS\": '$seed' is not a seed — give integers separated by spaces, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
+done
 [ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
 if [ -n "$GPUS" ]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
@@ -68,6 +74,20 @@ local_path() { if [ -e "$1" ]; then realpath "$1"; else echo "$1"; fi; }
 MODEL=$(local_path "$MODEL") MEDMCQA=$(local_path "$MEDMCQA") MEDMCQA_EVAL=$(local_path "$MEDMCQA_EVAL")
 WIKITEXT=$(local_path "$WIKITEXT") TRIVIAQA=$(local_path "$TRIVIAQA") BACKGROUND=$(local_path "$BACKGROUND")
 OUT=$(realpath -m "$OUT")
+[ ! -e "$OUT" ] || [ -d "$OUT" ] || { echo "error: OUT=$OUT is a file — give a folder (new, or one of an earlier run)" >&2; exit 2; }
+# every local data path must exist before the first stage runs (a hub id has one slash and no file extension)
+for name in MEDMCQA MEDMCQA_EVAL WIKITEXT TRIVIAQA BACKGROUND; do
+  p=${!name}
+  if [ ! -e "$p" ] && [[ $p == /* || $p == .* || $p == */*/* || $p == *.json || $p == *.jsonl ]]; then
+    echo "error: $name=$p does not exist — give the local file, or a hub id" >&2; exit 2
+  fi
+done
+# a local data file is recorded with its size and sha256, so that a file changed in place is caught like a setting
+declare -A IDENTITY=()
+for name in MEDMCQA MEDMCQA_EVAL WIKITEXT TRIVIAQA BACKGROUND; do
+  IDENTITY[$name]=${!name}
+  [ ! -f "${!name}" ] || IDENTITY[$name]="${!name} ($(wc -c < "${!name}") bytes, sha256 $(sha256sum "${!name}" | cut -c1-16))"
+done
 
 # needs STAGE: the stage it starts from (an SMF row needs its retrofit), or "-"
 needs() {
@@ -97,26 +117,32 @@ finished() {
   for p in medmcqa wikitext triviaqa; do grep -q "^  \"$p\": " "$OUT/$1/eval.json" || return 1; done
 }
 
-# settings STAGE: the settings its results depend on, NAME=value a line (an SMF row's include its retrofit's)
+# settings STAGE: the settings its results depend on, NAME=value a line (an SMF row's include its retrofit's);
+# the evaluation's come last, after the line "# evaluation"
 settings() {
-  local names="MODEL MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT" train="MAX_STEPS LIMIT_TRAIN MICRO_BATCH GRAD_ACCUM TRAIN_ARGS"
+  local names="MODEL" train="MAX_STEPS LIMIT_TRAIN MICRO_BATCH GRAD_ACCUM TRAIN_ARGS"
   local memory="BACKGROUND BACKGROUND_EXAMPLES MEMORY_ARGS"
   case ${1%/seed*} in
     base) ;;
     retrofit_*) names="$names $train $memory" ;;
     smf_*) names="$names $train $memory MEDMCQA SMF_ARGS" ;;
-    *) names="$names $train MEDMCQA" ;;
+    lora) names="$names $train MEDMCQA LORA_ARGS" ;;
+    full) names="$names $train MEDMCQA FULL_ARGS" ;;
   esac
-  for n in $names; do echo "$n=${!n}"; done
+  for n in $names "# evaluation" MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT; do
+    case $n in "#"*) echo "$n" ;; *) echo "$n=${IDENTITY[$n]:-${!n}}" ;; esac
+  done
 }
 
-# check_settings STAGE: refuses a stage made before with other settings (or with none recorded)
+# check_settings STAGE: refuses a stage made before with other settings (or with none recorded); a stage whose
+# evaluation has not finished is checked on its training settings only (its evaluation runs again anyway)
 check_settings() {
-  local file="$OUT/$1/settings.txt"
+  local file="$OUT/$1/settings.txt" upto=p
   [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
   [ -f "$file" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
+  finished "$1" || upto='/^# evaluation/q;p'
   local changes there now
-  changes=$(diff <(settings "$1") "$file") && return 0
+  changes=$(diff <(settings "$1" | sed -n "$upto") <(sed -n "$upto" "$file")) && return 0
   there=$(sed -n 's/^> //p' <<< "$changes" | paste -sd ' ' -) now=$(sed -n 's/^< //p' <<< "$changes" | paste -sd ' ' -)
   echo "error: stage $1 in $OUT was made with $there; this run has $now — choose another OUT, or move $OUT/$1 away to redo it" >&2
   return 1
@@ -138,7 +164,8 @@ run_stage() {
     smf_*) local sel=${row##*_} parent="$OUT/$(needs "$1")/model"  # the retrofit's background statistics are reused
            how=(--method smf --model "$parent" --medmcqa "$MEDMCQA" --selector "$sel" $SMF_ARGS)
            case $row in *_scale_*) how+=(--train-scale) ;; esac ;;
-    lora|full) how=(--method "$row" --model "$MODEL" --medmcqa "$MEDMCQA") ;;
+    lora) how=(--method lora --model "$MODEL" --medmcqa "$MEDMCQA" $LORA_ARGS) ;;
+    full) how=(--method full --model "$MODEL" --medmcqa "$MEDMCQA" $FULL_ARGS) ;;
   esac
   if [ ! -f "$dir/model/config.json" ]; then   # not trained yet (else: trained before, its evaluation did not finish)
     $PYTHON "$SMF" train --device "$device" --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}"
@@ -152,7 +179,7 @@ start() {
   local log="$OUT/logs/${1/\//_}.log"
   mkdir -p "$OUT/$1" "$OUT/logs"
   echo "start ${1%/seed*} seed ${1#*/seed} on $2 at $(date +%T)"
-  if [ "$2" = cpu ]; then run_stage "$1" cpu >"$log" 2>&1 &
+  if [ "$2" = cpu ]; then OMP_NUM_THREADS=$CPU_THREADS run_stage "$1" cpu >"$log" 2>&1 &
   elif [ "$2" = default ]; then run_stage "$1" "$DEVICE" >"$log" 2>&1 &
   else CUDA_VISIBLE_DEVICES=$2 run_stage "$1" cuda >"$log" 2>&1 &
   fi
@@ -160,8 +187,14 @@ start() {
 }
 
 [ -n "$DEVICE" ] || DEVICE=$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array
-  case " ${STAGES[*]} " in *" $STAGE "*) ;; *) echo "error: unknown stage '$STAGE' — see bash run_all.sh --list" >&2; exit 2 ;; esac
+# lock FILE WHAT: holds a lock on FILE until this script and its stages end; refuses a second run that wants it
+lock() {
+  exec 9>>"$1"
+  flock -n 9 || { echo "error: another run_all.sh is running $2 (it holds $1) — wait for it to end, or choose another OUT" >&2; exit 2; }
+}
+if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and seed, whatever ROWS and SEEDS say)
+  [[ " $ALL_ROWS " == *" ${STAGE%/seed*} "* && ${STAGE#*/seed} =~ ^[0-9]+$ && $STAGE == */seed* ]] || {
+    echo "error: unknown stage '$STAGE' — a stage is <row>/seed<integer> (see bash run_all.sh --list)" >&2; exit 2; }
   dep=$(needs "$STAGE")
   if [ "$dep" != - ] && ! finished "$dep"; then
     echo "error: stage $STAGE needs $dep, which has not finished — run STAGE=$dep first" >&2; exit 2
@@ -169,6 +202,7 @@ if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array
   check_settings "$STAGE" || exit 2
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
+  lock "$OUT/$STAGE/.lock" "stage $STAGE"
   run_stage "$STAGE" "$DEVICE"
   exit
 fi
@@ -176,7 +210,21 @@ fi
 # The scheduler: each free slot takes the first stage whose dependency has finished. A failing stage stops new
 # starts; the running ones finish; then the script exits naming it.
 read -ra SLOTS <<< "${GPUS:-default}"
+cpu_slots=$(tr ' ' '\n' <<< "$GPUS" | grep -cx cpu || true)   # cpu slots share the cores: their threads
+CPU_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (cpu_slots + (cpu_slots == 0)) ))}   # would contend
+[ "$CPU_THREADS" -ge 1 ] || CPU_THREADS=1
 declare -A pid_on=() stage_on=() t0_on=()
+mkdir -p "$OUT"
+lock "$OUT/.run_all.lock" "into $OUT"
+# SIGTERM or Ctrl-C: stop the running stages too (smf.py leaves nothing half-written when stopped), then exit
+stop() {
+  trap - TERM INT
+  for pid in "${pid_on[@]}"; do pkill -TERM -P "$pid" 2>/dev/null || true; done
+  wait
+  echo "stopped: the running stages were stopped; finished stages are kept (rerun to continue)" >&2
+  exit 143
+}
+trap stop TERM INT
 todo=() bad=0
 for s in "${STAGES[@]}"; do check_settings "$s" || bad=1; done
 [ $bad -eq 0 ] || exit 2
