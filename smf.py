@@ -7,17 +7,13 @@ TriviaQA accuracy (forgetting). The method comes first, in the order the data fl
 (data files, checkpoints, commands, CLI) after it.
 
 Every definition of the method block lifts out with the imports below and the definitions its
-docstring names after `Needs:` (followed through their own `Needs:`). These need nothing more:
-DEFAULT_MODEL, MemoryConfig, EvalConfig, METHOD_LR, LORA_TARGETS, UserError, pad_batch, autocast,
-sync, progress, ProductKeyMemory, MemoryBlock, LoRALinear, BackgroundStats, select_rows,
-token_groups, count_reads, StopForward, get_lr, RowSparseAdamW, tokenize, step_batches,
-total_steps, make_dense_optimizer, medmcqa_prompt, medmcqa_answer, positions, token_logprobs,
-normalize_answer, greedy_generate.
-
-Start with `python smf.py train --method retrofit`, then `python smf.py train --method smf`.
+docstring names after `Needs:` (followed through their own `Needs:`); one without `Needs:` needs
+nothing more (README.md lists them). Start with `python smf.py train --method retrofit`, then
+`python smf.py train --method smf`.
 """
-import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, io, itertools, json
-import math, os, random, re, shutil, signal, statistics, sys, tempfile, textwrap, time
+import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
+import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +37,6 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 
 @dataclass
 class MemoryConfig:
-    """Where the memory goes and its size (Lample et al.'s product keys at N = 16,384 rows)."""
     layers: tuple = (6, 12, 18)  # 0-based decoder layers that get their own memory
     mode: str = "additive"  # "additive": mlp(x) + alpha*memory(x); "replacement": memory(x)
     n_keys: int = 128  # sub-keys per half; the memory holds n_keys**2 value rows
@@ -83,7 +78,6 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """The three probes, with the paper's protocols by default."""
     medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or file
     medmcqa_mode: str = "answer"  # score ' L. option text' (the paper's) or the letter alone
     wikitext: str = "Salesforce/wikitext"  # WikiText probe (test split): hub id or file
@@ -116,14 +110,8 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
 
 def autocast(device):
     """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
-    if str(device).startswith("cuda"):
-        return torch.autocast("cuda", torch.bfloat16)
-    return contextlib.nullcontext()
-
-def sync(device):
-    """Waits for the GPU, so that wall-clock timings are true."""
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    cuda = str(device).startswith("cuda")
+    return torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
 
 def progress(iterable, desc):
     """A progress bar on a terminal, none in a log file (carriage returns make one endless line)."""
@@ -133,24 +121,22 @@ def progress(iterable, desc):
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
 
 class ProductKeyMemory(nn.Module):
-    """A memory of N = n_keys**2 value rows of width dim, read without scoring all N rows.
+    """N = n_keys**2 value rows of width dim, read without scoring all N.
 
-    Product keys: each head splits its query into two halves and scores each half against its
-    own n_keys sub-keys. Row (i1, i2), stored as row i1 * n_keys + i2, has the key score
-    s1[i1] + s2[i2]. The top k of each half, then the top k of their k*k sums, are exactly the top
-    k of all N rows: a row whose i1 is not in its half's top k is beaten by k rows (j, i2) whose j
-    are. So a head scores 2 * n_keys sub-keys, not N keys.
+    Product keys: a head splits its query in two halves, each scored against its own n_keys
+    sub-keys; row (i1, i2), stored as i1 * n_keys + i2, scores s1[i1] + s2[i2]. The top k of the
+    k*k sums of each half's top k are exactly the top k of all N rows (a row whose i1 is outside
+    its half's top k is beaten by the k rows (j, i2) whose j are in it): 2 * n_keys scores, not N.
 
-    A head's k scores are softmaxed, so a token's S = H*k read weights sum to H. The read (the
-    weighted sum of the rows) leaves through the Memory+ output w2(read * silu(w1 x)): silu(w1 x)
-    is a gate computed from the token itself, as in a SwiGLU FFN, so a row's effect depends on who
-    reads it. `read_gate`, when set, sees the rows each token reads and returns which reads may
-    teach their value row (pass it gradient), or None for all: SMF's row selection (ReadGate,
-    below) enters the layer there and nowhere else."""
+    Each head softmaxes its k scores, so a token's S = H*k read weights sum to H. The read (their
+    weighted sum of rows) leaves through the Memory+ output w2(read * silu(w1 x)), whose gate
+    silu(w1 x) comes from the token itself, as in a SwiGLU FFN. `read_gate`, when set, sees the
+    rows each token reads and returns which reads may teach (pass gradient to) their value row, or
+    None for all: SMF's row selection (ReadGate, below) enters the layer there only."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
-        assert key_dim % 2 == 0 and topk <= n_keys
+        assert key_dim % 2 == 0 and topk <= n_keys, "key_dim must be even, topk <= n_keys"
         self.n_keys, self.heads, self.key_dim, self.topk = n_keys, heads, key_dim, topk
         self.query = nn.Linear(dim, heads * key_dim)
         self.keys = nn.Parameter(torch.empty(heads, 2, n_keys, key_dim // 2))  # 2: the two halves
@@ -204,12 +190,11 @@ class ProductKeyMemory(nn.Module):
 # Attaching memory and LoRA to a Hugging Face model whose decoder blocks are model.model.layers[i]
 
 class MemoryBlock(nn.Module):
-    """Stands where a decoder layer's FFN stood and sees its input (after the post-attention norm).
-    Additive mode: mlp(x) + alpha * memory(x), alpha a learned scalar per layer. It starts at 0.01
-    so that a new, random memory barely moves the pretrained model; it also scales the gradient
-    that reaches every memory parameter, the values' included, so SMF from a retrofit whose alpha
-    is still near 0.01 learns slowly (train logs alpha). Replacement mode: memory(x), the FFN's
-    weights dropped."""
+    """Stands where a decoder layer's FFN stood, seeing its input (after the post-attention norm).
+    Additive: mlp(x) + alpha * memory(x), alpha a learned scalar per layer, from 0.01 so that a new
+    random memory barely moves the model; alpha also scales the gradient every memory parameter
+    gets, so SMF from a retrofit whose alpha stayed near 0.01 learns slowly (train logs alpha).
+    Replacement: memory(x), the FFN's weights dropped."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
@@ -241,13 +226,11 @@ def add_memory(model, cfg: MemoryConfig):
     return memory_blocks(model)
 
 def memory_blocks(model):
-    """The model's MemoryBlocks, shallowest first (the order a forward runs them). Needs:
-    MemoryBlock."""
+    """The model's MemoryBlocks, shallowest first (as a forward runs them). Needs: MemoryBlock."""
     return [m for m in model.modules() if isinstance(m, MemoryBlock)]
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha / r) * B A dropout(x); A kaiming-uniform and B zero: at init y =
-    base(x)."""
+    """y = base(x) + (alpha/r) * B A dropout(x); A kaiming-uniform, B zero: at init y = base(x)."""
 
     def __init__(self, base: nn.Linear, r=16, alpha=32.0, dropout=0.05):
         super().__init__()
@@ -262,8 +245,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + (self.dropout(x) @ a.t() @ b.t()) * self.scale
 
 def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
-    """Wraps every nn.Linear whose attribute name is in `targets` in a LoRALinear. Needs:
-    LoRALinear, LORA_TARGETS."""
+    """Wraps each nn.Linear named in `targets` in a LoRALinear. Needs: LoRALinear, LORA_TARGETS."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name in targets and isinstance(child, nn.Linear):
@@ -271,8 +253,7 @@ def add_lora(model, r=16, alpha=32.0, dropout=0.05, targets=LORA_TARGETS):
 
 @torch.no_grad()
 def merge_lora(model):
-    """Folds each LoRA update into its base weight (in fp32) and unwraps it: same outputs. Needs:
-    LoRALinear."""
+    """Folds each LoRA update into its base weight (in fp32) and unwraps it. Needs: LoRALinear."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, LoRALinear):
@@ -283,10 +264,9 @@ def merge_lora(model):
     return model
 
 def cast_model(model, dtype, keep_fp32=()):
-    """Stores every parameter in dtype (bf16 on a GPU) but those in keep_fp32 and each memory's
-    query and keys, which stay fp32: they decide which rows a token reads, and the retrofit counted
-    its background reads with fp32 ones (bf16 rounding changes about 0.5% of reads at N = 16,384).
-    Needs: memory_blocks."""
+    """Stores the parameters in dtype but keep_fp32 and each memory's query and keys: those decide
+    the rows a token reads, as fp32 ones did for the background counts (bf16 rounding would change
+    about 0.5% of reads at N = 16,384). Needs: memory_blocks."""
     lookup = [[b.memory.keys, *b.memory.query.parameters()] for b in memory_blocks(model)]
     fp32 = {id(p) for p in itertools.chain(keep_fp32, *lookup)}
     for p in model.parameters():
@@ -295,12 +275,10 @@ def cast_model(model, dtype, keep_fp32=()):
 
 # --------------------------------------------------------------------------------------------------
 # Row selection (per memory layer): which value rows a micro-batch may update
-#
-# SMF lets a micro-batch teach only the top_t rows it reads most *compared with general text*: rows
-# that every text reads hold what the model needs everywhere, so changing them would forget it.
-# The background statistics (how often general text reads each row) are gathered once, after the
-# retrofit; per training micro-batch, a score ranks the rows it read against them, and the
-# ProductKeyMemory's read gate lets only the picked rows' reads pass gradient to their value rows.
+# SMF lets a micro-batch teach only the top_t rows it reads most compared with general text (rows
+# every text reads hold what the model needs everywhere). The background statistics are gathered
+# once, after the retrofit; per micro-batch a score ranks its reads against them, and the read
+# gate of ProductKeyMemory lets only the picked rows' reads pass gradient to their value rows.
 
 @dataclass
 class BackgroundStats:
@@ -368,36 +346,28 @@ class ReadGate:
         return self.chosen[self.group.clamp(min=0)[:, None], rows] & (self.group >= 0)[:, None]
 
 class StopForward(Exception):
-    """Raised by the last memory layer's BackgroundCounter to end a forward early."""
+    """Raised by the last memory layer's count_background_reads to end a forward early."""
 
-class BackgroundCounter:
-    """The read gate background_stats sets on a memory layer: it adds each text's reads to `stats`
-    (df counts the texts that read a row, `reads` every read) and gates nothing (it returns None:
-    every read stays as it was). On the last memory layer it then raises StopForward: the layers
-    after it and the vocabulary head cannot change a read, so they need not run. Needs:
-    BackgroundStats, count_reads, StopForward."""
-
-    def __init__(self, stats: BackgroundStats, group, n_texts, last):
-        self.stats, self.group, self.n_texts, self.last = stats, group, n_texts, last
-
-    @torch.no_grad()
-    def __call__(self, rows):  # rows (M, S) -> None
-        counts = count_reads(rows, self.group, self.n_texts, self.stats.df.shape[0])  # (G, N)
-        self.stats.reads += counts.sum(0).cpu()
-        self.stats.df += (counts > 0).sum(0).cpu()
-        if self.last:
-            raise StopForward
+@torch.no_grad()
+def count_background_reads(rows, group, n_texts, stats, last):  # rows (M, S) -> None
+    """background_stats' read gate: adds each text's reads to `stats` (df: the texts that read a
+    row; reads: every read) and gates nothing (None). The last memory layer's then raises
+    StopForward: later layers and the vocabulary head cannot change a read, so they need not run.
+    Needs: count_reads, StopForward."""
+    counts = count_reads(rows, group, n_texts, stats.df.shape[0])                # (G, N)
+    stats.reads += counts.sum(0).cpu()
+    stats.df += (counts > 0).sum(0).cpu()
+    if last:
+        raise StopForward
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, device="cpu"):
-    """df, reads and B per memory layer, in eval mode, each text its own group. Gathered once after
-    the retrofit: SMF trains only values, so the queries and keys that decide which rows a text
-    reads stay the retrofit's. (Approximate in one way: value updates in an earlier memory layer
-    shift the hidden states, and so the reads, of the later ones.) Only the work the counts need:
-    texts sorted by length share a batch (pads under 20% of it, batch_tokens tokens at most), and
-    each forward stops after the last memory layer. A text is its own group, so neither the order
-    nor the batching changes a count. Needs: BackgroundStats, BackgroundCounter, StopForward,
-    memory_blocks, token_groups, pad_batch, autocast, progress."""
+    """df, reads and B per memory layer, each text its own group, in eval mode; gathered once after
+    the retrofit (SMF trains only values, so the queries and keys that decide a text's reads stay
+    the retrofit's; approximately: earlier layers' value updates shift later reads). Texts sorted
+    by length share a batch (pads under 20% of it, batch_tokens at most) and each forward stops
+    after the last memory layer; neither changes a count. Needs: BackgroundStats, StopForward,
+    count_background_reads, memory_blocks, token_groups, pad_batch, autocast, progress."""
     blocks = memory_blocks(model)
     n = blocks[0].memory.values.shape[0]
     zeros = functools.partial(torch.zeros, n, dtype=torch.long)
@@ -413,8 +383,8 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, 
     for batch in progress(batches if batches[0] else [], "background stats"):
         ids, mask = pad_batch(batch, tokenizer.pad_token_id, device=device)  # (B, T)
         for i, (block, s) in enumerate(zip(blocks, stats)):
-            last = i == len(blocks) - 1
-            block.memory.read_gate = BackgroundCounter(s, token_groups(mask, 1), len(batch), last)
+            block.memory.read_gate = functools.partial(count_background_reads, group=token_groups(
+                mask, 1), n_texts=len(batch), stats=s, last=i == len(blocks) - 1)
         with autocast(device), contextlib.suppress(StopForward):
             model(input_ids=ids, attention_mask=mask)
     for block in blocks:
@@ -510,8 +480,7 @@ def step_batches(lengths, seqs_per_step, seed):
         yield from steps
 
 def total_steps(n_examples, cfg):
-    """Optimizer steps: cfg.epochs passes of cfg.micro_batch * cfg.grad_accum sequences a step, or
-    cfg.max_steps if fewer."""
+    """Optimizer steps: cfg.epochs passes over the examples, cfg.max_steps at most."""
     steps_per_epoch = math.ceil(n_examples / (cfg.micro_batch * cfg.grad_accum))
     return min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.inf)
 
@@ -536,7 +505,7 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     """Trains the parameters that require grad, in place, on lists of token ids; SMF needs one
     BackgroundStats per memory layer. Writes a JSON line per step to log_path; returns the records.
     Needs: BackgroundStats, RowSparseAdamW, make_dense_optimizer, memory_blocks, step_batches,
-    total_steps, forward_backward, get_lr, progress, sync, require."""
+    total_steps, forward_backward, get_lr, progress, require."""
     blocks, gates = memory_blocks(model), []  # gates, SMF only: (memory block, its statistics)
     if cfg.method == "smf":
         gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.batches))
@@ -576,7 +545,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
         sparse_opt.step(rows, [v.grad[r] for v, r in zip(values, rows)], lr)        # (R, dim)
         for v in values:
             v.grad = None
-        sync(device)
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize()  # so that the step's time is true
         tokens, seconds = sum(len(examples[i]) for i in batch), time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "step_time": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
@@ -597,15 +567,14 @@ def make_dense_optimizer(params, cfg, device):
         return None
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fused = str(device).startswith("cuda")
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             fused=str(device).startswith("cuda"))
 
 # --------------------------------------------------------------------------------------------------
 # Evaluation: zero-shot, no chat template, greedy; batched so that the batch size changes no answer
 
 def medmcqa_prompt(row):
-    """The training text up to and including `Answer:`; the model continues it with ` {L}.
-    {option}`."""
+    """The training text up to `Answer:`, which the model continues with ` {L}. {option}`."""
     return (f"Medical exam question:\nQuestion: {row['question']}\nA. {row['opa']}\n"
             f"B. {row['opb']}\nC. {row['opc']}\nD. {row['opd']}\nAnswer:")
 
@@ -791,36 +760,33 @@ def is_local(path):
     return os.path.exists(path) or spelled or path.lower().endswith((".jsonl", ".json"))
 
 def read_rows(source, hub_config=None, split="train"):
-    """(where, row) pairs from the hub, or a local JSON Lines file; `where` names a row in errors."""
+    """(where, row) pairs from the hub or a local JSON Lines file; `where` names a row in errors."""
     if not is_local(source):
         try:
-            import datasets  # here: `eval` and `bench` run where `datasets` is not installed
+            import datasets  # here: `eval` runs where `datasets` is not installed
             rows = datasets.load_dataset(source, hub_config, split=split)
         except Exception as e:
             raise UserError(f"could not load data set '{source}' ({type(e).__name__}) — download "
                             "it first, or pass a local file in the same schema") from e
         return [(f"row {i}", row) for i, row in enumerate(rows, 1)]
     require(os.path.isfile(source), f"data file {source} is not a file — check the path")
+    rows, fix = [], "one JSON object per line (JSON Lines, what datasets' to_json writes)"
     with open(source, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows) is no text
-        lines = f.read().split("\n")
-    rows = []
-    for i, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line) if line.strip() else {}
-        except ValueError as e:
-            raise UserError(f"{source}: line {i} is not JSON ({e}) — one JSON object per line "
-                            "(JSON Lines, what datasets' to_json writes)") from e
-        require(isinstance(row, dict), f"{source}: line {i} is a {type(row).__name__}, not a JSON "
-                "object — one object per line (JSON Lines, what datasets' to_json writes)")
-        if row:
-            rows.append((f"line {i}", row))
+        for i, line in enumerate(f.read().split("\n"), 1):
+            try:
+                row = json.loads(line) if line.strip() else {}
+            except ValueError as e:
+                raise UserError(f"{source}: line {i} is not JSON ({e}) — {fix}") from e
+            require(isinstance(row, dict), f"{source}: line {i} is a {type(row).__name__}, not a "
+                    f"JSON object — {fix}")
+            rows += [(f"line {i}", row)] if row else []
     return rows
 
 def parse_rows(source, rows, parse):
     """The values of the rows that pass every filter, parse(row) giving (value, {filter: passed}).
     A missing or mistyped field is named with its line; when no row is left, so is what each filter
     removed."""
-    kept, removed = [], {}
+    kept, removed = [], collections.Counter()
     for where, row in rows:
         try:
             value, passed = parse(row)
@@ -828,10 +794,8 @@ def parse_rows(source, rows, parse):
             raise UserError(f"{source}: {where}: field {e} is missing — use the hub schema") from e
         except (TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{source}: {where}: {e} — use the hub schema") from e
-        for name in [name for name, ok in passed.items() if not ok]:
-            removed[name] = removed.get(name, 0) + 1
-        if all(passed.values()):
-            kept.append(value)
+        removed.update(name for name, ok in passed.items() if not ok)
+        kept += [value] if all(passed.values()) else []
     counts = ", ".join(f"{name} removed {n}" for name, n in removed.items())
     require(kept, f"{source}: no rows left of {len(rows)} ({counts}) — check the file")
     return kept
@@ -909,31 +873,25 @@ def read_json(path, fix):
 def write_atomic(path, text):
     """Writes under a temporary name, then renames: a reader never sees half a file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = pathlib.Path(f"{path}.tmp{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        tmp.write_text(text)
         os.replace(tmp, path)
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-
-def model_id(path):
-    """How results name a model: a local one by its absolute path, a hub id as it is."""
-    return os.path.abspath(path) if is_local(path) else path
+        tmp.unlink(missing_ok=True)
 
 def earlier_results(path, model):
     """The content of the results file smf eval wrote at `path` for `model`, or None."""
     with contextlib.suppress(OSError, ValueError, TypeError), open(path) as f:
         content = json.load(f)
-        if content.get("written_by") == RESULTS and content.get("model") == model_id(model):
+        model = os.path.abspath(model) if is_local(model) else model  # as results name it
+        if content.get("written_by") == RESULTS and content.get("model") == model:
             return content
     return None
 
 def has_table_header(path):
-    with contextlib.suppress(OSError, ValueError), open(path) as f:
+    with open(path, errors="replace") as f:
         return f.readline().rstrip("\n") == TABLE_HEADER
-    return False
 
 def check_output(flag, path, fix, mine=None):
     """The output rule: a path a command writes must not exist, except a file smf wrote that
@@ -953,8 +911,7 @@ def check_output(flag, path, fix, mine=None):
 @contextlib.contextmanager
 def staging(out):
     """Yields a staging folder, this run's own, that becomes `out` only if the block ends without
-    error: one rename, which fails if another run wrote `out` meanwhile. So a checkpoint is never
-    half-written, and never replaced."""
+    error, by one rename: a checkpoint is never half-written, and never replaced."""
     place, name = os.path.split(os.path.abspath(out))  # on `out`'s file system: a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
@@ -964,11 +921,7 @@ def staging(out):
         os.umask(umask)
         for file in [staged] + glob.glob(os.path.join(staged, "*")):  # mkdtemp makes 0700 ...
             os.chmod(file, (0o777 if file == staged else 0o666) & ~umask)  # ... safetensors 0600
-        try:
-            os.rename(staged, out)
-        except OSError as e:
-            raise UserError(f"{out} was written by another run meanwhile ({e.strerror}) — that "
-                            "checkpoint stays; train again into another folder") from e
+        os.rename(staged, out)  # fails if another run wrote `out` meanwhile: that one stays
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -978,8 +931,7 @@ def save_checkpoint(folder, meta, tensors, extra=None):
     for name, named in ({"weights.safetensors": tensors} | (extra or {})).items():
         named = {k: v.detach().contiguous().cpu() for k, v in named.items()}
         save_file(named, os.path.join(folder, name))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump({"smf": meta}, f, indent=2)
+    pathlib.Path(folder, "config.json").write_text(json.dumps({"smf": meta}, indent=2))
 
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
@@ -990,17 +942,11 @@ def checkpoint_meta(path):
     return content.get("smf") if isinstance(content, dict) else None
 
 def fingerprint(path):
-    """{file: sha256} of a local model's weight files, so that a parent trained or saved again
-    under the same path is caught, and the changed files named. None for a hub id (the hub's cache
-    is content-addressed)."""
-    if not is_local(path):
-        return None
-    digests = {}
-    for file in sorted(glob.glob(os.path.join(path, "*.safetensors")) +
-                       glob.glob(os.path.join(path, "*.bin"))):
-        with open(file, "rb") as f:
-            digests[os.path.basename(file)] = hashlib.file_digest(f, "sha256").hexdigest()
-    return digests
+    """{file: sha256} of a local model's weight files (None for a hub id, whose cache is
+    content-addressed): a parent saved again under the same path is caught, its files named."""
+    files = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
+    return {os.path.basename(f): hashlib.sha256(pathlib.Path(f).read_bytes()).hexdigest()
+            for f in sorted(files)} if is_local(path) else None
 
 def find_parent(path, meta):
     """A checkpoint's parent with the weights it was trained from: where it is recorded relative
@@ -1020,14 +966,8 @@ def find_parent(path, meta):
     raise UserError(f"the parent {found[0]} of {path} has other weights than it was trained from "
                     f"({', '.join(changed)} changed) — {again}")
 
-def model_memory(path):
-    """The memory settings of a checkpoint's retrofit; None for a model without memory."""
-    meta = checkpoint_meta(path)
-    return meta.get("memory") if meta else None
-
 def provenance(parent, out):
-    """Where a checkpoint comes from (its parent relative to it, and absolute, and the parent's
-    fingerprint) and the versions it was made with."""
+    """Its parent (relative to `out`, and absolute), the parent's fingerprint, the versions."""
     import transformers
     meta = {"parent": parent, "parent_fingerprint": fingerprint(parent),
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
@@ -1045,10 +985,9 @@ def smf_patch(before, trained):
     return patch
 
 def stats_tensors(stats):
-    tensors = {"batches": torch.tensor(stats[0].batches)}
-    for j, s in enumerate(stats):
-        tensors[f"{j}.df"], tensors[f"{j}.reads"] = s.df, s.reads
-    return tensors
+    """Background statistics as tensors to save: `<layer>.df`, `<layer>.reads` and `batches`."""
+    by_layer = {f"{j}.{k}": getattr(s, k) for j, s in enumerate(stats) for k in ("df", "reads")}
+    return by_layer | {"batches": torch.tensor(stats[0].batches)}
 
 def load_stats(path):
     """The background statistics a retrofit saved beside its weights, one per memory layer."""
@@ -1067,30 +1006,24 @@ def load_weights(file, fix, device="cpu"):
         raise UserError(f"{file} is damaged ({type(e).__name__}) — {fix}") from e
 
 def check_model_path(path):
-    """A local model is a folder holding config.json; anything else is named as what it is."""
+    """A local model is a folder (holding config.json: load_plain_model names a missing one)."""
     if is_local(path):
-        require(not os.path.isfile(path),
-                f"--model {path} is a file — give the folder that holds it")
-        require(os.path.isdir(path), f"--model {path}: there is no such folder, and as a hub id it "
-                "could not be loaded — check the path")
-        require(os.path.isfile(os.path.join(path, "config.json")), f"{path} is neither a Hugging "
-                "Face model nor an smf checkpoint (no config.json) — point --model at its folder")
+        require(os.path.isdir(path), f"--model {path} is no folder (nor a hub id) — give the "
+                "folder that holds the model")
 
 def load_plain_model(path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if is_local(path):
-        has_tokenizer = any(f.startswith(("tokenizer", "vocab.")) for f in os.listdir(path))
-        require(has_tokenizer, f"{path} has no tokenizer — save the model's tokenizer into it "
-                "(save_pretrained)")
+    files = os.listdir(path) if is_local(path) else ["tokenizer (on the hub)"]
+    require(any(f.startswith(("tokenizer", "vocab.")) for f in files), f"{path} has no tokenizer "
+            "(AutoTokenizer would guess one) — save the model's tokenizer into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
     except Exception as e:
         for file in glob.glob(os.path.join(path, "*.safetensors")):
             load_weights(file, f"restore it, or download {path} again")  # names a damaged one
-        detail = " ".join(str(e).split())[:150]
-        raise UserError(f"could not load model '{path}' ({type(e).__name__}: {detail}) — check the "
-                        "path, or download the model while online") from e
+        raise UserError(f"could not load model '{path}' ({type(e).__name__}: {str(e)[:150]}) — "
+                        "check the path, or download the model while online") from e
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
     return model.eval(), tokenizer
 
@@ -1118,7 +1051,7 @@ def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     return cast_model(merge_lora(model), dtype).eval(), tokenizer
 
 # --------------------------------------------------------------------------------------------------
-# Commands: train, eval, bench, table
+# Commands: train, eval, table
 
 PROBES = ("medmcqa", "wikitext", "triviaqa")
 APPLIES = {  # rule 2: option -> the methods it applies to; given to another method, it is refused
@@ -1154,7 +1087,7 @@ def run_train(args, device):
         recipe = {k: v for k, v in vars(cfg).items() if cfg.method in APPLIES.get(k, METHOD_LR)}
         meta = provenance(args.model, args.out) | {"kind": cfg.method, "given": args.given}
         meta["train"] = recipe | {"total_steps": len(history)}
-        meta["memory"] = model_memory(args.model)  # a retrofit's, carried by every child
+        meta["memory"] = (checkpoint_meta(args.model) or {}).get("memory")  # every child has it
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
@@ -1164,11 +1097,11 @@ def run_train(args, device):
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
     last, tokens = history[-1], sum(h["tokens"] for h in history)
     print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} "
-          f"(log train_log.jsonl); per memory layer in the last step: rows updated "
-          f"{last['rows_updated']}, alpha {last['alpha']}")
-    print(f"   evaluate: python {os.path.relpath(__file__)} eval --model {args.out} --device "
-          f"{device} (offline: add --medmcqa, --wikitext and --triviaqa files)")
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} (log "
+          f"train_log.jsonl); per memory layer in the last step: rows updated "
+          f"{last['rows_updated']}, alpha {last['alpha']}\n   evaluate: python "
+          f"{os.path.relpath(__file__)} eval --model {args.out} --device {device} (offline: add "
+          "--medmcqa, --wikitext and --triviaqa files)")
     return model
 
 def run_eval(args, device):
@@ -1187,7 +1120,8 @@ def run_eval(args, device):
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
     earlier = args.out and earlier_results(args.out, args.model)
-    results = (earlier or {}) | {"model": model_id(args.model), "written_by": RESULTS}
+    model_id = os.path.abspath(args.model) if is_local(args.model) else args.model
+    results = (earlier or {}) | {"model": model_id, "written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
@@ -1199,46 +1133,6 @@ def run_eval(args, device):
     if args.out:
         write_atomic(args.out, json.dumps(results, indent=2))
     return results
-
-SHAPES = {  # random-weight models for `bench`: the real Qwen2.5-0.5B dimensions, and a small one
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                         tie_word_embeddings=True, rope_theta=1e6),
-    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)}
-
-def run_bench(args, device):
-    """Every method's training steps on random tokens and weights."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-    cuda = str(device).startswith("cuda")
-    B, T = (16, 512) if cuda else (4, 256)  # the defaults: sequences a step, tokens a sequence
-    B, T = args.batch_size or B, args.seq_len or T
-    config = Qwen2Config(**SHAPES[args.shape], max_position_embeddings=max(4096, T))
-    L = config.num_hidden_layers
-    mem_cfg = MemoryConfig(layers=(L // 4, L // 2, 3 * L // 4))  # layers 6, 12, 18 of 24
-    n = mem_cfg.n_keys ** 2
-    background = [BackgroundStats(torch.randint(50, (n,)), torch.randint(500, (n,)), 2000)] * 3
-    print(f"bench: {args.shape} on {torch.cuda.get_device_name() if cuda else 'cpu'}, "
-          f"{B} x {T} tokens a step")
-    examples = torch.randint(config.vocab_size, (B * (args.steps + 2), T),
-                             generator=torch.Generator().manual_seed(0)).tolist()
-    micro, tokens_per_s = math.gcd(4, B), {}  # micro-batches of 4 where B allows
-    for method in ("full", "lora", "smf", "retrofit"):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config)
-        if method == "smf":
-            add_memory(model, mem_cfg)
-        prepare_model(model, method, mem_cfg, (16, 32.0, 0.05), False, device)
-        cfg = TrainConfig(method=method, micro_batch=micro, grad_accum=B // micro, max_len=T,
-                          max_steps=args.steps + 2, warmup=1)
-        with contextlib.redirect_stderr(io.StringIO()):  # no progress bars between the rows
-            history = train(model, examples, cfg, background, 0, device)[2:]  # after 2 warm-ups
-        step_s = statistics.mean(h["step_time"] for h in history)
-        tokens_per_s[method] = B * T / step_s
-        print(f"{method:9s} {tokens_per_s[method]:9.0f} tokens/s  {1000 * step_s:7.1f} ms/step")
-    ratio = tokens_per_s["smf"] / tokens_per_s["full"]
-    print(f"SMF tokens/s / full finetuning tokens/s: {ratio:.2f}")
 
 TABLE_ROWS = [  # (row name, results folder, the figure's short label)
     ("Base", "base", "Base"), ("Retrofit (additive)", "retrofit_additive", "Retro add"),
@@ -1261,9 +1155,9 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 def read_value(run, probe, key):
-    """(number, None), or (None, what the value is instead: missing, null, NaN, inf, not a number)."""
-    results = run.get(probe)
-    if not isinstance(results, dict) or key not in results:
+    """(number, None), or (None, what the value is: missing, null, NaN, inf, not a number)."""
+    results = run.get(probe) if isinstance(run.get(probe), dict) else {}
+    if key not in results:
         return None, "missing"
     value = results[key]
     if value is None:
@@ -1275,9 +1169,8 @@ def read_value(run, probe, key):
     return value, None
 
 def paired_delta(runs, base, key, scale):
-    """(Δ, half-width of its 95% interval) against Base, paired over questions: per question the
-    row's mean over seeds minus Base's, then the mean and 1.96 standard errors. None unless every
-    run holds finite per-question values for the same number of questions."""
+    """(Δ, half-width of its 95% interval) vs Base, paired: per question the row's mean over seeds
+    minus Base's, then their mean ± 1.96 standard errors; None unless all hold as many numbers."""
     lists = [r.get(key) for r in runs + base]
     finite = [isinstance(x, list) and all(map(is_number, x)) for x in lists]
     if not all(finite) or len({len(x) for x in lists}) != 1 or len(lists[0]) < 2:
@@ -1316,28 +1209,25 @@ def table_cells(runs, base, column, is_base):
         return [cell, "scored on other data than Base"], (mean, None)
     paired = paired_delta([r[probe] for r in runs], [r[probe] for r in base], per_question, scale)
     if paired is None:
-        base_mean = statistics.mean(r[probe][key] for r in base)
-        return [cell, f"{mean - scale * base_mean:+.2f}"], (mean, None)
+        delta = mean - scale * statistics.mean(r[probe][key] for r in base)
+        return [cell, f"{delta:+.2f}"], (mean, None)
     d, half = paired
     return [cell, f"{d:+.2f} [{d - half:+.2f}, {d + half:+.2f}]"], (mean, half)
 
 TABLE_HEADER = "<!-- written by `smf.py table` from the eval.json files: rewritten on every run -->"
 
 def read_results(results_dir, folder):
-    """The results of a row's seeds (folders seed<integer>); a file that is no results object
-    counts as a seed without results, named in a note."""
+    """A row's results, one per seed<integer> folder; what is not a number is named in a note."""
     runs = []
     for file in sorted(glob.glob(os.path.join(results_dir, folder, "seed*", "eval.json"))):
         if re.fullmatch(r"seed\d+", os.path.basename(os.path.dirname(file))):
             content = read_json(file, "rerun that stage's evaluation")
-            if not isinstance(content, dict):
-                print(f"note: {file} holds a JSON {type(content).__name__}, not results: shown as "
-                      "missing", file=sys.stderr)
             runs.append(content if isinstance(content, dict) else {})
-            for column in TABLE_COLUMNS:
-                _, why = read_value(runs[-1], column[1], column[2])
-                if why and why != "missing":
-                    print(f"note: {file}: {column[1]}.{column[2]} is {why}", file=sys.stderr)
+            whys = [(f"{p}.{k}", read_value(runs[-1], p, k)[1]) for _, p, k, *_ in TABLE_COLUMNS]
+            whys = whys if runs[-1] is content else [("it", f"a JSON {type(content).__name__}")]
+            for field, why in whys:
+                if why not in (None, "missing"):
+                    print(f"note: {file}: {field} is {why} — its cells say so", file=sys.stderr)
     return runs
 
 def run_table(args, device=None):
@@ -1354,10 +1244,9 @@ def run_table(args, device=None):
                                                          folder == "base")
             cells += two
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    seeds = max(map(len, found.values()))
-    questions = {p: {len(r[p].get(key) or []) for runs in found.values() for r in runs
-                     if isinstance(r.get(p), dict)} for p, key in (("medmcqa", "correct"),
-                                                                    ("triviaqa", "alias_correct"))}
+    seeds, runs = max(map(len, found.values())), sum(found.values(), [])
+    questions = {p: {len(r[p].get(key) or []) for r in runs if isinstance(r.get(p), dict)}
+                 for p, key in (("medmcqa", "correct"), ("triviaqa", "alias_correct"))}
     table, figure = (os.path.join(args.results_dir, name) for name in ("table.md", "figure.svg"))
     write_atomic(table, "\n".join([TABLE_HEADER, ""] + lines) + "\n")
     write_atomic(figure, TABLE_HEADER + "\n" + figure_svg(points, seeds, questions))
@@ -1373,13 +1262,6 @@ def svg(tag, content=None, **attrs):
     if content is None:
         return f"<{tag} {names}/>"
     return f"<{tag} {names}>{content}</{tag}>"
-
-def frontier(points, lower_x_is_better):
-    """The (x, y) points no other point beats on both axes at once (y: higher is better)."""
-    sign = -1 if lower_x_is_better else 1  # compare sign * x, so that higher is better there too
-    def beaten(p):
-        return any(q != p and sign * q[0] >= sign * p[0] and q[1] >= p[1] for q in points)
-    return sorted(p for p in points if not beaten(p))
 
 def scale_axis(pairs, pixels, bounds=(-math.inf, math.inf)):
     """(lo, hi, to_pixel): the range of (value, whisker or None) pairs, padded and kept within
@@ -1399,18 +1281,9 @@ def round_ticks(lo, hi, count=5):
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     return [round(i * step, 12) for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
-def label_heights(ys, bottom, gap=14):
-    """Heights for the labels of points at ys (top to bottom): level with the point, at least `gap`
-    below the label above, and pushed up where they would run past `bottom`: never overlapping."""
-    placed = []
-    for y in ys:
-        placed.append(max(y, placed[-1] + gap) if placed else y)
-    n = len(placed)
-    return [min(y, bottom - gap * (n - 1 - i)) for i, y in enumerate(placed)]
-
-def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
-    """One panel: axes and round ticks, dotted lines from each retrofit to its SMF rows, the dashed
-    frontier, whiskers (cut at the frame), points, and their labels in a column beside the plot."""
+def panel_svg(x0, rows, x_key, x_title):
+    """One panel: axes and round ticks, whiskers (cut at the frame), points, and their labels in a
+    column beside the plot."""
     x_bounds = (0, 100) if x_key != "ppl" else (0, math.inf)
     x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, x0 + PANEL_W), x_bounds)
     y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (TOP + PANEL_H, TOP), (0, 100))
@@ -1424,16 +1297,8 @@ def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
         out.append(svg("text", f"{yv:g}", class_="tick-y", x=x0 - 6, y=py(yv) + 4,
                        text_anchor="end"))
     xy = {r["folder"]: (px(r[x_key][0]), py(r["acc"][0])) for r in rows}      # pixels
-    for folder, (x, y) in xy.items():
-        start = "retrofit_" + folder.split("_")[1] if folder.startswith("smf_") else None
-        if start in xy:  # an SMF row's own starting point
-            out.append(svg("line", x1=xy[start][0], y1=xy[start][1], x2=x, y2=y, stroke="#bbb",
-                           stroke_dasharray="2 2"))
-    best = frontier([(r[x_key][0], r["acc"][0]) for r in rows], lower_x_is_better)
-    out.append(svg("polyline", class_="frontier", points=" ".join(f"{px(x)},{py(y)}" for x, y in
-                   best), fill="none", stroke="#555", stroke_dasharray="6 4"))
-    rows = sorted(rows, key=lambda r: -r["acc"][0])
-    for r, label_y in zip(rows, label_heights([xy[r["folder"]][1] for r in rows], bottom)):
+    rows = sorted(rows, key=lambda r: -r["acc"][0])  # labels top to bottom, 14 px apart
+    for r, label_y in zip(rows, range(TOP + 6, bottom, 14)):
         (x, y), folder = xy[r["folder"]], r["folder"]
         w, h = (r[x_key][1] or 0) * (px(1) - px(0)), (r["acc"][1] or 0) * (py(0) - py(1))
         for axis, dx, dy in (("x", w, 0), ("y", 0, h)):  # the paired intervals' half-widths
@@ -1453,13 +1318,13 @@ def panel_svg(x0, rows, x_key, x_title, lower_x_is_better):
 def figure_svg(points, seeds, questions):
     """The SVG text: in each panel a point per row with both of its values (the mean over its
     seeds; Base black, retrofits hollow); the caption names every value left out, and why."""
-    panels = [("ppl", "WikiText perplexity (lower is better)", True, "WikiText ppl"),
-              ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)", False,
+    panels = [("ppl", "WikiText perplexity (lower is better)", "WikiText ppl"),
+              ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)",
                "TriviaQA alias acc")]
     drawn, left_out = {key: [] for key, *_ in panels}, []
     for name, folder, label in TABLE_ROWS:
         values = {"MedMCQA acc": points[folder]["acc"]} | {
-            title: points[folder][key] for key, _, _, title in panels}
+            title: points[folder][key] for key, _, title in panels}
         bad = [f"{title} {why}" for title, (v, why) in values.items() if v is None]
         if len(bad) == len(values) and all("missing" in b for b in bad):
             bad = ["no results"]
@@ -1470,18 +1335,14 @@ def figure_svg(points, seeds, questions):
     width = 2 * (LEFT + PANEL_W + LABEL_W)
     out = [svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
                transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle")]
-    for i, (key, title, lower_is_better, _) in enumerate(panels):
+    for i, (key, title, _) in enumerate(panels):
         x0 = LEFT + i * (LEFT + PANEL_W + LABEL_W)
-        if len(drawn[key]) < 2:
-            only = drawn[key][0]["label"] if drawn[key] else "no row"
-            message = f"Only {only} has results here: nothing to compare yet."
-            out.append(svg("text", message, x=x0, y=TOP + 20))
-        else:
-            out.append(panel_svg(x0, drawn[key], key, title, lower_is_better))
-    n = {p: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0" for p, q in questions.items()}
+        if drawn[key]:  # else the caption says why
+            out.append(panel_svg(x0, drawn[key], key, title))
+    n = {p: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0"
+         for p, q in questions.items()}  # question counts, a range where rows differ
     caption = (f"Points: mean over {seeds} seed(s) on {n['medmcqa']} MedMCQA and {n['triviaqa']} "
-               "TriviaQA questions; whiskers: paired 95% interval of the Δ vs Base; dashed: the "
-               "frontier; dotted: each SMF row from its retrofit.")
+               "TriviaQA questions; whiskers: paired 95% interval of the Δ vs Base.")
     if left_out:
         caption += " Left out: " + "; ".join(left_out) + "."
     lines = textwrap.wrap(caption, int((width - 20) / (CAPTION_PX * 0.6)))  # 0.6 em: a wide glyph
@@ -1513,11 +1374,8 @@ def add_config_flags(group, cls, prefix=""):
     defaults to None, so that check_args knows what was given before it fills in the default."""
     comments = dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", inspect.getsource(cls), re.M))
     for f in dataclasses.fields(cls):
-        kind = {"type": f.type, "choices": CHOICES.get(f.name)}
-        if f.type is bool:
-            kind = {"action": "store_true"}
-        if f.type is tuple:
-            kind = {"type": int, "nargs": "+"}
+        kind = {bool: {"action": "store_true"}, tuple: {"type": int, "nargs": "+"}}.get(
+            f.type, {"type": f.type, "choices": CHOICES.get(f.name)})
         shown = "" if f.default in (None, False) else f" (default: {f.default})"
         group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None,
                            help=comments[f.name] + shown, **kind)
@@ -1541,11 +1399,6 @@ def build_parser():
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig)
     add_config_flags(t.add_argument_group("a new memory (retrofit)"), MemoryConfig, "memory_")
-    b = sub.add_parser("bench", parents=[common], help="training speed on random weights")
-    b.add_argument("--shape", default="tiny", choices=list(SHAPES), help="(default: tiny)")
-    b.add_argument("--batch-size", type=int, help="sequences per step; default 16 on a GPU, 4 else")
-    b.add_argument("--seq-len", type=int, help="tokens a sequence; default 512 on a GPU, 256 else")
-    b.add_argument("--steps", type=int, default=5, help="timed steps per method (default: 5)")
     tb = sub.add_parser("table", help="the results table and figure of a run_all.sh folder")
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
@@ -1554,13 +1407,9 @@ def build_parser():
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
     ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t "
-     "batch_size limit memory_n_keys memory_heads memory_topk steps seq_len", ">= 1", 1, True,
-     math.inf),
+     "batch_size limit memory_n_keys memory_heads memory_topk", ">= 1", 1, True, math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
-    ("lora_dropout", "in [0, 1)", 0, True, 1),
-    ("max_len", ">= 2 (a text needs two tokens to have a target)", 2, True, math.inf),
-    ("memory_key_dim", "even (it is split in halves), >= 2", 2, True, math.inf),
-    ("seed", "in [0, 2**63)", 0, True, 2 ** 63)]
+    ("lora_dropout", "in [0, 1)", 0, True, 1)]
 
 def check_args(args):
     """Every mistake in the options, before any model or data loads: a value out of range, an option
@@ -1570,13 +1419,10 @@ def check_args(args):
         for name in names.split():
             v = getattr(args, name, None)
             ok = v is None or (lowest < v < highest or (lowest_ok and v == lowest))
-            ok = ok and (name != "memory_key_dim" or v is None or v % 2 == 0)
             require(ok, f"--{name.replace('_', '-')} {v} is out of range — give a value {need}")
-    configs = {"train": [TrainConfig, MemoryConfig], "eval": [EvalConfig]}
-    defaults = {}
-    for cls in configs.get(args.command, []):
-        prefix = "memory_" if cls is MemoryConfig else ""
-        defaults |= {prefix + f.name: f.default for f in dataclasses.fields(cls)}
+    configs = {"train": [("", TrainConfig), ("memory_", MemoryConfig)], "eval": [("", EvalConfig)]}
+    defaults = {prefix + f.name: f.default for prefix, cls in configs.get(args.command, [])
+                for f in dataclasses.fields(cls)}
     args.given = sorted(name for name in defaults if getattr(args, name) is not None)
     for name, default in defaults.items():
         if getattr(args, name) is None:
@@ -1585,18 +1431,11 @@ def check_args(args):
         default_model = "runs/retrofit" if args.method == "smf" else DEFAULT_MODEL
         args.model, args.out = args.model or default_model, args.out or f"runs/{args.method}"
     if args.command in ("train", "eval"):
-        n_gpus = torch.cuda.device_count()
-        cuda = re.fullmatch(r"cuda(:\d+)?", args.device)
-        require(args.device == "cpu" or (cuda and int(args.device[5:] or 0) < n_gpus), f"--device "
-                f"{args.device}: this torch sees {n_gpus} CUDA GPU(s) — use cpu, cuda or cuda:N")
         check_model_path(args.model)
     if args.command == "train":
         check_train_args(args)
         check_output("--out", args.out, "choose a new folder (a checkpoint is never replaced: move "
                      "the old one away to train it again)")
-        place, name = os.path.split(os.path.abspath(args.out))
-        for stale in glob.glob(os.path.join(place, f".{name}.tmp*")):
-            print(f"note: {stale} was left by a run that was killed — delete it", file=sys.stderr)
     if args.command == "eval" and args.out:
         check_output("--out", args.out, f"it is not smf's results of --model {args.model} — "
                      "choose another file, or move it away", functools.partial(earlier_results,
@@ -1608,7 +1447,7 @@ def check_args(args):
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
-    memory = model_memory(args.model)
+    memory = (checkpoint_meta(args.model) or {}).get("memory")  # its retrofit's settings
     mode = (memory or {}).get("mode", args.memory_mode)
     for name in args.given:
         methods = APPLIES.get(name, METHOD_LR)
@@ -1634,16 +1473,11 @@ def check_train_args(args):
     layers = args.memory_layers
     require(len(set(layers)) == len(layers), f"--memory-layers {' '.join(map(str, layers))} name a "
             "layer twice — give each layer once")
-    require(args.memory_topk <= args.memory_n_keys, f"--memory-topk {args.memory_topk} exceeds "
-            f"--memory-n-keys {args.memory_n_keys} — lower it")
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (Slurm's time limit, scancel) cleans up as Ctrl-C does
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, interrupt)
-    commands = {"train": run_train, "eval": run_eval, "bench": run_bench, "table": run_table}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Slurm's stop cleans up as Ctrl-C
+    commands = {"train": run_train, "eval": run_eval, "table": run_table}
     try:
         check_args(args)
         commands[args.command](args, getattr(args, "device", "cpu"))
