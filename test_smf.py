@@ -1139,6 +1139,7 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
     (tmp_path / "mydata.jsonl").write_text(open(tiny["medmcqa"]).read())
     (tmp_path / "empty").mkdir()
     os.symlink(tiny["model"], tmp_path / "base")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling")                 # a link to nothing is not a free name
     snapshot = lambda: {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
     before = snapshot()
     monkeypatch.setattr(smf, "load_model", lambda *a, **kw: pytest.fail("a model loaded before the outputs were checked"))
@@ -1154,6 +1155,8 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
         (["eval", "--model", t("s"), "--out", t("mydata.jsonl")], "exists — it is not smf's results of --model"),
         (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} exists — it is not smf's results"),
         (["eval", "--model", t("s"), "--out", t("mydata.jsonl/e.json")], "cannot be written"),
+        (["eval", "--model", t("s"), "--out", "/proc/e.json"], "--out /proc/e.json cannot be written"),   # a root
+        (train_args(tiny, t("dangling"), "lora"), f"--out {t('dangling')} exists — choose a new folder"),  # can't
         (["table", t("empty/x")], "holds no <row>/seed<S>/eval.json"),
     ]
     for argv, message in cases:
