@@ -882,7 +882,7 @@ def write_atomic(path, text):
 
 def earlier_results(path, model):
     """The content of the results file smf eval wrote at `path` for `model`, or None."""
-    with contextlib.suppress(OSError, ValueError, TypeError), open(path) as f:
+    with contextlib.suppress(OSError, ValueError, AttributeError), open(path) as f:
         content = json.load(f)
         model = os.path.abspath(model) if is_local(model) else model  # as results name it
         if content.get("written_by") == RESULTS and content.get("model") == model:
@@ -921,7 +921,11 @@ def staging(out):
         os.umask(umask)
         for file in [staged] + glob.glob(os.path.join(staged, "*")):  # mkdtemp makes 0700 ...
             os.chmod(file, (0o777 if file == staged else 0o666) & ~umask)  # ... safetensors 0600
-        os.rename(staged, out)  # fails if another run wrote `out` meanwhile: that one stays
+        try:
+            os.rename(staged, out)
+        except OSError as e:  # another run wrote `out` meanwhile: that checkpoint stays
+            raise UserError(f"{out} was written by another run meanwhile — train again "
+                            "into another folder") from e
     finally:
         shutil.rmtree(staged, ignore_errors=True)
 
@@ -942,8 +946,7 @@ def checkpoint_meta(path):
     return content.get("smf") if isinstance(content, dict) else None
 
 def fingerprint(path):
-    """{file: sha256} of a local model's weight files (None for a hub id, whose cache is
-    content-addressed): a parent saved again under the same path is caught, its files named."""
+    """{file: sha256} of a local model's weight files; None for a hub id (content-addressed)."""
     files = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
     return {os.path.basename(f): hashlib.sha256(pathlib.Path(f).read_bytes()).hexdigest()
             for f in sorted(files)} if is_local(path) else None
@@ -992,9 +995,8 @@ def stats_tensors(stats):
 def load_stats(path):
     """The background statistics a retrofit saved beside its weights, one per memory layer."""
     saved = load_weights(os.path.join(path, STATS), "retrofit again")
-    n_layers = sum(k.endswith(".df") for k in saved)
     return [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"]))
-            for j in range(n_layers)]
+            for j in range(sum(k.endswith(".df") for k in saved))]
 
 def load_weights(file, fix, device="cpu"):
     """A safetensors file's tensors, or a one-line error naming it as missing or damaged."""
@@ -1471,8 +1473,7 @@ def check_train_args(args):
     require(args.forward_batch is None or args.forward_batch % args.micro_batch == 0, f"--forward-"
             f"batch {args.forward_batch} is not a multiple of --micro-batch {args.micro_batch}")
     layers = args.memory_layers
-    require(len(set(layers)) == len(layers), f"--memory-layers {' '.join(map(str, layers))} name a "
-            "layer twice — give each layer once")
+    require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

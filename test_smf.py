@@ -571,7 +571,7 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
     cfg = json.load(open(tmp_path / "mem" / "config.json"))
     assert "out of range" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                       "--memory-layers", "0", "7")
-    assert "name a layer twice" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
+    assert "names a layer twice" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                             "--memory-layers", "1", "1")
     assert "key_dim must be even, topk <= n_keys" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                                                    "--memory-topk", "9", "--memory-n-keys", "8")
@@ -1174,7 +1174,7 @@ def test_a_run_that_another_run_overtakes_never_replaces_its_checkpoint(tiny, tm
     monkeypatch.setattr(smf, "train", overtaken)
     err = error_of(capsys, *train_args(tiny, out, "full", *SHORT))
     first = {p.name: p.read_bytes() for p in out.iterdir()}
-    assert "Directory not empty" in err and smf.checkpoint_meta(str(out))["kind"] == "lora"
+    assert f"{out} was written by another run meanwhile" in err and smf.checkpoint_meta(str(out))["kind"] == "lora"
     assert os.listdir(tmp_path) == ["ckpt"] and sorted(first) == sorted(os.listdir(out))
 
 
