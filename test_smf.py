@@ -1874,6 +1874,8 @@ def test_eval_replaces_only_its_own_results_of_the_same_model_and_keeps_their_ot
     mine.write_text(json.dumps({"model": tiny["model"], "lr": [1, 2]}))   # the user's own JSON, naming a model
     assert "--out " + str(mine) + " exists — it is not smf's results" in error_of(capsys, "eval", "--model", tiny["model"], *data, "--out", mine)
     assert json.loads(mine.read_text()) == {"model": tiny["model"], "lr": [1, 2]}
+    mine.write_text("[1, 2]")                                             # a JSON list: refused, not a crash
+    assert "exists — it is not smf's results" in error_of(capsys, "eval", "--model", tiny["model"], *data, "--out", mine)
     out = tmp_path / "base.eval.json"
     run("eval", "--model", tiny["model"], *data, "--out", out)
     full = json.loads(out.read_text())
