@@ -26,7 +26,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # --------------------------------------------------------------------------------------------------
 # Shape letters, in every shape comment of the file
 #   B  sequences in a batch     T  tokens per sequence (padded)     M = B*T  tokens, flattened
-#   dim  the model's width      V  vocabulary                       P, O  prompt, option tokens
+#   dim  the model's width      V  vocabulary        P, O  prompt, option tokens (A options each)
 #   H  memory heads             k  rows a head reads (topk)         S = H*k  rows a token reads
 #   N = n_keys**2  value rows of a memory (n_keys sub-keys per half of a key)
 #   G  groups that count their reads apart: micro-batches in training, texts in background_stats
@@ -605,11 +605,11 @@ def tail_logprobs(model, seqs, n_scored, pad_id):
     """[(n,) log-probabilities of the last n tokens of each sequence] from one left-padded forward,
     with logits only where a scored token is. Needs: pad_batch, positions, token_logprobs."""
     ids, mask = pad_batch(seqs, pad_id, left=True, device=next(model.parameters()).device)
-    k = max(n_scored)
+    tail = max(n_scored)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
-                logits_to_keep=k + 1)
-    lp = token_logprobs(out.logits[:, -k - 1:-1], ids[:, -k:])                     # (B, k)
-    return [lp[i, k - n:] for i, n in enumerate(n_scored)]
+                logits_to_keep=tail + 1)
+    lp = token_logprobs(out.logits[:, -tail - 1:-1], ids[:, -tail:])               # (B, tail)
+    return [lp[i, tail - n:] for i, n in enumerate(n_scored)]
 
 def option_logprobs(model, prompts, options, pad_id):
     """[(O,) log-probabilities of each option's tokens after its prompt], options prompt by prompt.
@@ -617,22 +617,22 @@ def option_logprobs(model, prompts, options, pad_id):
     it as one right-padded batch: the prompt, most of the tokens, is not recomputed per option.
     Needs: pad_batch, positions, token_logprobs."""
     from transformers import DynamicCache
-    k = len(options) // len(prompts)                                                # per prompt
+    A = len(options) // len(prompts)                                                # per prompt
     ids, mask = pad_batch(prompts, pad_id, left=True, device=next(model.parameters()).device)
     cache = DynamicCache(config=model.config)  # filled with the prompts' keys and values
     # transformers >= 5.2x takes the cache as `cache`; earlier 5.x as `past_key_values`
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
                 logits_to_keep=1, **{name: cache})                                  # (B, P)
-    cache.batch_repeat_interleave(k)                                                # B -> B*k
-    opt_ids, opt_mask = pad_batch(options, pad_id, device=ids.device)              # (B*k, O)
-    past_mask = mask.repeat_interleave(k, 0)                                        # (B*k, P)
+    cache.batch_repeat_interleave(A)                                                # B -> B*A
+    opt_ids, opt_mask = pad_batch(options, pad_id, device=ids.device)              # (B*A, O)
+    past_mask = mask.repeat_interleave(A, 0)                                        # (B*A, P)
     opt_pos = past_mask.sum(-1, keepdim=True) + torch.arange(opt_ids.shape[1], device=ids.device)
     logits = model(input_ids=opt_ids, attention_mask=torch.cat([past_mask, opt_mask], -1),
-                   position_ids=opt_pos, **{name: cache}).logits                   # (B*k, O, V)
+                   position_ids=opt_pos, **{name: cache}).logits                   # (B*A, O, V)
     # option token j is predicted by the logits before it: for j = 0 the prompt's last
-    first = token_logprobs(out.logits[:, -1:].repeat_interleave(k, 0), opt_ids[:, :1])  # (B*k, 1)
-    lp = torch.cat([first, token_logprobs(logits[:, :-1], opt_ids[:, 1:])], 1)     # (B*k, O)
+    first = token_logprobs(out.logits[:, -1:].repeat_interleave(A, 0), opt_ids[:, :1])  # (B*A, 1)
+    lp = torch.cat([first, token_logprobs(logits[:, :-1], opt_ids[:, 1:])], 1)     # (B*A, O)
     return [lp[i, :len(o)] for i, o in enumerate(options)]
 
 @torch.no_grad()
