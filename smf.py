@@ -1020,14 +1020,14 @@ def load_plain_model(path, device, dtype):
             "(AutoTokenizer would guess one) — save the model's tokenizer into it")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as e:
         for file in glob.glob(os.path.join(path, "*.safetensors")):
             load_weights(file, f"restore it, or download {path} again")  # names a damaged one
         raise UserError(f"could not load model '{path}' ({type(e).__name__}: {str(e)[:150]}) — "
                         "check the path, or download the model while online") from e
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # batching needs one
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer  # a bad --device fails here, in torch's words
 
 def load_model(path=DEFAULT_MODEL, device="cpu", dtype=torch.float32):
     """(model, tokenizer) for a hub id, a local HF folder, or any checkpoint smf writes."""
