@@ -952,21 +952,21 @@ def fingerprint(path):
             for f in sorted(files)} if is_local(path) else None
 
 def find_parent(path, meta):
-    """A checkpoint's parent with the weights it was trained from: where it is recorded relative
-    to the checkpoint (moved together), else where it was (the absolute path)."""
+    """A checkpoint's parent with the weights it was trained on: the relative one, else absolute."""
     if "parent_abs" not in meta:  # a hub id
         return meta["parent"]
     places = dict.fromkeys([os.path.normpath(os.path.join(path, meta["parent"])),
                             meta["parent_abs"]])
-    found = [p for p in places if os.path.isfile(os.path.join(p, "config.json"))]
+    found = {p: fingerprint(p) for p in places if os.path.isfile(os.path.join(p, "config.json"))}
     recorded, again = meta["parent_fingerprint"], f"restore it, or train {path} again"
-    for parent in found:
-        if fingerprint(parent) == recorded:
+    for parent, now in found.items():
+        if now == recorded:
             return parent
     require(found, f"the parent of {path} is missing: not at {' nor at '.join(places)} — {again}")
-    recorded, now = recorded if isinstance(recorded, dict) else {}, fingerprint(found[0])
+    parent, now = next(iter(found.items()))
+    recorded = recorded if isinstance(recorded, dict) else {}  # an older smf's single digest
     changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
-    raise UserError(f"the parent {found[0]} of {path} has other weights than it was trained from "
+    raise UserError(f"the parent {parent} of {path} has other weights than it was trained from "
                     f"({', '.join(changed)} changed) — {again}")
 
 def provenance(parent, out):
@@ -1122,7 +1122,7 @@ def run_eval(args, device):
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
     earlier = args.out and earlier_results(args.out, args.model)
-    model_id = os.path.abspath(args.model) if is_local(args.model) else args.model
+    model_id = os.path.abspath(args.model) if is_local(args.model) else args.model  # as above
     results = (earlier or {}) | {"model": model_id, "written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
@@ -1162,13 +1162,11 @@ def read_value(run, probe, key):
     if key not in results:
         return None, "missing"
     value = results[key]
-    if value is None:
-        return None, "null"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None, "not a number"
-    if not math.isfinite(value):
+    if is_number(value):
+        return value, None
+    if isinstance(value, float):  # NaN or ±inf
         return None, str(value).replace("nan", "NaN")
-    return value, None
+    return None, "null" if value is None else "not a number"
 
 def paired_delta(runs, base, key, scale):
     """(Δ, half-width of its 95% interval) vs Base, paired: per question the row's mean over seeds
@@ -1201,7 +1199,7 @@ def table_cells(runs, base, column, is_base):
     runs = [r for r, (_, why) in zip(runs, values) if why is None]  # the seeds that have it
     if not runs:
         return ["missing", ""], (None, "missing")
-    xs = [scale * read_value(r, probe, key)[0] for r in runs]
+    xs = [scale * r[probe][key] for r in runs]
     spread = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
     cell, mean = f"{statistics.mean(xs):.2f}{spread} (n={len(xs)})", statistics.mean(xs)
     base = [r for r in base if read_value(r, probe, key)[1] is None]
@@ -1224,12 +1222,14 @@ def read_results(results_dir, folder):
     for file in sorted(glob.glob(os.path.join(results_dir, folder, "seed*", "eval.json"))):
         if re.fullmatch(r"seed\d+", os.path.basename(os.path.dirname(file))):
             content = read_json(file, "rerun that stage's evaluation")
-            runs.append(content if isinstance(content, dict) else {})
-            whys = [(f"{p}.{k}", read_value(runs[-1], p, k)[1]) for _, p, k, *_ in TABLE_COLUMNS]
-            whys = whys if runs[-1] is content else [("it", f"a JSON {type(content).__name__}")]
-            for field, why in whys:
+            if not isinstance(content, dict):
+                print(f"note: {file} holds no results object: shown as missing", file=sys.stderr)
+                content = {}
+            runs.append(content)
+            for _, probe, key, *_ in TABLE_COLUMNS:
+                why = read_value(content, probe, key)[1]
                 if why not in (None, "missing"):
-                    print(f"note: {file}: {field} is {why} — its cells say so", file=sys.stderr)
+                    print(f"note: {file}: {probe}.{key} is {why}", file=sys.stderr)
     return runs
 
 def run_table(args, device=None):
@@ -1449,7 +1449,8 @@ def check_args(args):
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
-    memory = (checkpoint_meta(args.model) or {}).get("memory")  # its retrofit's settings
+    meta = checkpoint_meta(args.model) or {}
+    memory, kind = meta.get("memory"), meta.get("kind", "plain")  # memory: its retrofit's
     mode = (memory or {}).get("mode", args.memory_mode)
     for name in args.given:
         methods = APPLIES.get(name, METHOD_LR)
@@ -1458,7 +1459,6 @@ def check_train_args(args):
     require(not memory or args.method in ("smf", "lora"), f"{args.model} already has memory layers "
             f"— {args.method} starts from a model without memory: give --model <the base model>")
     if args.method == "smf":
-        kind = (checkpoint_meta(args.model) or {}).get("kind", "plain")
         retrofit = "train --method retrofit first (it writes runs/retrofit), or give --model <a "
         require(os.path.isdir(args.model), f"--model {args.model} does not exist — {retrofit}"
                 "retrofit's --out>")
