@@ -41,7 +41,7 @@ EVAL_LIMIT=${EVAL_LIMIT:-1000}                          # examples per probe (li
 BACKGROUND_EXAMPLES=${BACKGROUND_EXAMPLES:-2000}        # single-example batches behind the selectors
 MICRO_BATCH=${MICRO_BATCH:-4}                           # x GRAD_ACCUM = effective batch 16
 GRAD_ACCUM=${GRAD_ACCUM:-4}
-FORWARD_BATCH=${FORWARD_BATCH:-}                        # sequences per forward pass; empty: a whole step (16)
+FORWARD_TOKENS=${FORWARD_TOKENS:-4096}                  # padded tokens per forward pass (sets a step's memory)
 EVAL_BATCH=${EVAL_BATCH:-16}                            # MedMCQA questions per forward (TriviaQA: twice that)
 DEVICE=${DEVICE:-}                                      # without GPUS: the device; empty: cuda when available
 TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command (e.g. --warmup 0)
@@ -155,7 +155,7 @@ run_stage() {
   local data=(--device "$device" --medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
               --limit "$EVAL_LIMIT" --batch-size "$EVAL_BATCH")
   local train=(--micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
-               ${FORWARD_BATCH:+--forward-batch "$FORWARD_BATCH"} ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
+               --forward-tokens "$FORWARD_TOKENS" ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
   local how=()   # each row gets only the options that apply to it (smf.py refuses the others)
   case $row in
     base) $PYTHON "$SMF" eval --model "$MODEL" "${data[@]}" --out "$dir/eval.json"; return ;;

@@ -31,6 +31,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 #   N = n_keys**2  value rows of a memory (n_keys sub-keys per half of a key)
 #   G  groups that count their reads apart: micro-batches in training, texts in background_stats
 #   R  distinct rows one optimizer step updates                     r  LoRA rank
+#   Y  a forward's targets (real tokens that have a next token)      C  targets in a loss chunk
 
 # --------------------------------------------------------------------------------------------------
 # Config (the comments are the --help texts)
@@ -55,7 +56,8 @@ class TrainConfig:
     epochs: float = None  # passes over the training data; default 2 for retrofit, else 3
     micro_batch: int = 4  # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4  # micro-batches per optimizer step: effective batch 16 sequences
-    forward_batch: int = None  # sequences per forward, k x micro_batch (default: a step)
+    forward_tokens: int = 4096  # padded tokens per forward, whole micro-batches (one over it: alone)
+    loss_chunk: int = 1024  # tokens whose vocabulary logits exist at once (the loss runs in chunks)
     max_len: int = 1024  # tokens per training sequence; longer texts are cut there
     warmup: int = 100  # optimizer steps of linear warm-up, then cosine decay to zero
     clip: float = 1.0  # largest gradient L2 norm per step (0: no clipping)
@@ -108,10 +110,15 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
         mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
+def uses_bf16(device):
+    """The GPU's dtype policy: frozen weights stored in bf16, forwards under bf16 autocast. A CPU runs
+    fp32 (the tests switch the policy on there: torch's CPU autocast has bf16 too)."""
+    return str(device).startswith("cuda")
+
 def autocast(device):
-    """bf16 autocast on a GPU (trainable weights stay fp32); plain fp32 on a CPU."""
-    cuda = str(device).startswith("cuda")
-    return torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
+    """bf16 autocast where uses_bf16 (trainable weights stay fp32); else none. Needs: uses_bf16."""
+    on = uses_bf16(device)
+    return torch.autocast(torch.device(device).type, torch.bfloat16) if on else contextlib.nullcontext()
 
 def progress(iterable, desc):
     """A progress bar on a terminal, none in a log file (carriage returns make one endless line)."""
@@ -441,7 +448,7 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
     """Adds what the method trains and freezes the rest (retrofit: all memory; smf: values, and
     alpha with train_scale; lora: A, B; full: all). On a GPU frozen weights are bf16 (they run
     under autocast only), trainable ones fp32. Needs: add_memory, add_lora, memory_blocks,
-    cast_model, require."""
+    cast_model, uses_bf16, require."""
     if method == "retrofit":
         add_memory(model, mem_cfg)
     blocks = memory_blocks(model)
@@ -455,7 +462,7 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
         b.memory.values.requires_grad_(True)
         if b.alpha is not None:
             b.alpha.requires_grad_(method == "retrofit" or train_scale)
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if uses_bf16(device) else torch.float32
     trainable = [p for p in model.parameters() if p.requires_grad]
     return cast_model(model.to(device), dtype, keep_fp32=trainable)
 
@@ -484,28 +491,52 @@ def total_steps(n_examples, cfg):
     steps_per_epoch = math.ceil(n_examples / (cfg.micro_batch * cfg.grad_accum))
     return min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.inf)
 
+def split_step(lengths, micro_batch, forward_tokens):  # lengths of a step's texts -> [(i, j)]
+    """A step's forwards, as ranges of its texts: whole micro-batches, as many to a forward as keep
+    its padded tokens (texts x the longest) within forward_tokens. A micro-batch over the budget
+    runs alone: the budget bounds a forward, never the data."""
+    spans = []
+    for i in range(0, len(lengths), micro_batch):
+        j = min(i + micro_batch, len(lengths))
+        if spans and (j - spans[-1][0]) * max(lengths[spans[-1][0]:j]) <= forward_tokens:
+            spans[-1] = (spans[-1][0], j)  # this micro-batch joins the forward before it
+        else:
+            spans.append((i, j))
+    return spans
+
 def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
     """One forward and backward of some micro-batches, each gating its own reads. The loss is summed
-    over tokens and divided by the whole step's n_targets: any split of a step gives one gradient.
-    Needs: pad_batch, ReadGate, SELECTORS, token_groups, autocast."""
+    over targets and divided by the whole step's n_targets: any split of a step gives one gradient.
+    The vocabulary head runs loss_chunk targets at a time, each chunk's backward reaching only a
+    detached copy of the hidden states, so at most (C, V) logits ever exist (all of them would be
+    (Y, V), 2.3 MB a token at V = 151,936); the summed gradient then flows through the model in one
+    backward: the same loss and gradient as full logits. Needs: pad_batch, ReadGate, SELECTORS,
+    token_groups, autocast."""
     ids, mask = pad_batch(seqs, pad_id, device=device)                              # (B, T)
     n_groups = math.ceil(len(seqs) / cfg.micro_batch)
     for block, stats in gates:
         block.memory.read_gate = ReadGate(token_groups(mask, cfg.micro_batch), n_groups, stats,
                                           SELECTORS[cfg.selector], cfg.top_t)
     with autocast(device):
-        logits = model(input_ids=ids, attention_mask=mask).logits                   # (B, T, V)
-    labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)                         # pads: none
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                           ignore_index=-100, reduction="sum") / n_targets
-    loss.backward()
-    return loss.item(), [block.memory.read_gate.chosen.any(0) for block, _ in gates]  # (N,) each
+        out = model.model(input_ids=ids, attention_mask=mask, use_cache=False)
+    is_target = mask[:, 1:].flatten() > 0  # token t predicts token t + 1, a pad nothing
+    hidden = out.last_hidden_state[:, :-1].flatten(0, 1)[is_target]                 # (Y, dim)
+    labels = ids[:, 1:].flatten()[is_target]                                        # (Y,)
+    detached, loss = hidden.detach().requires_grad_(), 0.0
+    for c in range(0, len(labels), cfg.loss_chunk):
+        with autocast(device):
+            logits = model.lm_head(detached[c:c + cfg.loss_chunk])                  # (C, V)
+        part = F.cross_entropy(logits.float(), labels[c:c + cfg.loss_chunk], reduction="sum")
+        (part / n_targets).backward()  # frees this chunk's logits; adds to detached.grad
+        loss += part.item() / n_targets
+    hidden.backward(detached.grad)
+    return loss, [block.memory.read_gate.chosen.any(0) for block, _ in gates]  # (N,) each
 
 def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_path=None):
     """Trains the parameters that require grad, in place, on lists of token ids; SMF needs one
     BackgroundStats per memory layer. Writes a JSON line per step to log_path; returns the records.
     Needs: BackgroundStats, RowSparseAdamW, make_dense_optimizer, memory_blocks, step_batches,
-    total_steps, forward_backward, get_lr, progress, require."""
+    total_steps, split_step, forward_backward, get_lr, progress, require."""
     blocks, gates = memory_blocks(model), []  # gates, SMF only: (memory block, its statistics)
     if cfg.method == "smf":
         gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.batches))
@@ -516,17 +547,17 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     dense_opt = make_dense_optimizer(dense, cfg, device)
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd")
     per_step = cfg.micro_batch * cfg.grad_accum
-    per_forward = cfg.forward_batch or per_step
     total, batches = total_steps(len(examples), cfg), step_batches(list(map(len, examples)),
                                                                    per_step, cfg.seed)
     history, log = [], open(log_path or os.devnull, "w", buffering=1)  # line-buffered
     model.train()
     for step in progress(range(total), f"train {cfg.method}"):
         batch, t0, loss = next(batches), time.perf_counter(), 0.0
-        n_targets = sum(len(examples[i]) - 1 for i in batch)
+        n_targets = sum(len(examples[i]) - 1 for i in batch)  # every text's tokens but its first
         picked = [torch.zeros(len(v), dtype=torch.bool, device=device) for v in values]   # (N,)
-        for c in range(0, len(batch), per_forward):
-            seqs = [examples[i] for i in batch[c:c + per_forward]]
+        lengths = [len(examples[i]) for i in batch]
+        for i, j in split_step(lengths, cfg.micro_batch, cfg.forward_tokens):
+            seqs = [examples[k] for k in batch[i:j]]
             part, chosen = forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device)
             loss += part
             require(math.isfinite(loss), f"the loss became {loss} at step {step + 1} — lower --lr "
@@ -547,7 +578,7 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
             v.grad = None
         if str(device).startswith("cuda"):
             torch.cuda.synchronize()  # so that the step's time is true
-        tokens, seconds = sum(len(examples[i]) for i in batch), time.perf_counter() - t0
+        tokens, seconds = sum(lengths), time.perf_counter() - t0
         record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "step_time": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds,
                   "alpha": [round(a.item(), 6) for a in alphas],
@@ -1112,7 +1143,7 @@ def run_eval(args, device):
     names = PROBES if args.probe == "all" else (args.probe,)
     loaders = {"medmcqa": load_medmcqa, "wikitext": load_wikitext, "triviaqa": load_triviaqa}
     probes = {name: loaders[name](getattr(args, name), limit=args.limit) for name in names}
-    dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if uses_bf16(device) else torch.float32
     model, tok = load_model(args.model, device, dtype)
     require(len(tok(probes.get("wikitext", "two tokens"))["input_ids"]) > 1, f"{args.wikitext}: "
             "the WikiText probe has fewer than two tokens — perplexity needs two; check the file")
@@ -1408,7 +1439,7 @@ def build_parser():
 
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
-    ("micro_batch grad_accum forward_batch max_steps limit_train background_examples lora_r top_t "
+    ("micro_batch grad_accum forward_tokens loss_chunk max_steps limit_train background_examples lora_r top_t "
      "batch_size limit memory_n_keys memory_heads memory_topk", ">= 1", 1, True, math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
     ("lora_dropout", "in [0, 1)", 0, True, 1)]
@@ -1470,8 +1501,6 @@ def check_train_args(args):
     for name in ("train_scale", "memory_alpha_init"):
         require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
                 "additive memory — replacement memory has no alpha")
-    require(args.forward_batch is None or args.forward_batch % args.micro_batch == 0, f"--forward-"
-            f"batch {args.forward_batch} is not a multiple of --micro-batch {args.micro_batch}")
     layers = args.memory_layers
     require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
 

@@ -358,14 +358,14 @@ def test_select_reads_per_micro_batch_ignores_padding():
 
 # ----------------------------------------------------------------------------------------------- training
 
-def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6, forward_batch=None):
+def smf_run(tiny, steps, optimizer, train_scale=False, top_t=6, forward_tokens=4096):
     model, tok = with_memory(tiny)
     smf.prepare_model(model, "smf", train_scale=train_scale)
     texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
     bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
     cfg = smf.TrainConfig(method="smf", max_steps=steps, warmup=0, top_t=top_t, optimizer=optimizer,
                           lr=0.05 if optimizer == "sgd" else 5e-3, micro_batch=2, grad_accum=2, train_scale=train_scale,
-                          forward_batch=forward_batch)
+                          forward_tokens=forward_tokens)
     hist = train_texts(model, tok, texts, cfg, bg, record_selected=True)
     return model, hist
 
@@ -393,14 +393,78 @@ def test_smf_updates_exactly_the_selected_rows(tiny, optimizer):
         assert hist[1]["rows_updated"][j] == len(sel2)
 
 
-def test_smf_forward_batch_changes_speed_not_the_update(tiny):
-    """Two micro-batches in one forward pass (each gating its own reads) train like one pass per micro-batch."""
-    together, hist_together = smf_run(tiny, 2, "adamw", forward_batch=4)
-    apart, hist_apart = smf_run(tiny, 2, "adamw", forward_batch=2)
-    for a, b in zip(hist_together, hist_apart):
-        assert all(torch.equal(x, y) for x, y in zip(a["selected"], b["selected"]))
-    for x, y in zip(smf.memory_blocks(together), smf.memory_blocks(apart)):
-        assert torch.allclose(x.memory.values, y.memory.values, atol=1e-6)
+def test_split_step_keeps_micro_batches_whole_within_the_token_budget():
+    lengths = [3, 3, 5, 5, 9, 9, 9]                      # a step's texts, sorted by length; micro-batches of 2
+    assert smf.split_step(lengths, 2, 12) == [(0, 2), (2, 4), (4, 6), (6, 7)]   # 4 x 9 > 12: (4, 6) alone, over it
+    assert smf.split_step(lengths, 2, 20) == [(0, 4), (4, 6), (6, 7)]           # 4 x 5 = 20 fits
+    assert smf.split_step(lengths, 2, 63) == [(0, 7)] and smf.split_step(lengths, 2, 62) == [(0, 6), (6, 7)]
+    assert smf.split_step(lengths, 2, 1) == [(0, 2), (2, 4), (4, 6), (6, 7)]    # every micro-batch alone
+
+
+def test_smf_forward_tokens_changes_speed_not_the_selection_or_the_update(tiny, monkeypatch):
+    """Micro-batches that share a forward each gate their own reads: any budget picks the same rows and makes the
+    same update as one forward per micro-batch."""
+    forwards, original = [], smf.forward_backward
+
+    def counting(model, seqs, *args):
+        forwards.append(len(seqs))
+        return original(model, seqs, *args)
+    monkeypatch.setattr(smf, "forward_backward", counting)
+    runs = {}
+    for budget in (1, 430, 10 ** 6):
+        forwards.clear()
+        runs[budget] = smf_run(tiny, 3, "adamw", forward_tokens=budget)
+        runs[budget] += (list(forwards),)
+    assert runs[1][2] == [2] * 6 and runs[10 ** 6][2] == [4] * 3                 # apart, and all in one forward
+    assert {2, 4} <= set(runs[430][2])                                            # some steps shared, some not
+    apart, hist_apart, _ = runs[1]
+    for budget in (430, 10 ** 6):
+        model, hist, _ = runs[budget]
+        for a, b in zip(hist, hist_apart):
+            assert all(torch.equal(x, y) for x, y in zip(a["selected"], b["selected"]))
+        for x, y in zip(smf.memory_blocks(model), smf.memory_blocks(apart)):
+            assert torch.allclose(x.memory.values, y.memory.values, atol=1e-6)
+
+
+def full_logit_backward(model, seqs, gates, cfg, n_targets, pad_id):
+    """The plain loss, as a reference: the whole vocabulary's logits of every token, each text's own targets."""
+    ids, mask = smf.pad_batch(seqs, pad_id)
+    for block, stats in gates:
+        block.memory.read_gate = smf.ReadGate(smf.token_groups(mask, cfg.micro_batch), math.ceil(len(seqs) / cfg.micro_batch),
+                                              stats, smf.SELECTORS[cfg.selector], cfg.top_t)
+    out = model(input_ids=ids, attention_mask=mask).logits
+    loss = sum(F.cross_entropy(out[b, :len(s) - 1], torch.tensor(s[1:]), reduction="sum") for b, s in enumerate(seqs))
+    (loss / n_targets).backward()
+    return loss.item() / n_targets
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "smf", "retrofit"])
+def test_chunked_loss_gives_the_full_logit_loss_and_gradient(tiny, method):
+    """Every trainable gradient (full finetuning's tied embeddings included) on a padded batch, for chunks of one
+    target, of 7, and of all of them."""
+    model, tok = with_memory(tiny) if method == "smf" else load(tiny)
+    smf.prepare_model(model, method, TINY_MEM, (4, 8.0, 0.0))
+    gates = []
+    if method == "smf":
+        bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 20))
+        gates = list(zip(smf.memory_blocks(model), bg))
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")][:4]
+    seqs = smf.tokenize(tok, texts, 1024)
+    assert len({len(s) for s in seqs}) > 1                                      # padded
+    n_targets = sum(len(s) - 1 for s in seqs) + 5                              # as if the step had more texts
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert method != "full" or model.lm_head.weight is model.model.embed_tokens.weight
+    want = full_logit_backward(model, seqs, gates, smf.TrainConfig(method=method, top_t=6, micro_batch=2), n_targets,
+                               tok.pad_token_id)
+    want_grads = {n: p.grad.clone() for n, p in trainable.items()}
+    assert all(g.abs().sum() > 0 for n, g in want_grads.items() if "lora_A" not in n)   # B = 0 gives A none
+    for chunk in (1, 7, 10 ** 6):
+        model.zero_grad(set_to_none=True)
+        cfg = smf.TrainConfig(method=method, top_t=6, micro_batch=2, loss_chunk=chunk)
+        loss, _ = smf.forward_backward(model, seqs, gates, cfg, n_targets, tok.pad_token_id, "cpu")
+        assert loss == pytest.approx(want, rel=1e-5)
+        for name, p in trainable.items():
+            assert torch.allclose(p.grad, want_grads[name], rtol=1e-4, atol=1e-7), (chunk, name)
 
 
 def test_each_step_uses_only_its_own_gradient(tiny):
@@ -436,7 +500,7 @@ def test_gradient_accumulation_gives_the_same_update(tiny):
         model, tok = load(tiny)
         smf.prepare_model(model, "full")
         train_texts(model, tok, texts, smf.TrainConfig(method="full", optimizer="sgd", lr=0.5, warmup=0, max_steps=1,
-                                                      micro_batch=micro, grad_accum=accum, forward_batch=micro))
+                                                      micro_batch=micro, grad_accum=accum, forward_tokens=1))
         models.append(model)
     base, _ = load(tiny)
     moved = max((p - q).abs().max().item() for p, q in zip(models[0].parameters(), base.parameters()))
@@ -952,10 +1016,11 @@ def test_training_sequences_are_the_texts_cut_at_max_len(tiny):
     smf.prepare_model(model, "full")
     texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")][:16]
     inputs = []
-    model.register_forward_pre_hook(lambda m, a, kw: inputs.append((kw["input_ids"], kw["attention_mask"])),
-                                    with_kwargs=True)
+    model.model.register_forward_pre_hook(lambda m, a, kw: inputs.append((kw["input_ids"], kw["attention_mask"])),
+                                          with_kwargs=True)
     hist = train_texts(model, tok, texts, smf.TrainConfig(method="full", max_len=20, warmup=0, max_steps=1,
-                                                        micro_batch=4, grad_accum=4, forward_batch=4))
+                                                        micro_batch=4, grad_accum=4, forward_tokens=1))
+    assert len(inputs) == 4                                                  # one forward per micro-batch
     seqs = [tok(t)["input_ids"][:20] for t in texts]
     assert sorted(ids[m.bool()].tolist() for batch, mask in inputs for ids, m in zip(batch, mask)) == sorted(seqs)
     nll = sum(F.cross_entropy(logits(reference, torch.tensor([s]))[0, :-1], torch.tensor(s[1:]), reduction="sum")
@@ -1349,21 +1414,34 @@ def test_full_finetuning_trains_every_parameter_the_tied_embeddings_included(tin
 
 
 def test_each_epoch_is_a_new_seeded_shuffle_of_every_example_once(tiny):
+    """Each epoch covers every example once, in a new order and, over several chunks of steps, in new micro-batches
+    (texts that compete for top_t rows together); the same seed gives the same epochs."""
     model, tok = load(tiny)
     texts = [f"text number {i} " + sentence(random.Random(i), i % 7 + 1) for i in range(21)]   # 21: a partial batch
     def epochs(seed):
         seen = []
-        hook = model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()), with_kwargs=True)
+        hook = model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].tolist()),
+                                                     with_kwargs=True)
         smf.prepare_model(model, "full")
         train_texts(model, tok, texts, smf.TrainConfig(method="full", lr=0.0, warmup=0, epochs=2, micro_batch=2,
                                                      grad_accum=2, seed=seed))
         hook.remove()
-        steps = [sorted(tok.decode([t for t in row if t != tok.pad_token_id]) for row in batch) for batch in seen]
+        assert len(seen) == 12                                          # a step a forward: its micro-batches in order
+        steps = [[tok.decode([t for t in row if t != tok.pad_token_id]) for row in batch] for batch in seen]
         return steps[:6], steps[6:]                                     # ceil(21 / 4) = 6 steps an epoch
+    def micro_batches(epoch):
+        return {frozenset(step[i:i + 2]) for step in epoch for i in range(0, len(step), 2)}
     first, second = epochs(3)
     for epoch in (first, second):
         assert sorted(t for step in epoch for t in step) == sorted(texts)   # each example exactly once
     assert first != second and epochs(3) == (first, second) and epochs(4) != (first, second)
+    # 21 texts make one chunk of 64 steps, sorted by length: the same micro-batches every epoch. A data set of
+    # several chunks gets new micro-batches each epoch, as MedMCQA's 60,000 texts (59 chunks) do.
+    lengths = [random.Random(i).randint(5, 400) for i in range(700)]
+    batches = smf.step_batches(lengths, 4, seed=0)
+    first, second = ([next(batches) for _ in range(175)] for _ in range(2))      # two epochs of 700 / 4 steps
+    assert len(lengths) > 2 * 64 * 4 and sorted(sum(second, [])) == list(range(700))
+    assert len(micro_batches(first) & micro_batches(second)) < 50                # of 350 micro-batches of 2
 
 
 def test_wikitext_default_window_is_1024_with_stride_512(tiny):
@@ -1385,7 +1463,7 @@ def test_wikitext_default_window_is_1024_with_stride_512(tiny):
 
 RANGE_CASES = {  # every option of the range table, by hand: (command, a value to refuse)
     "lr": "inf", "epochs": "nan", "lora_alpha": "-1", "repetition_penalty": "inf", "micro_batch": "0", "grad_accum": "0",
-    "forward_batch": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
+    "forward_tokens": "0", "loss_chunk": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
     "batch_size": "0", "limit": "0", "memory_n_keys": "0", "memory_heads": "0", "memory_topk": "0",
     "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1"}
 
@@ -1725,7 +1803,7 @@ def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path):
     a rerun with only MODEL changed is refused."""
     source = open(os.path.join(HERE, "run_all.sh")).read()
     stage = source[source.index("run_stage() {"):source.index("# start STAGE SLOT")]
-    passed = set(re.findall(r"\$\{?([A-Z_]+)", stage)) - {"OUT", "SMF", "PYTHON", "EVAL_BATCH", "FORWARD_BATCH"}
+    passed = set(re.findall(r"\$\{?([A-Z_]+)", stage)) - {"OUT", "SMF", "PYTHON", "EVAL_BATCH", "FORWARD_TOKENS"}
     recorded = source[source.index("settings() {"):source.index("# check_settings STAGE")]
     assert passed and all(name in recorded for name in passed), passed
     questions = tmp_path / "triviaqa.jsonl"
@@ -1848,21 +1926,43 @@ def test_the_papers_to_code_table_names_definitions_that_exist():
             obj = getattr(obj, part)                                     # AttributeError names what is missing
 
 
-def test_memory_query_and_keys_stay_fp32_where_the_model_runs_in_bf16(tiny, tmp_path, monkeypatch):
-    """The dtype rule of prepare_model (training) and load_model (eval): lookup weights fp32, other frozen ones bf16."""
-    model, _ = with_memory(tiny)
-    with monkeypatch.context() as m:
-        m.setattr(torch.nn.Module, "to", lambda self, *a, **kw: self)  # "cuda" on a CPU: only the dtype path runs
-        smf.prepare_model(model, "smf", device="cuda")
-    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+@pytest.mark.parametrize("method", ["retrofit", "smf", "lora", "full"])
+def test_the_gpus_bf16_path_trains_every_method_on_a_cpu(tiny, method, monkeypatch):
+    """The dtype policy a GPU gets, switched on on the CPU: frozen weights stored in bf16 except each memory's query
+    and keys, trainable ones fp32, the forward under bf16 autocast; one step's loss is finite."""
+    monkeypatch.setattr(smf, "uses_bf16", lambda device: True)
+    model, tok = with_memory(tiny) if method == "smf" else load(tiny)
+    bg = smf.background_stats(model, tok, smf.load_background(tiny["background"], 8)) if method == "smf" else None
+    smf.prepare_model(model, method, TINY_MEM, (4, 8.0, 0.05))
+    lookup = {n for n, _ in model.named_parameters() if n.endswith(("memory.keys", "memory.query.weight", "query.bias"))}
+    assert len(lookup) == (6 if method in ("smf", "retrofit") else 0)
+    for name, p in model.named_parameters():
+        assert p.dtype == (torch.float32 if p.requires_grad or name in lookup else torch.bfloat16), name
+    seen = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    texts = [smf.medmcqa_text(r) for r in smf.load_medmcqa(tiny["medmcqa"], "train")]
+    hist = train_texts(model, tok, texts, smf.TrainConfig(method=method, max_steps=1, warmup=0, top_t=6), bg)
+    assert math.isfinite(hist[0]["loss"]) and hist[0]["grad_norm"] > 0 and seen and set(seen) == {torch.bfloat16}
+
+
+def test_the_gpus_bf16_path_runs_every_probe_on_a_cpu(tiny, tmp_path, monkeypatch):
+    """eval loads the model in bf16 where uses_bf16 (the memory's query and keys kept fp32) and every probe runs."""
+    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
+    monkeypatch.setattr(smf, "uses_bf16", lambda device: True)
+    loads, original = [], smf.load_model
+
+    def recording(*args):
+        loads.append(original(*args))
+        return loads[-1]
+    monkeypatch.setattr(smf, "load_model", recording)
+    data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4"]
+    results = run("eval", "--model", tmp_path / "r", *data)
+    dtypes = {n: p.dtype for n, p in loads[0][0].named_parameters()}
     lookup = {n for n in dtypes if n.endswith(("memory.keys", "memory.query.weight", "memory.query.bias"))}
     assert len(lookup) == 6 and all(dtypes[n] == torch.float32 for n in lookup)
-    assert all(dtypes[n] == torch.float32 for n in dtypes if n.endswith("memory.values"))   # trainable
-    assert all(dtypes[n] == torch.bfloat16 for n in dtypes if n.endswith(("memory.w1.weight", "q_proj.weight")))
-    run(*train_args(tiny, tmp_path / "r", "retrofit", *SHORT))
-    loaded, _ = smf.load_model(str(tmp_path / "r"), "cpu", torch.bfloat16)                   # eval's path on a GPU
-    dtypes = {n: p.dtype for n, p in loaded.named_parameters()}
-    assert all(dtypes[n] == torch.float32 for n in lookup) and dtypes["model.norm.weight"] == torch.bfloat16
+    assert {dtypes[n] for n in dtypes if n not in lookup} == {torch.bfloat16}
+    assert all(math.isfinite(results[p][k]) for p, k in (("medmcqa", "gold_nll"), ("wikitext", "ppl"),
+                                                         ("triviaqa", "exact_match")))
 
 
 # ----------------------------------------------------------------------------------------------- never lose a file,
