@@ -32,6 +32,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 #   G  groups that count their reads apart: micro-batches in training, texts in background_stats
 #   R  distinct rows one optimizer step updates                     r  LoRA rank
 #   Y  a forward's targets (real tokens that have a next token)      C  targets in a loss chunk
+#   D  background texts behind the selectors (the papers call it B)
 
 # --------------------------------------------------------------------------------------------------
 # Config (the comments are the --help texts)
@@ -48,7 +49,9 @@ class MemoryConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run; the defaults are the paper's recipe. Needs: METHOD_LR."""
+    """One training run; the defaults are the paper's recipe. A retrofit comes before SMF because a
+    new memory is random: until it is trained densely on general text its rows hold nothing, and
+    SMF's ranking of rows against background reads would rank noise. Needs: METHOD_LR."""
     method: str = "smf"  # retrofit (new memory, trained on background text) | smf | lora | full
     medmcqa: str = "openlifescienceai/medmcqa"  # training data (train split): hub id or file
     background: str = "OpenAssistant/oasst1"  # the retrofit's data, the selectors' reference
@@ -56,22 +59,22 @@ class TrainConfig:
     epochs: float = None  # passes over the training data; default 2 for retrofit, else 3
     micro_batch: int = 4  # sequences per micro-batch (SMF picks top_t rows per micro-batch)
     grad_accum: int = 4  # micro-batches per optimizer step: effective batch 16 sequences
-    forward_tokens: int = 4096  # padded tokens per forward, whole micro-batches (one over it: alone)
+    forward_tokens: int = 4096  # padded tokens a forward, whole micro-batches (a larger one: alone)
     loss_chunk: int = 1024  # tokens whose vocabulary logits exist at once (the loss runs in chunks)
     max_len: int = 1024  # tokens per training sequence; longer texts are cut there
     warmup: int = 100  # optimizer steps of linear warm-up, then cosine decay to zero
     clip: float = 1.0  # largest gradient L2 norm per step (0: no clipping)
-    weight_decay: float = 0.0  # per lr unit: decoupled under AdamW, added to the gradient (SGD)
+    weight_decay: float = 0.0  # AdamW: w -= lr * this * w a step; SGD: this * w joins the gradient
     optimizer: str = "adamw"  # adamw | sgd (Lin et al. use SGD with lr ~2 for SMF)
     selector: str = "kl"  # smf: how a micro-batch ranks the rows it read, against background
     top_t: int = 512  # smf: rows updated per memory layer per micro-batch
     train_scale: bool = False  # smf: also train each layer's alpha (the "+scale" rows)
-    background_examples: int = 2000  # background texts (one batch each) behind the selectors
+    background_examples: int = 2000  # background texts behind the selectors (D)
     lora_r: int = 16  # lora: rank of the update
     lora_alpha: float = 32.0  # lora: the update is scaled by lora_alpha / lora_r
     lora_dropout: float = 0.05  # lora: dropout probability on the LoRA input only
     max_steps: int = None  # stop after this many optimizer steps (the schedule is laid over them)
-    limit_train: int = None  # MedMCQA: N seeded-random examples (default 60,000); OASST1: first N
+    limit_train: int = None  # MedMCQA: this many random texts (default 60,000); OASST1: the first
     seed: int = 0  # shuffles the data (and the MedMCQA subset), seeds every initialisation
 
     def __post_init__(self):  # the two defaults that depend on the method, resolved in one place
@@ -111,14 +114,15 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
     return ids.to(device), mask.to(device)
 
 def uses_bf16(device):
-    """The GPU's dtype policy: frozen weights stored in bf16, forwards under bf16 autocast. A CPU runs
-    fp32 (the tests switch the policy on there: torch's CPU autocast has bf16 too)."""
+    """The GPU's dtype policy: frozen weights stored in bf16, forwards under bf16 autocast. A CPU
+    runs fp32 (the tests switch the policy on there: torch's CPU autocast has bf16 too)."""
     return str(device).startswith("cuda")
 
 def autocast(device):
     """bf16 autocast where uses_bf16 (trainable weights stay fp32); else none. Needs: uses_bf16."""
-    on = uses_bf16(device)
-    return torch.autocast(torch.device(device).type, torch.bfloat16) if on else contextlib.nullcontext()
+    if not uses_bf16(device):
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, torch.bfloat16)
 
 def progress(iterable, desc):
     """A progress bar on a terminal, none in a log file (carriage returns make one endless line)."""
@@ -135,11 +139,19 @@ class ProductKeyMemory(nn.Module):
     k*k sums of each half's top k are exactly the top k of all N rows (a row whose i1 is outside
     its half's top k is beaten by the k rows (j, i2) whose j are in it): 2 * n_keys scores, not N.
 
-    Each head softmaxes its k scores, so a token's S = H*k read weights sum to H. The read (their
-    weighted sum of rows) leaves through the Memory+ output w2(read * silu(w1 x)), whose gate
-    silu(w1 x) comes from the token itself, as in a SwiGLU FFN. `read_gate`, when set, sees the
-    rows each token reads and returns which reads may teach (pass gradient to) their value row, or
-    None for all: SMF's row selection (ReadGate, below) enters the layer there only."""
+    A read is one (token, head, slot) lookup of a row: a token makes S = H*k of them, and they are
+    what the selectors count. Each head softmaxes its k scores, so a token's S read weights sum to
+    H; the readout, their weighted sum of rows, leaves through the Memory+ output
+    w2(readout * silu(w1 x)), whose gate silu(w1 x) comes from the token itself, as in a SwiGLU
+    FFN. `read_gate`, when set, sees the rows each token reads and returns which reads may teach
+    (pass gradient to) their value row, or None for all: SMF's row selection (ReadGate, below)
+    enters the layer there only.
+
+    Choices: no query normalisation (Lample et al. batch-normalise queries, which makes a token's
+    rows depend on the rest of its batch); each layer has its own values (Memory+ shares one pool
+    across layers; here a layer's rows are counted and picked on their own); biases start at zero;
+    value rows of norm about 1 (std dim^-1/2), w1 and w2 that keep a vector's scale (std
+    dim^-1/2), small sub-keys (uniform in +-key_dim^-1/2), as the target paper's code."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -159,7 +171,9 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def lookup(self, x):  # x (M, dim) -> scores (M, H, k), rows (M, H, k)
-        """In fp32 even under bf16 (it is cheap): bf16 rounding could let batching change rows."""
+        """In fp32 even under bf16 autocast (it is cheap): bf16 scores would tie and swap rows.
+        A token's rows depend on its batch only through float rounding: of x, which under bf16
+        autocast carries the rounding of the layers before, and of the fp32 scores (rare swaps)."""
         k, half = self.topk, self.key_dim // 2
         with torch.autocast(x.device.type, enabled=False):
             q = F.linear(x.float(), self.query.weight.float(), self.query.bias.float())
@@ -176,10 +190,10 @@ class ProductKeyMemory(nn.Module):
         xf = x.reshape(-1, x.shape[-1])                                       # (M, dim)
         scores, rows = self.lookup(xf)
         rows = rows.flatten(1)                                                # (M, S)
-        weights = scores.float().softmax(-1).flatten(1).to(self.values.dtype)  # (M, S), H per row
-        gate = self.read_gate(rows.detach()) if self.read_gate else None
+        weights = scores.float().softmax(-1).flatten(1).to(self.values.dtype)  # (M, S): H a token
+        gate = self.read_gate(rows) if self.read_gate else None
         if gate is None:
-            read = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
+            readout = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
         else:
             # weights*gate + weights*(1-gate) = weights: the same read, but the second bag reads
             # detached values, so only gated-in reads pass gradient to value rows (every read
@@ -189,8 +203,8 @@ class ProductKeyMemory(nn.Module):
                                     mode="sum")
             fixed = F.embedding_bag(rows, self.values.detach(),
                                     per_sample_weights=weights * (1 - gate), mode="sum")
-            read = learn + fixed                                              # (M, dim)
-        out = self.w2(read.to(xf.dtype) * F.silu(self.w1(xf)))               # Memory+
+            readout = learn + fixed                                           # (M, dim)
+        out = self.w2(readout.to(xf.dtype) * F.silu(self.w1(xf)))            # Memory+
         return out.view(x.shape)
 
 # --------------------------------------------------------------------------------------------------
@@ -199,8 +213,11 @@ class ProductKeyMemory(nn.Module):
 class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood, seeing its input (after the post-attention norm).
     Additive: mlp(x) + alpha * memory(x), alpha a learned scalar per layer, from 0.01 so that a new
-    random memory barely moves the model; alpha also scales the gradient every memory parameter
-    gets, so SMF from a retrofit whose alpha stayed near 0.01 learns slowly (train logs alpha).
+    random memory barely moves the model. Alpha scales the gradient every memory parameter gets,
+    and the effect of its update on the output. Under AdamW the first cancels (a step's size does
+    not follow the gradient's scale), so a value step moves the output in proportion to alpha;
+    under SGD the step itself scales with alpha too, and its effect with alpha**2. Either way SMF
+    from a retrofit whose alpha stayed near 0.01 changes the model little (train logs alpha).
     Replacement: memory(x), the FFN's weights dropped."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
@@ -286,21 +303,26 @@ def cast_model(model, dtype, keep_fp32=()):
 # every text reads hold what the model needs everywhere). The background statistics are gathered
 # once, after the retrofit; per micro-batch a score ranks its reads against them, and the read
 # gate of ProductKeyMemory lets only the picked rows' reads pass gradient to their value rows.
+# Rows are picked per micro-batch (t = 512 per micro-batch of 4, as the paper): a step updates the
+# union of its micro-batches' picks. The pick acts inside the forward, not as a mask on the
+# gradient afterwards, because micro-batches that share a forward share one value gradient: a
+# mask of the step's picks would let micro-batch 2's reads teach rows only micro-batch 1 picked.
 
 @dataclass
 class BackgroundStats:
     df: torch.Tensor      # (N,) background texts that read row i at least once
     reads: torch.Tensor   # (N,) total background reads of row i
-    batches: int          # the number of background texts (each text is one "batch")
+    texts: int            # D, the background texts counted
 
 def tfidf_scores(counts, background: BackgroundStats):  # counts (N,) or (G, N) -> the same shape
-    """(c_i / sum c) * ln((B + 1) / (df_i + 1)): read often now, by few background texts. Needs:
+    """(c_i / sum c) * ln((D + 1) / (df_i + 1)): read often now, by few background texts. Needs:
     BackgroundStats."""
     tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
-    return tf * torch.log((background.batches + 1) / (background.df.double() + 1))
+    return tf * torch.log((background.texts + 1) / (background.df.double() + 1))
 
 def kl_scores(counts, background: BackgroundStats):  # counts (N,) or (G, N) -> the same shape
     """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads).
+    Add-one keeps q_i > 0: a row the background never read scores high but finite, not infinity.
     The term is negative for a row read less here than in the background; such a row can still be
     picked (last) when fewer than top_t rows score above zero. Needs: BackgroundStats."""
     p = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
@@ -369,11 +391,13 @@ def count_background_reads(rows, group, n_texts, stats, last):  # rows (M, S) ->
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, device="cpu"):
-    """df, reads and B per memory layer, each text its own group, in eval mode; gathered once after
+    """df, reads and D per memory layer, each text its own group, in eval mode; gathered once after
     the retrofit (SMF trains only values, so the queries and keys that decide a text's reads stay
     the retrofit's; approximately: earlier layers' value updates shift later reads). Texts sorted
     by length share a batch (pads under 20% of it, batch_tokens at most) and each forward stops
-    after the last memory layer; neither changes a count. Needs: BackgroundStats, StopForward,
+    after the last memory layer. The batching changes a count only through float rounding (see
+    lookup): in fp32 a rare swap; under bf16 autocast, as on a GPU, about 1 read in 5,000 (a test
+    bounds both). Needs: BackgroundStats, StopForward,
     count_background_reads, memory_blocks, token_groups, pad_batch, autocast, progress."""
     blocks = memory_blocks(model)
     n = blocks[0].memory.values.shape[0]
@@ -412,7 +436,9 @@ class RowSparseAdamW:
     """AdamW (or SGD) that updates only given rows of 2-D parameters, and only those rows' moments
     and step counts: a row chosen earlier never drifts (masking the gradient of a dense AdamW would
     keep moving it through its stale moments). Each row counts its own steps, so its bias correction
-    is the one a dense AdamW gives a parameter stepped that many times."""
+    is the one a dense AdamW gives a parameter stepped that many times. This is "lazy" Adam, as
+    torch's SparseAdam: a row picked again after a gap resumes from moments that did not decay
+    meanwhile. That is the point: decaying them would need a step, and a step moves the row."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
         self.params, self.betas, self.eps = list(params), betas, eps
@@ -539,10 +565,10 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     total_steps, split_step, forward_backward, get_lr, progress, require."""
     blocks, gates = memory_blocks(model), []  # gates, SMF only: (memory block, its statistics)
     if cfg.method == "smf":
-        gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.batches))
+        gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.texts))
                  for b, s in zip(blocks, background)]
     values = [b.memory.values for b, _ in gates]
-    alphas = [b.alpha for b in blocks if b.alpha is not None]            # the reach scales with it
+    alphas = [b.alpha for b in blocks if b.alpha is not None]  # logged: the memory's weight
     dense = [p for p in model.parameters() if p.requires_grad and all(p is not v for v in values)]
     dense_opt = make_dense_optimizer(dense, cfg, device)
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd")
@@ -593,7 +619,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     return history
 
 def make_dense_optimizer(params, cfg, device):
-    """torch's AdamW or SGD for the trainable parameters but the value tables (None if none)."""
+    """torch's AdamW or SGD for `params`: every trainable tensor but SMF's value tables, which
+    RowSparseAdamW steps (a retrofit's value tables are dense, and here). None if there are none."""
     if not params:
         return None
     if cfg.optimizer == "sgd":
@@ -654,7 +681,7 @@ def option_logprobs(model, prompts, options, pad_id):
     # transformers >= 5.2x takes the cache as `cache`; earlier 5.x as `past_key_values`
     name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True,
-                logits_to_keep=1, **{name: cache})                                  # (B, P)
+                logits_to_keep=1, **{name: cache})                              # logits (B, 1, V)
     cache.batch_repeat_interleave(A)                                                # B -> B*A
     opt_ids, opt_mask = pad_batch(options, pad_id, device=ids.device)              # (B*A, O)
     past_mask = mask.repeat_interleave(A, 0)                                        # (B*A, P)
@@ -719,12 +746,16 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
             "protocol": f"token perplexity, window {window}, stride {stride}"}
 
 def normalize_answer(s):
-    """TriviaQA normalisation: lower case, drop articles, keep [a-z0-9 .-], collapse spaces."""
+    """The published SMF code's normalisation, kept so that its metric means the paper's: lower
+    case, drop articles, keep [a-z0-9 .-], collapse spaces. It is not the official TriviaQA
+    script's, which keeps letters like ü and drops punctuation: here `Zürich` -> `z rich` and
+    `U.S.A.` -> `u.s. .` (the `a` is taken for an article)."""
     s = re.sub(r"\b(a|an|the)\b", " ", s.lower())
     return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
 
 def alias_contained(prediction, aliases):
-    """The paper's metric: a normalised alias occurs inside the normalised generation (lenient).
+    """The paper's metric: a normalised alias occurs inside the normalised generation. Not a
+    superset of exact_match: that drops thousands separators, this does not (` 1,000` != `1000`).
     Needs: normalize_answer."""
     pred = normalize_answer(prediction)
     return any(a and a in pred for a in map(normalize_answer, aliases))
@@ -1019,14 +1050,15 @@ def smf_patch(before, trained):
     return patch
 
 def stats_tensors(stats):
-    """Background statistics as tensors to save: `<layer>.df`, `<layer>.reads` and `batches`."""
+    """Background statistics as tensors to save: `<layer>.df`, `<layer>.reads` and `texts`."""
     by_layer = {f"{j}.{k}": getattr(s, k) for j, s in enumerate(stats) for k in ("df", "reads")}
-    return by_layer | {"batches": torch.tensor(stats[0].batches)}
+    return by_layer | {"texts": torch.tensor(stats[0].texts)}
 
 def load_stats(path):
     """The background statistics a retrofit saved beside its weights, one per memory layer."""
     saved = load_weights(os.path.join(path, STATS), "retrofit again")
-    return [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], int(saved["batches"]))
+    texts = int(saved["texts" if "texts" in saved else "batches"])  # "batches": before 2026-12
+    return [BackgroundStats(saved[f"{j}.df"], saved[f"{j}.reads"], texts)
             for j in range(sum(k.endswith(".df") for k in saved))]
 
 def load_weights(file, fix, device="cpu"):
@@ -1439,8 +1471,9 @@ def build_parser():
 
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
-    ("micro_batch grad_accum forward_tokens loss_chunk max_steps limit_train background_examples lora_r top_t "
-     "batch_size limit memory_n_keys memory_heads memory_topk", ">= 1", 1, True, math.inf),
+    ("micro_batch grad_accum forward_tokens loss_chunk max_steps limit_train background_examples "
+     "lora_r top_t batch_size limit memory_n_keys memory_heads memory_topk", ">= 1", 1, True,
+     math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
     ("lora_dropout", "in [0, 1)", 0, True, 1)]
 
