@@ -1,15 +1,11 @@
 """smf.py -- Sparse Memory Finetuning (SMF) in one readable file.
 
-Adds product-key memory layers to a Hugging Face causal LM, finetunes only the few memory value rows
-a batch reads most (ranked by a KL or TF-IDF selector against background text), and compares that
-with LoRA and full finetuning on three probes: MedMCQA accuracy (learning), WikiText perplexity and
-TriviaQA accuracy (forgetting). The method comes first, in the order the data flows; the plumbing
-(data files, checkpoints, commands, CLI) after it.
-
-Every definition of the method block lifts out with the imports below and the definitions its
-docstring names after `Needs:` (followed through their own `Needs:`); one without `Needs:` needs
-nothing more (README.md lists them). Start with `python smf.py train --method retrofit`, then
-`python smf.py train --method smf`.
+Adds product-key memory to a Hugging Face causal LM and finetunes only the value rows a batch reads
+most (KL or TF-IDF against background text), beside LoRA and full finetuning; MedMCQA measures the
+learning, WikiText and TriviaQA the forgetting. The method comes first, as the data flows, then the
+plumbing. A method definition lifts out with the imports and the definitions its docstring names
+after `Needs:` (followed through their own `Needs:`); a definition without `Needs:` needs
+nothing more (README.md lists them). Start: `python smf.py train --method retrofit`, then smf.
 """
 import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
 import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
@@ -28,11 +24,10 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 #   B  sequences in a batch     T  tokens per sequence (padded)     M = B*T  tokens, flattened
 #   dim  the model's width      V  vocabulary        P, O  prompt, option tokens (A options each)
 #   H  memory heads             k  rows a head reads (topk)         S = H*k  rows a token reads
-#   N = n_keys**2  value rows of a memory (n_keys sub-keys per half of a key)
+#   N = n_keys**2  value rows of a memory (n_keys sub-keys per half)   D  background texts
 #   G  groups that count their reads apart: micro-batches in training, texts in background_stats
 #   R  distinct rows one optimizer step updates                     r  LoRA rank
 #   Y  a forward's targets (real tokens that have a next token)      C  targets in a loss chunk
-#   D  background texts behind the selectors (the papers call it B)
 
 # --------------------------------------------------------------------------------------------------
 # Config (the comments are the --help texts)
@@ -49,9 +44,9 @@ class MemoryConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run; the defaults are the paper's recipe. A retrofit comes before SMF because a
-    new memory is random: until it is trained densely on general text its rows hold nothing, and
-    SMF's ranking of rows against background reads would rank noise. Needs: METHOD_LR."""
+    """One training run; the defaults are the paper's recipe. A retrofit comes before SMF: a new
+    memory is random, and ranking its rows against background reads would rank noise until it is
+    trained densely on general text. Needs: METHOD_LR."""
     method: str = "smf"  # retrofit (new memory, trained on background text) | smf | lora | full
     medmcqa: str = "openlifescienceai/medmcqa"  # training data (train split): hub id or file
     background: str = "OpenAssistant/oasst1"  # the retrofit's data, the selectors' reference
@@ -114,15 +109,12 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
     return ids.to(device), mask.to(device)
 
 def uses_bf16(device):
-    """The GPU's dtype policy: frozen weights stored in bf16, forwards under bf16 autocast. A CPU
-    runs fp32 (the tests switch the policy on there: torch's CPU autocast has bf16 too)."""
+    """The GPU's dtype policy (bf16 frozen weights, bf16 autocast); tests switch it on on a CPU."""
     return str(device).startswith("cuda")
 
 def autocast(device):
     """bf16 autocast where uses_bf16 (trainable weights stay fp32); else none. Needs: uses_bf16."""
-    if not uses_bf16(device):
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, torch.bfloat16)
+    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=uses_bf16(device))
 
 def progress(iterable, desc):
     """A progress bar on a terminal, none in a log file (carriage returns make one endless line)."""
@@ -132,26 +124,20 @@ def progress(iterable, desc):
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
 
 class ProductKeyMemory(nn.Module):
-    """N = n_keys**2 value rows of width dim, read without scoring all N.
-
-    Product keys: a head splits its query in two halves, each scored against its own n_keys
-    sub-keys; row (i1, i2), stored as i1 * n_keys + i2, scores s1[i1] + s2[i2]. The top k of the
-    k*k sums of each half's top k are exactly the top k of all N rows (a row whose i1 is outside
-    its half's top k is beaten by the k rows (j, i2) whose j are in it): 2 * n_keys scores, not N.
-
-    A read is one (token, head, slot) lookup of a row: a token makes S = H*k of them, and they are
-    what the selectors count. Each head softmaxes its k scores, so a token's S read weights sum to
-    H; the readout, their weighted sum of rows, leaves through the Memory+ output
-    w2(readout * silu(w1 x)), whose gate silu(w1 x) comes from the token itself, as in a SwiGLU
-    FFN. `read_gate`, when set, sees the rows each token reads and returns which reads may teach
-    (pass gradient to) their value row, or None for all: SMF's row selection (ReadGate, below)
-    enters the layer there only.
-
-    Choices: no query normalisation (Lample et al. batch-normalise queries, which makes a token's
-    rows depend on the rest of its batch); each layer has its own values (Memory+ shares one pool
-    across layers; here a layer's rows are counted and picked on their own); biases start at zero;
-    value rows of norm about 1 (std dim^-1/2), w1 and w2 that keep a vector's scale (std
-    dim^-1/2), small sub-keys (uniform in +-key_dim^-1/2), as the target paper's code."""
+    """N = n_keys**2 value rows of width dim, read without scoring all N. Product keys: a head
+    splits its query in two halves, each scored against its own n_keys sub-keys; row (i1, i2),
+    stored as i1 * n_keys + i2, scores s1[i1] + s2[i2]. The top k of the k*k sums of each half's
+    top k are exactly the top k of all N rows (a row whose i1 is outside its half's top k is beaten
+    by the k rows (j, i2) whose j are in it): 2 * n_keys scores, not N.
+    A read is one (token, head, slot) lookup of a row, what the selectors count: S a token. Each
+    head softmaxes its k scores, so a token's S weights sum to H; the readout, their weighted sum
+    of rows, leaves through the Memory+ output w2(readout * silu(w1 x)), whose gate silu(w1 x)
+    comes from the token itself, as in a SwiGLU FFN. `read_gate`, when set, sees the rows each
+    token reads and returns which reads may teach (pass gradient to) their value row, or None for
+    all: SMF's row selection (ReadGate, below) enters the layer there only.
+    As the target paper's code: no query batch-norm (Lample et al.'s ties a token's rows to its
+    batch); values per layer (Memory+ shares a pool; here each layer counts and picks its own);
+    zero biases; rows of norm ~1, w1 and w2 keeping a vector's scale (std dim^-1/2), small keys."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -171,9 +157,8 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(lin.bias)
 
     def lookup(self, x):  # x (M, dim) -> scores (M, H, k), rows (M, H, k)
-        """In fp32 even under bf16 autocast (it is cheap): bf16 scores would tie and swap rows.
-        A token's rows depend on its batch only through float rounding: of x, which under bf16
-        autocast carries the rounding of the layers before, and of the fp32 scores (rare swaps)."""
+        """In fp32 even under bf16 autocast (cheap; bf16 scores would tie and swap rows). Batching
+        moves a token's rows only by float rounding: of x (under bf16 autocast) and of scores."""
         k, half = self.topk, self.key_dim // 2
         with torch.autocast(x.device.type, enabled=False):
             q = F.linear(x.float(), self.query.weight.float(), self.query.bias.float())
@@ -195,7 +180,7 @@ class ProductKeyMemory(nn.Module):
         if gate is None:
             readout = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
         else:
-            # weights*gate + weights*(1-gate) = weights: the same read, but the second bag reads
+            # weights*gate + weights*(1-gate) = weights: the same readout, but the second bag reads
             # detached values, so only gated-in reads pass gradient to value rows (every read
             # still passes it to the keys and the query)
             gate = gate.to(weights.dtype)
@@ -212,13 +197,10 @@ class ProductKeyMemory(nn.Module):
 
 class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood, seeing its input (after the post-attention norm).
-    Additive: mlp(x) + alpha * memory(x), alpha a learned scalar per layer, from 0.01 so that a new
-    random memory barely moves the model. Alpha scales the gradient every memory parameter gets,
-    and the effect of its update on the output. Under AdamW the first cancels (a step's size does
-    not follow the gradient's scale), so a value step moves the output in proportion to alpha;
-    under SGD the step itself scales with alpha too, and its effect with alpha**2. Either way SMF
-    from a retrofit whose alpha stayed near 0.01 changes the model little (train logs alpha).
-    Replacement: memory(x), the FFN's weights dropped."""
+    Replacement: memory(x), the FFN dropped. Additive: mlp(x) + alpha * memory(x), alpha a learned
+    scalar per layer from 0.01, so that a new random memory barely moves the model. A value step's
+    effect on the output scales with alpha under AdamW (its step ignores the gradient's scale) and
+    with alpha**2 under SGD (the step scales too): SMF from alpha ~0.01 changes little (logged)."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
@@ -288,9 +270,8 @@ def merge_lora(model):
     return model
 
 def cast_model(model, dtype, keep_fp32=()):
-    """Stores the parameters in dtype but keep_fp32 and each memory's query and keys: those decide
-    the rows a token reads, as fp32 ones did for the background counts (bf16 rounding would change
-    about 0.5% of reads at N = 16,384). Needs: memory_blocks."""
+    """Stores parameters in dtype but keep_fp32 and each memory's query and keys, which pick the
+    rows read (in bf16, ~0.5% of reads would change at N = 16,384). Needs: memory_blocks."""
     lookup = [[b.memory.keys, *b.memory.query.parameters()] for b in memory_blocks(model)]
     fp32 = {id(p) for p in itertools.chain(keep_fp32, *lookup)}
     for p in model.parameters():
@@ -303,28 +284,25 @@ def cast_model(model, dtype, keep_fp32=()):
 # every text reads hold what the model needs everywhere). The background statistics are gathered
 # once, after the retrofit; per micro-batch a score ranks its reads against them, and the read
 # gate of ProductKeyMemory lets only the picked rows' reads pass gradient to their value rows.
-# Rows are picked per micro-batch (t = 512 per micro-batch of 4, as the paper): a step updates the
-# union of its micro-batches' picks. The pick acts inside the forward, not as a mask on the
-# gradient afterwards, because micro-batches that share a forward share one value gradient: a
-# mask of the step's picks would let micro-batch 2's reads teach rows only micro-batch 1 picked.
+# Picks are per micro-batch (t = 512 a micro-batch of 4, as the paper); a step updates their union.
+# They act inside the forward, not as a mask on the gradient after it: micro-batches that share a
+# forward share one gradient, where micro-batch 2 would teach rows only micro-batch 1 picked.
 
 @dataclass
 class BackgroundStats:
     df: torch.Tensor      # (N,) background texts that read row i at least once
     reads: torch.Tensor   # (N,) total background reads of row i
-    texts: int            # D, the background texts counted
+    texts: int            # D, the background texts counted (the papers' B)
 
 def tfidf_scores(counts, background: BackgroundStats):  # counts (N,) or (G, N) -> the same shape
-    """(c_i / sum c) * ln((D + 1) / (df_i + 1)): read often now, by few background texts. Needs:
-    BackgroundStats."""
+    """(c_i / sum c) * ln((D+1) / (df_i+1)): read often now, by few texts. Needs: BackgroundStats"""
     tf = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     return tf * torch.log((background.texts + 1) / (background.df.double() + 1))
 
 def kl_scores(counts, background: BackgroundStats):  # counts (N,) or (G, N) -> the same shape
-    """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads).
-    Add-one keeps q_i > 0: a row the background never read scores high but finite, not infinity.
-    The term is negative for a row read less here than in the background; such a row can still be
-    picked (last) when fewer than top_t rows score above zero. Needs: BackgroundStats."""
+    """p_i ln(p_i / q_i): row i's term of KL(batch reads || add-one-smoothed background reads);
+    add-one keeps a row the background never read finite. A row read less here than there scores
+    below zero, picked last if fewer than top_t score above. Needs: BackgroundStats."""
     p = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
     smoothed = background.reads.double() + 1
     q = smoothed / smoothed.sum()
@@ -347,8 +325,8 @@ def token_groups(mask, group_size):  # mask (B, T) -> (M,)
     return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
 
 def count_reads(rows, group, n_groups, n_rows):  # rows (M, S), group (M,) -> (G, N)
-    """How often each group's tokens read each row. Pads (group -1) never count, so they never
-    spend the selection budget. No host sync (bincount would need one to size its output)."""
+    """How often each group's tokens read each row; pads (group -1) never count, so never spend the
+    selection budget. No host sync (bincount would need one to size its output)."""
     real = (group >= 0)[:, None].expand_as(rows).long()                         # (M, S)
     # one flat counter for all groups: group g's row r is cell g * N + r (pads add 0 to group 0)
     cell = group.clamp(min=0)[:, None] * n_rows + rows                          # (M, S)
@@ -356,10 +334,9 @@ def count_reads(rows, group, n_groups, n_rows):  # rows (M, S), group (M,) -> (G
     return counts.scatter_add_(0, cell.flatten(), real.flatten()).view(n_groups, n_rows)
 
 class ReadGate:
-    """SMF's read gate for one memory layer in one forward of G micro-batches: each micro-batch
-    picks the top_t rows it read by score_fn (kl_scores or tfidf_scores), and a read may teach its
-    row only if its own micro-batch picked that row. After the forward, `chosen` (G, N) holds the
-    picks. Needs: BackgroundStats, count_reads, select_rows."""
+    """SMF's read gate of one memory layer in a forward of G micro-batches: each picks the top_t
+    rows it read by score_fn, and a read teaches its row only if its own micro-batch picked it;
+    `chosen` (G, N) holds the picks. Needs: BackgroundStats, count_reads, select_rows."""
 
     def __init__(self, group, n_groups, background: BackgroundStats, score_fn, top_t):
         self.group, self.n_groups = group, n_groups  # group (M,): a token's micro-batch, -1: pad
@@ -379,10 +356,9 @@ class StopForward(Exception):
 
 @torch.no_grad()
 def count_background_reads(rows, group, n_texts, stats, last):  # rows (M, S) -> None
-    """background_stats' read gate: adds each text's reads to `stats` (df: the texts that read a
-    row; reads: every read) and gates nothing (None). The last memory layer's then raises
-    StopForward: later layers and the vocabulary head cannot change a read, so they need not run.
-    Needs: count_reads, StopForward."""
+    """background_stats' read gate: adds each text's reads to `stats` and gates nothing (None); the
+    last memory layer's raises StopForward, as later layers and the head change no read. Needs:
+    count_reads, StopForward."""
     counts = count_reads(rows, group, n_texts, stats.df.shape[0])                # (G, N)
     stats.reads += counts.sum(0).cpu()
     stats.df += (counts > 0).sum(0).cpu()
@@ -391,14 +367,12 @@ def count_background_reads(rows, group, n_texts, stats, last):  # rows (M, S) ->
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, device="cpu"):
-    """df, reads and D per memory layer, each text its own group, in eval mode; gathered once after
-    the retrofit (SMF trains only values, so the queries and keys that decide a text's reads stay
-    the retrofit's; approximately: earlier layers' value updates shift later reads). Texts sorted
-    by length share a batch (pads under 20% of it, batch_tokens at most) and each forward stops
-    after the last memory layer. The batching changes a count only through float rounding (see
-    lookup): in fp32 a rare swap; under bf16 autocast, as on a GPU, about 1 read in 5,000 (a test
-    bounds both). Needs: BackgroundStats, StopForward,
-    count_background_reads, memory_blocks, token_groups, pad_batch, autocast, progress."""
+    """df, reads and D per memory layer, each text its own group, in eval mode, once after the
+    retrofit (SMF trains only values: the query and keys that pick rows stay, though earlier layers'
+    values shift later reads). Length-sorted texts share a batch (pads under 20%, batch_tokens at
+    most); a forward stops after the last memory layer. Batching moves a read only by float
+    rounding: rarely in fp32, a few under bf16 autocast (tested). Needs: StopForward, autocast,
+    BackgroundStats, count_background_reads, memory_blocks, token_groups, pad_batch, progress."""
     blocks = memory_blocks(model)
     n = blocks[0].memory.values.shape[0]
     zeros = functools.partial(torch.zeros, n, dtype=torch.long)
@@ -433,12 +407,10 @@ def get_lr(step, total, peak, warmup):
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
 
 class RowSparseAdamW:
-    """AdamW (or SGD) that updates only given rows of 2-D parameters, and only those rows' moments
-    and step counts: a row chosen earlier never drifts (masking the gradient of a dense AdamW would
-    keep moving it through its stale moments). Each row counts its own steps, so its bias correction
-    is the one a dense AdamW gives a parameter stepped that many times. This is "lazy" Adam, as
-    torch's SparseAdam: a row picked again after a gap resumes from moments that did not decay
-    meanwhile. That is the point: decaying them would need a step, and a step moves the row."""
+    """AdamW (or SGD) stepping only given rows of 2-D parameters, and only their moments and step
+    counts (per row: dense AdamW's bias correction), so an unpicked row never drifts, as under a
+    dense AdamW's stale moments. "Lazy" Adam, like torch's SparseAdam: a row picked after a gap
+    resumes undecayed moments (decaying them would move it)."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
         self.params, self.betas, self.eps = list(params), betas, eps
@@ -471,10 +443,9 @@ class RowSparseAdamW:
             p.index_copy_(0, rows, w.to(p.dtype))
 
 def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
-    """Adds what the method trains and freezes the rest (retrofit: all memory; smf: values, and
-    alpha with train_scale; lora: A, B; full: all). On a GPU frozen weights are bf16 (they run
-    under autocast only), trainable ones fp32. Needs: add_memory, add_lora, memory_blocks,
-    cast_model, uses_bf16, require."""
+    """Adds what the method trains (retrofit: all memory; smf: values, alpha with train_scale; lora:
+    A, B; full: all), freezes the rest, stores it in bf16 under uses_bf16 (trainables fp32). Needs:
+    add_memory, add_lora, memory_blocks, cast_model, uses_bf16, require."""
     if method == "retrofit":
         add_memory(model, mem_cfg)
     blocks = memory_blocks(model)
@@ -499,10 +470,9 @@ def tokenize(tokenizer, texts, max_len):
     return [e for e in examples if len(e) > 1]
 
 def step_batches(lengths, seqs_per_step, seed):
-    """Endless example indices, a step at a time: each epoch a new seeded shuffle of every example,
-    sorted by length within chunks of 64 steps (little padding), the steps shuffled again. The sort
-    also decides which texts share a micro-batch, and so compete for its top_t rows: texts of
-    similar length, not of similar content."""
+    """Endless example indices, a step at a time: each epoch a new seeded shuffle, sorted by length
+    within chunks of 64 steps (little padding), the steps shuffled again. So texts of similar
+    length, not content, share a micro-batch and compete for its top_t rows."""
     rng, chunk = random.Random(seed), 64 * seqs_per_step
     while True:
         order, steps = rng.sample(range(len(lengths)), len(lengths)), []
@@ -518,9 +488,8 @@ def total_steps(n_examples, cfg):
     return min(math.ceil(cfg.epochs * steps_per_epoch), cfg.max_steps or math.inf)
 
 def split_step(lengths, micro_batch, forward_tokens):  # lengths of a step's texts -> [(i, j)]
-    """A step's forwards, as ranges of its texts: whole micro-batches, as many to a forward as keep
-    its padded tokens (texts x the longest) within forward_tokens. A micro-batch over the budget
-    runs alone: the budget bounds a forward, never the data."""
+    """A step's forwards as ranges of its texts: as many whole micro-batches as keep the padded
+    tokens (texts x the longest) within forward_tokens; one over the budget runs alone."""
     spans = []
     for i in range(0, len(lengths), micro_batch):
         j = min(i + micro_batch, len(lengths))
@@ -531,16 +500,15 @@ def split_step(lengths, micro_batch, forward_tokens):  # lengths of a step's tex
     return spans
 
 def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
-    """One forward and backward of some micro-batches, each gating its own reads. The loss is summed
-    over targets and divided by the whole step's n_targets: any split of a step gives one gradient.
-    The vocabulary head runs loss_chunk targets at a time, each chunk's backward reaching only a
-    detached copy of the hidden states, so at most (C, V) logits ever exist (all of them would be
-    (Y, V), 2.3 MB a token at V = 151,936); the summed gradient then flows through the model in one
-    backward: the same loss and gradient as full logits. Needs: pad_batch, ReadGate, SELECTORS,
-    token_groups, autocast."""
+    """A forward and backward of micro-batches, each gating its own reads; the loss, summed over
+    targets / the step's n_targets, gives one gradient however a step is split. The head runs
+    loss_chunk targets at a time, each backward stopping at detached hidden states: (C, V) logits
+    at once, not (Y, V) (2.3 MB a token at V = 151,936); then one backward through the model: the
+    full logits' loss and gradient. Needs: pad_batch, ReadGate, SELECTORS, token_groups,
+    autocast."""
     ids, mask = pad_batch(seqs, pad_id, device=device)                              # (B, T)
     n_groups = math.ceil(len(seqs) / cfg.micro_batch)
-    for block, stats in gates:
+    for block, stats in gates:  # each micro-batch its own group of reads
         block.memory.read_gate = ReadGate(token_groups(mask, cfg.micro_batch), n_groups, stats,
                                           SELECTORS[cfg.selector], cfg.top_t)
     with autocast(device):
@@ -559,10 +527,10 @@ def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
     return loss, [block.memory.read_gate.chosen.any(0) for block, _ in gates]  # (N,) each
 
 def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_path=None):
-    """Trains the parameters that require grad, in place, on lists of token ids; SMF needs one
-    BackgroundStats per memory layer. Writes a JSON line per step to log_path; returns the records.
-    Needs: BackgroundStats, RowSparseAdamW, make_dense_optimizer, memory_blocks, step_batches,
-    total_steps, split_step, forward_backward, get_lr, progress, require."""
+    """Trains what requires grad, in place, on token id lists (SMF: with BackgroundStats per memory
+    layer); a JSON line per step to log_path; returns the records. Needs: BackgroundStats,
+    RowSparseAdamW, make_dense_optimizer, memory_blocks, step_batches, total_steps, split_step,
+    forward_backward, get_lr, progress, require."""
     blocks, gates = memory_blocks(model), []  # gates, SMF only: (memory block, its statistics)
     if cfg.method == "smf":
         gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.texts))
@@ -572,9 +540,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     dense = [p for p in model.parameters() if p.requires_grad and all(p is not v for v in values)]
     dense_opt = make_dense_optimizer(dense, cfg, device)
     sparse_opt = RowSparseAdamW(values, weight_decay=cfg.weight_decay, sgd=cfg.optimizer == "sgd")
-    per_step = cfg.micro_batch * cfg.grad_accum
-    total, batches = total_steps(len(examples), cfg), step_batches(list(map(len, examples)),
-                                                                   per_step, cfg.seed)
+    total = total_steps(len(examples), cfg)
+    batches = step_batches(list(map(len, examples)), cfg.micro_batch * cfg.grad_accum, cfg.seed)
     history, log = [], open(log_path or os.devnull, "w", buffering=1)  # line-buffered
     model.train()
     for step in progress(range(total), f"train {cfg.method}"):
@@ -619,8 +586,8 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     return history
 
 def make_dense_optimizer(params, cfg, device):
-    """torch's AdamW or SGD for `params`: every trainable tensor but SMF's value tables, which
-    RowSparseAdamW steps (a retrofit's value tables are dense, and here). None if there are none."""
+    """torch's AdamW or SGD for `params`, or None: every trainable tensor but SMF's value tables
+    (RowSparseAdamW's; a retrofit's value tables are dense and come here)."""
     if not params:
         return None
     if cfg.optimizer == "sgd":
@@ -642,9 +609,8 @@ def medmcqa_answer(row, option, letter_only=False):
     return letter if letter_only else f"{letter}. {row['op' + 'abcd'[option]]}"
 
 def medmcqa_text(row):
-    """The training text: prompt, gold answer, and the explanation line if any. No EOS (the
-    published code appends none): it would teach the model to stop early, which moves TriviaQA for a
-    reason that is not forgetting. Needs: medmcqa_prompt, medmcqa_answer."""
+    """Prompt, gold answer, explanation line if any; no EOS (as published): it teaches stopping
+    early, which moves TriviaQA but is no forgetting. Needs: medmcqa_prompt, medmcqa_answer."""
     text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
     if (row.get("exp") or "").strip():
         text += f"\nExplanation: {row['exp']}"
@@ -670,10 +636,9 @@ def tail_logprobs(model, seqs, n_scored, pad_id):
     return [lp[i, tail - n:] for i, n in enumerate(n_scored)]
 
 def option_logprobs(model, prompts, options, pad_id):
-    """[(O,) log-probabilities of each option's tokens after its prompt], options prompt by prompt.
-    Each prompt runs once, left-padded, and its KV cache is shared by its options, which run after
-    it as one right-padded batch: the prompt, most of the tokens, is not recomputed per option.
-    Needs: pad_batch, positions, token_logprobs."""
+    """[(O,) log-probabilities of each option's tokens after its prompt], prompt by prompt. A prompt
+    (most of the tokens) runs once, left-padded, and its KV cache serves its options, one right-
+    padded batch after it. Needs: pad_batch, positions, token_logprobs."""
     from transformers import DynamicCache
     A = len(options) // len(prompts)                                                # per prompt
     ids, mask = pad_batch(prompts, pad_id, left=True, device=next(model.parameters()).device)
@@ -695,11 +660,10 @@ def option_logprobs(model, prompts, options, pad_id):
 
 @torch.no_grad()
 def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
-    """Accuracy of the argmax over the 4 options of the mean per-token log-likelihood of ` {L}.
-    {option}` (the mean keeps long options from losing for their length; letter mode: ` A`.. ` D`).
-    The gold answer's NLL moves long before the argmax flips: it shows learning that accuracy on
-    1,000 questions cannot yet resolve. Needs: medmcqa_prompt, medmcqa_answer, option_logprobs,
-    progress."""
+    """Accuracy of the argmax over 4 options of the mean token log-likelihood of ` {L}. {option}`
+    (a mean, or long options lose for their length; letter mode: ` A`.. ` D`). The gold NLL moves
+    long before an argmax flips: learning that accuracy on 1,000 questions cannot yet resolve.
+    Needs: medmcqa_prompt, medmcqa_answer, option_logprobs, progress."""
     prompts, options = [], []  # token ids: a prompt per question, its four answers after it
     for row in rows:
         prompt = tokenizer(medmcqa_prompt(row))["input_ids"]
@@ -725,9 +689,8 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
 
 @torch.no_grad()
 def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8):
-    """Token perplexity with a sliding window: each window starts `stride` after the last and scores
-    only the tokens no earlier window scored, so every token but the first (which has no context)
-    counts once. Needs: tail_logprobs, progress."""
+    """Token perplexity by sliding windows `stride` apart, each scoring only tokens no earlier one
+    did: all but the first token (no context) count once. Needs: tail_logprobs, progress."""
     ids = tokenizer(text)["input_ids"]
     assert len(ids) >= 2, "perplexity needs at least two tokens"
     starts = range(0, max(1, len(ids) - window + stride), stride)
@@ -746,26 +709,23 @@ def eval_wikitext(model, tokenizer, text, window=1024, stride=512, batch_size=8)
             "protocol": f"token perplexity, window {window}, stride {stride}"}
 
 def normalize_answer(s):
-    """The published SMF code's normalisation, kept so that its metric means the paper's: lower
-    case, drop articles, keep [a-z0-9 .-], collapse spaces. It is not the official TriviaQA
-    script's, which keeps letters like ü and drops punctuation: here `Zürich` -> `z rich` and
-    `U.S.A.` -> `u.s. .` (the `a` is taken for an article)."""
+    """The published SMF code's, so that the metric means the paper's: lower case, drop articles,
+    keep [a-z0-9 .-], collapse spaces. Not the official TriviaQA script's (which keeps ü, drops
+    punctuation): `Zürich` -> `z rich`, `U.S.A.` -> `u.s. .` (its `a` taken for an article)."""
     s = re.sub(r"\b(a|an|the)\b", " ", s.lower())
     return " ".join(re.sub(r"[^a-z0-9 .\-]", " ", s).split())
 
 def alias_contained(prediction, aliases):
-    """The paper's metric: a normalised alias occurs inside the normalised generation. Not a
-    superset of exact_match: that drops thousands separators, this does not (` 1,000` != `1000`).
-    Needs: normalize_answer."""
+    """The paper's metric: a normalised alias inside the normalised generation; no superset of
+    exact_match, which drops thousands separators (` 1,000` != `1000`). Needs: normalize_answer."""
     pred = normalize_answer(prediction)
     return any(a and a in pred for a in map(normalize_answer, aliases))
 
 def exact_match(prediction, aliases):
-    """The answer equals an alias. The answer is the first non-empty line, or a start of it that
-    ends where a sentence does (`Paris. It is...`): before . ! ? followed by a space or the end. A
-    comma ends no answer (`Paris, Texas` is not `Paris`; `Washington, D.C.` stays whole). A period
-    alone cannot tell an abbreviation, so `St. Louis` also offers `St`. `1,000` equals `1000`.
-    Needs: normalize_answer."""
+    """The answer equals an alias: the first non-empty line, or a start of it that ends as a
+    sentence does (`Paris. It is...`: . ! ? before a space or the end). No comma ends one (`Paris,
+    Texas` is not `Paris`); a period cannot tell an abbreviation (`St. Louis` also offers `St`);
+    `1,000` equals `1000`. Needs: normalize_answer."""
     def norm(s):
         return normalize_answer(re.sub(r"(?<=\d),(?=\d{3}\b)", "", s))
     line = next((line.strip() for line in prediction.split("\n") if line.strip()), "")
@@ -776,10 +736,9 @@ def exact_match(prediction, aliases):
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_penalty=1.0,
                     batch_size=32):
-    """Greedy continuations by HF `generate` (with its KV cache), stopping on the tokenizer's EOS
-    only. Prompts of equal token length run together: no pads at all, so a batch gives each prompt
-    the answer it gets alone, and the repetition penalty (a logit of a token already in the row is
-    divided by it if positive, multiplied if negative) counts exactly the row's own tokens."""
+    """Greedy continuations by HF `generate` (KV cache), stopping on the tokenizer's EOS only. Only
+    prompts of equal length share a batch: no pads, so each gets its answer alone, and the penalty
+    (a logit of a token in the row: divided by it if positive, else multiplied) counts its own."""
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     eos, device, answers = tokenizer.eos_token_id, next(model.parameters()).device, {}
@@ -799,10 +758,9 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_pen
 
 def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32,
                   repetition_penalty=None):
-    """Alias containment (the paper's) and exact match of a greedy generation per question. The
-    paper's generate(do_sample=False) applies the repetition penalty of the model's own
-    generation_config.json (Qwen2.5-0.5B-Instruct sets one): so does this, unless one is given.
-    Needs: greedy_generate, alias_contained, exact_match."""
+    """Alias containment (the paper's) and exact match of a greedy generation per question, with
+    the repetition penalty of the model's generation_config.json unless one is given, as the
+    paper's generate(do_sample=False). Needs: greedy_generate, alias_contained, exact_match."""
     penalty = repetition_penalty or model.generation_config.repetition_penalty or 1.0
     prompts = [f"Question: {question}\nAnswer:" for question, _ in rows]
     preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, penalty, batch_size)
@@ -845,9 +803,8 @@ def read_rows(source, hub_config=None, split="train"):
     return rows
 
 def parse_rows(source, rows, parse):
-    """The values of the rows that pass every filter, parse(row) giving (value, {filter: passed}).
-    A missing or mistyped field is named with its line; when no row is left, so is what each filter
-    removed."""
+    """Values of the rows passing every filter of parse(row) -> (value, {filter: passed}); a bad
+    field is named with its line, and an empty result with what each filter removed."""
     kept, removed = [], collections.Counter()
     for where, row in rows:
         try:
@@ -877,8 +834,7 @@ def medmcqa_row(row):
     return {**row, **texts, "cop": int(float(row["cop"]))}, {"choice_type == 'single'": single}
 
 def load_medmcqa(source="openlifescienceai/medmcqa", split="validation", limit=None, seed=None):
-    """Single-answer rows (`choice_type == "single"`, kept when absent), shuffled with `seed`, the
-    first `limit`."""
+    """Single-answer rows (no `choice_type`: kept), shuffled with `seed`, the first `limit`."""
     rows = parse_rows(source, read_rows(source, None, split), medmcqa_row)
     if seed is not None:
         random.Random(seed).shuffle(rows)
@@ -894,8 +850,7 @@ def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=
     return "\n\n".join(lines[:limit])
 
 def triviaqa_row(row):
-    """(question, aliases): the aliases and the answer's value, a list of strings (aliases given as
-    one string would be an alias per character)."""
+    """(question, aliases and the answer's value), a list of strings (not one: a letter each)."""
     aliases, value = row["answer"]["aliases"] or [], row["answer"].get("value") or ""
     strings = isinstance(aliases, list) and all(isinstance(a, str) for a in aliases + [value])
     if not strings or not (aliases or value):
@@ -907,8 +862,7 @@ def load_triviaqa(source="mandarjoshi/trivia_qa", limit=1000):
     return parse_rows(source, read_rows(source, "rc.nocontext", "validation")[:limit], triviaqa_row)
 
 def background_row(row):
-    """An OASST1 row's text, and whether it is an English assistant reply ranked 0 or 1 with at
-    least 50 characters (absent fields pass)."""
+    """An OASST1 row's text, and its filters: English, assistant, rank 0 or 1, 50+ characters."""
     return text(row, "text"), {"lang == 'en'": row.get("lang", "en") == "en",
                                "role == 'assistant'": row.get("role", "assistant") == "assistant",
                                "rank 0 or 1": row.get("rank", 0) in (0, 1),
@@ -956,9 +910,8 @@ def has_table_header(path):
         return f.readline().rstrip("\n") == TABLE_HEADER
 
 def check_output(flag, path, fix, mine=None):
-    """The output rule: a path a command writes must not exist, except a file smf wrote that
-    mine(path) accepts; a checkpoint folder (mine None) is never replaced. The place must take a
-    new file: one is made there and removed, so that no run fails at its end."""
+    """The output rule: `path` must not exist, but as a file of smf's that mine(path) accepts (a
+    checkpoint, mine None, never); a file is made and removed there, so no run fails at its end."""
     place = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(place):
         place = os.path.dirname(place)
@@ -972,8 +925,7 @@ def check_output(flag, path, fix, mine=None):
 
 @contextlib.contextmanager
 def staging(out):
-    """Yields a staging folder, this run's own, that becomes `out` only if the block ends without
-    error, by one rename: a checkpoint is never half-written, and never replaced."""
+    """A staging folder of this run's own that one rename makes `out` when the block succeeds."""
     place, name = os.path.split(os.path.abspath(out))  # on `out`'s file system: a rename moves it
     os.makedirs(place, exist_ok=True)
     staged = tempfile.mkdtemp(prefix=f".{name}.tmp", dir=place)
@@ -1126,8 +1078,7 @@ APPLIES = {  # rule 2: option -> the methods it applies to; given to another met
     **{f"memory_{f.name}": ("retrofit",) for f in dataclasses.fields(MemoryConfig)}}
 
 def run_train(args, device):
-    """`train`: load the parent, prepare what the method trains, train, save; in a staging folder
-    that becomes --out only when complete. config.json records the recipe that applied."""
+    """`train`: parent, prepare, train, save, in a staging folder; config.json has the recipe."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     mem_cfg = MemoryConfig(**{f.name: getattr(args, "memory_" + f.name)
                               for f in dataclasses.fields(MemoryConfig)})
@@ -1161,17 +1112,14 @@ def run_train(args, device):
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
     last, tokens = history[-1], sum(h["tokens"] for h in history)
+    memory = {k: last[k] for k in ("rows_updated", "alpha") if last[k]}  # per layer, last step
     print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}, checkpoint {args.out} (log "
-          f"train_log.jsonl); per memory layer in the last step: rows updated "
-          f"{last['rows_updated']}, alpha {last['alpha']}\n   evaluate: python "
-          f"{os.path.relpath(__file__)} eval --model {args.out} --device {device} (offline: add "
-          "--medmcqa, --wikitext and --triviaqa files)")
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f} {memory or ''}, checkpoint "
+          f"{args.out}\n   evaluate: python {os.path.relpath(__file__)} eval --model {args.out}")
     return model
 
 def run_eval(args, device):
-    """`eval`: every probe's data first (a wrong source fails in seconds), then a line per probe,
-    then the results JSON. It keeps the other probes of this model's results already there."""
+    """`eval`: all probes' data first (fails in seconds), a line per probe, then the results."""
     names = PROBES if args.probe == "all" else (args.probe,)
     loaders = {"medmcqa": load_medmcqa, "wikitext": load_wikitext, "triviaqa": load_triviaqa}
     probes = {name: loaders[name](getattr(args, name), limit=args.limit) for name in names}
@@ -1190,8 +1138,7 @@ def run_eval(args, device):
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
-        metrics = [f"{k} {r[k]:.4f}" for k in ("acc", "gold_nll", "ppl", "alias_contains_acc",
-                                               "exact_match") if k in r]
+        metrics = [f"{key} {r[key]:.4f}" for _, _, key, *_ in TABLE_COLUMNS if key in r]
         print(f"{probe:9s} {' '.join(metrics)}  n={r.get('n', r.get('tokens'))}  "
               f"({r['protocol']}; {time.time() - t0:.1f}s)")
         results[probe] = r
@@ -1250,9 +1197,8 @@ def scored_data(run, probe, per_question):
     return results.get("data"), n
 
 def table_cells(runs, base, column, is_base):
-    """The column's two cells (mean ± sample std (n) over the seeds that have the value; Δ vs Base
-    [its interval]), and the figure's (mean, half-width of the interval or None), or (None, what is
-    wrong). A value that is not a finite number costs only its cell, which says what it is."""
+    """Two cells (mean ± sample std (n) over the seeds that have it; Δ vs Base [interval]) and the
+    figure's (mean, half-width or None), or (None, what is wrong): a bad value costs its cell."""
     _, probe, key, per_question, scale = column
     values = [read_value(r, probe, key) for r in runs]
     problems = collections.Counter(why for _, why in values if why and why != "missing")
@@ -1283,7 +1229,7 @@ def read_results(results_dir, folder):
     """A row's results, one per seed<integer> folder; what is not a number is named in a note."""
     runs = []
     for file in sorted(glob.glob(os.path.join(results_dir, folder, "seed*", "eval.json"))):
-        if re.fullmatch(r"seed\d+", os.path.basename(os.path.dirname(file))):
+        if re.fullmatch(r"seed[0-9]+", os.path.basename(os.path.dirname(file))):  # ASCII digits
             content = read_json(file, "rerun that stage's evaluation")
             if not isinstance(content, dict):
                 print(f"note: {file} holds no results object: shown as missing", file=sys.stderr)
@@ -1318,19 +1264,15 @@ def run_table(args, device=None):
     print("\n".join(lines) + f"\n\nwrote {table} and {figure}")
 
 # The figure: MedMCQA accuracy (y) against WikiText perplexity (left) and TriviaQA accuracy (right)
-PANEL_W, PANEL_H, LEFT, TOP, LABEL_W = 330, 300, 70, 40, 140  # pixels: plot, margins, labels
-CAPTION_PX = 11  # the caption's font size
+PANEL_W, PANEL_H, LEFT, TOP, LABEL_W, CAPTION_PX = 330, 300, 70, 40, 140, 11  # pixels; font
 
 def svg(tag, content=None, **attrs):
     """One SVG element; in attribute names `_` stands for `-` (and `class_` for class)."""
     names = " ".join(f'{k.rstrip("_").replace("_", "-")}="{v}"' for k, v in attrs.items())
-    if content is None:
-        return f"<{tag} {names}/>"
-    return f"<{tag} {names}>{content}</{tag}>"
+    return f"<{tag} {names}/>" if content is None else f"<{tag} {names}>{content}</{tag}>"
 
 def scale_axis(pairs, pixels, bounds=(-math.inf, math.inf)):
-    """(lo, hi, to_pixel): the range of (value, whisker or None) pairs, padded and kept within
-    `bounds` (an accuracy stays in 0..100: a whisker may reach the frame), onto `pixels`."""
+    """(lo, hi, to_pixel) of (value, whisker or None) pairs, padded, within bounds, to pixels."""
     lo = min(v - (w or 0) for v, w in pairs)
     hi = max(v + (w or 0) for v, w in pairs)
     pad = (hi - lo) * 0.08 or 1.0
@@ -1347,8 +1289,7 @@ def round_ticks(lo, hi, count=5):
     return [round(i * step, 12) for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
 def panel_svg(x0, rows, x_key, x_title):
-    """One panel: axes and round ticks, whiskers (cut at the frame), points, and their labels in a
-    column beside the plot."""
+    """One panel: axes, round ticks, whiskers cut at the frame, points, a column of labels."""
     x_bounds = (0, 100) if x_key != "ppl" else (0, math.inf)
     x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, x0 + PANEL_W), x_bounds)
     y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (TOP + PANEL_H, TOP), (0, 100))
@@ -1381,8 +1322,8 @@ def panel_svg(x0, rows, x_key, x_title):
                data_bottom=bottom)
 
 def figure_svg(points, seeds, questions):
-    """The SVG text: in each panel a point per row with both of its values (the mean over its
-    seeds; Base black, retrofits hollow); the caption names every value left out, and why."""
+    """Per panel a point per row with both values (Base black, retrofits hollow); the caption
+    names each value left out, and why."""
     panels = [("ppl", "WikiText perplexity (lower is better)", "WikiText ppl"),
               ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)",
                "TriviaQA alias acc")]
@@ -1435,8 +1376,7 @@ CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector"
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
 
 def add_config_flags(group, cls, prefix=""):
-    """A flag per field of a config dataclass, the comment beside it as the help. Every flag
-    defaults to None, so that check_args knows what was given before it fills in the default."""
+    """A flag per config field, its comment the help; default None: check_args sees the given."""
     comments = dict(re.findall(r"^\s+(\w+): [^#\n]*# (.*)$", inspect.getsource(cls), re.M))
     for f in dataclasses.fields(cls):
         kind = {bool: {"action": "store_true"}, tuple: {"type": int, "nargs": "+"}}.get(
@@ -1453,8 +1393,7 @@ def build_parser():
                         help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes")
-    e.add_argument("--model", default=DEFAULT_MODEL, help="hub id, HF folder or smf checkpoint "
-                   f"(default: {DEFAULT_MODEL})")
+    e.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id (%(default)s)")
     e.add_argument("--probe", default="all", choices=PROBES + ("all",), help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
@@ -1478,9 +1417,8 @@ RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: v
     ("lora_dropout", "in [0, 1)", 0, True, 1)]
 
 def check_args(args):
-    """Every mistake in the options, before any model or data loads: a value out of range, an option
-    that does not apply (rule 2), a path this run must not write (the output rule). Records the
-    options given, then fills in the defaults of the others."""
+    """Every mistake in the options before anything loads: ranges, rule 2, the output rule. Records
+    the options given, then fills in the defaults of the others."""
     for names, need, lowest, lowest_ok, highest in RANGES:
         for name in names.split():
             v = getattr(args, name, None)
@@ -1496,12 +1434,11 @@ def check_args(args):
     if args.command == "train":
         default_model = "runs/retrofit" if args.method == "smf" else DEFAULT_MODEL
         args.model, args.out = args.model or default_model, args.out or f"runs/{args.method}"
-    if args.command in ("train", "eval"):
-        check_model_path(args.model)
-    if args.command == "train":
         check_train_args(args)
         check_output("--out", args.out, "choose a new folder (a checkpoint is never replaced: move "
                      "the old one away to train it again)")
+    if args.command == "eval":
+        check_model_path(args.model)
     if args.command == "eval" and args.out:
         check_output("--out", args.out, f"it is not smf's results of --model {args.model} — "
                      "choose another file, or move it away", functools.partial(earlier_results,
@@ -1513,6 +1450,7 @@ def check_args(args):
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
+    check_model_path(args.model)
     meta = checkpoint_meta(args.model) or {}
     memory, kind = meta.get("memory"), meta.get("kind", "plain")  # memory: its retrofit's
     mode = (memory or {}).get("mode", args.memory_mode)
