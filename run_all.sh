@@ -12,9 +12,9 @@
 if [ -z "${BASH_VERSION:-}" ]; then echo "error: run_all.sh needs bash — run it with: bash run_all.sh" >&2; exit 2; fi
 set -euo pipefail
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  sed -n '2,/^if \[ -z "\${BASH_VERSION/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   echo "settings (environment variables; the default after :- ):"
-  grep -E '^[A-Z_]+=\$\{' "$0" | sed 's/^/  /'
+  grep -E '^[A-Z_]+=\$\{' "$0" | grep -v '^CPU_THREADS' | sed 's/^/  /'
 }
 case "$#:${1:-}" in
   0:|1:--list) ;;
@@ -57,9 +57,20 @@ for row in $ROWS; do
   case " $ALL_ROWS " in *" $row "*) ;; *) echo "error: unknown row '$row' in ROWS — use names from: $ALL_ROWS" >&2; exit 2 ;; esac
 done
 [ -n "${SEEDS// /}" ] || { echo "error: SEEDS is empty — give one or more seeds, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
+seeds=""   # SEEDS as plain integers (01 is seed 1), each once
 for seed in $SEEDS; do
   [[ $seed =~ ^[0-9]+$ ]] || { echo "error: SEEDS=\"$SEEDS\": '$seed' is not a seed — give integers separated by spaces, e.g. SEEDS=\"0 1 2\"" >&2; exit 2; }
+  [[ " $seeds " != *" $((10#$seed)) "* ]] || { echo "error: SEEDS=\"$SEEDS\" names seed $((10#$seed)) twice — give each seed once" >&2; exit 2; }
+  seeds="$seeds $((10#$seed))"
 done
+SEEDS=${seeds# }
+# counts and sizes: positive integers (MAX_STEPS and LIMIT_TRAIN may be empty), checked before any work
+for name in MAX_STEPS LIMIT_TRAIN EVAL_LIMIT BACKGROUND_EXAMPLES MICRO_BATCH GRAD_ACCUM FORWARD_TOKENS EVAL_BATCH; do
+  v=${!name}
+  [[ -z $v && ($name == MAX_STEPS || $name == LIMIT_TRAIN) ]] || [[ $v =~ ^[1-9][0-9]*$ ]] || {
+    echo "error: $name=$v is not a positive integer — give one, e.g. $name=2" >&2; exit 2; }
+done
+$PYTHON -c 'import torch' 2>/dev/null || { echo "error: PYTHON=$PYTHON cannot import torch — install the requirements (README: Install), or point PYTHON at the Python that has them" >&2; exit 2; }
 [ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
 if [ -n "$GPUS" ]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
@@ -88,6 +99,8 @@ for name in MEDMCQA MEDMCQA_EVAL WIKITEXT TRIVIAQA BACKGROUND; do
   IDENTITY[$name]=${!name}
   [ ! -f "${!name}" ] || IDENTITY[$name]="${!name} ($(wc -c < "${!name}") bytes, sha256 $(sha256sum "${!name}" | cut -c1-16))"
 done
+# a local base model by the sha256 of its weight files, so that weights changed in place are caught too
+[ ! -d "$MODEL" ] || IDENTITY[MODEL]="$MODEL (weights sha256 $(cd "$MODEL" && find . -maxdepth 1 \( -name '*.safetensors' -o -name '*.bin' \) | sort | xargs -r sha256sum | sha256sum | cut -c1-16))"
 
 # needs STAGE: the stage it starts from (an SMF row needs its retrofit), or "-"
 needs() {
@@ -134,13 +147,14 @@ settings() {
   done
 }
 
-# check_settings STAGE: refuses a stage made before with other settings (or with none recorded); a stage whose
-# evaluation has not finished is checked on its training settings only (its evaluation runs again anyway)
+# check_settings STAGE [training]: refuses a stage made before with other settings (or with none recorded); a
+# stage whose evaluation has not finished, or a retrofit that an SMF stage starts from ("training"), is checked on
+# its training settings only
 check_settings() {
   local file="$OUT/$1/settings.txt" upto=p
   [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
   [ -f "$file" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
-  finished "$1" || upto='/^# evaluation/q;p'
+  finished "$1" && [ "${2:-}" != training ] || upto='/^# evaluation/q;p'
   local changes there now
   changes=$(diff <(settings "$1" | sed -n "$upto") <(sed -n "$upto" "$file")) && return 0
   there=$(sed -n 's/^> //p' <<< "$changes" | paste -sd ' ' -) now=$(sed -n 's/^< //p' <<< "$changes" | paste -sd ' ' -)
@@ -195,15 +209,22 @@ lock() {
 if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and seed, whatever ROWS and SEEDS say)
   [[ " $ALL_ROWS " == *" ${STAGE%/seed*} "* && ${STAGE#*/seed} =~ ^[0-9]+$ && $STAGE == */seed* ]] || {
     echo "error: unknown stage '$STAGE' — a stage is <row>/seed<integer> (see bash run_all.sh --list)" >&2; exit 2; }
+  STAGE="${STAGE%/seed*}/seed$((10#${STAGE#*/seed}))"   # seed01 is seed1
   dep=$(needs "$STAGE")
   if [ "$dep" != - ] && ! finished "$dep"; then
     echo "error: stage $STAGE needs $dep, which has not finished — run STAGE=$dep first" >&2; exit 2
   fi
   check_settings "$STAGE" || exit 2
+  [ "$dep" = - ] || check_settings "$dep" training || exit 2   # the retrofit it starts from, as this run would make it
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
+  exec 8>>"$OUT/.run_all.lock"   # shared with other STAGE runs, never with a run of every stage into OUT
+  flock -n -s 8 || { echo "error: another run_all.sh is running every stage into $OUT (it holds $OUT/.run_all.lock) — wait for it to end, or choose another OUT" >&2; exit 2; }
   lock "$OUT/$STAGE/.lock" "stage $STAGE"
-  run_stage "$STAGE" "$DEVICE"
+  run_stage "$STAGE" "$DEVICE" &
+  stage_pid=$!
+  trap 'pkill -TERM -P $stage_pid 2>/dev/null; wait; echo "stopped: stage $STAGE was stopped" >&2; exit 143' TERM INT
+  wait "$stage_pid"
   exit
 fi
 
@@ -226,8 +247,16 @@ stop() {
 }
 trap stop TERM INT
 todo=() bad=0
-for s in "${STAGES[@]}"; do check_settings "$s" || bad=1; done
+for s in "${STAGES[@]}"; do
+  check_settings "$s" || bad=1
+  dep=$(needs "$s")   # a retrofit outside ROWS or SEEDS that an SMF stage starts from: as this run would make it
+  [ "$dep" = - ] || [[ " ${STAGES[*]} " == *" $dep "* ]] || check_settings "$dep" training || bad=1
+done
 [ $bad -eq 0 ] || exit 2
+for f in table.md figure.svg; do   # written at the end: a file there that table did not write is refused now
+  [ ! -e "$OUT/$f" ] || head -n 1 "$OUT/$f" | grep -q '^<!-- written by `smf.py table`' || {
+    echo "error: $OUT/$f was not written by smf.py table (no header line) — move it away: the table is written there at the end" >&2; exit 2; }
+done
 for s in "${STAGES[@]}"; do
   if finished "$s"; then echo "skip  ${s%/seed*} seed ${s#*/seed} (finished)"; else todo+=("$s"); fi
 done

@@ -851,19 +851,34 @@ def test_run_all_smoke(tiny, tmp_path):
     assert all(r["lr"] == 4e-4 and r["top_t"] == 8 for row, r in recipes.items() if row.startswith("smf"))
     again = run_all(env)
     assert again.returncode == 0 and again.stdout.count("skip ") == 11 and "done " not in again.stdout
-    for row, probe in (("base", "medmcqa"), ("lora", "wikitext"), ("full", "triviaqa")):   # a probe short: unfinished
-        results = json.load(open(out / row / "seed1" / "eval.json"))
-        del results[probe]
-        (out / row / "seed1" / "eval.json").write_text(json.dumps(results, indent=2))
-    short = run_all(env)
-    assert short.returncode == 0 and short.stdout.count("skip ") == 8, short.stdout + short.stderr
-    assert {line.split()[1] for line in short.stdout.splitlines() if line.startswith("done ")} == {"base", "lora", "full"}
 
+    import shutil
+    shutil.rmtree(out / "smf_additive_kl" / "seed1")                       # redo one SMF stage with other memory
+    smf_only = run_all({**env, "ROWS": "smf_additive_kl", "MEMORY_ARGS": " ".join(MEM[:-1] + ["2"])})
+    assert smf_only.returncode == 2 and "start " not in smf_only.stdout
+    assert f"stage retrofit_additive/seed1 in {out} was made with MEMORY_ARGS={' '.join(MEM)};" in smf_only.stderr
+    (out / "table.md").write_text("my notes\n")                            # the user's: refused before any stage
+    notes = run_all({**env, "ROWS": "smf_additive_kl"})
+    assert notes.returncode == 2 and "start " not in notes.stdout and f"{out}/table.md was not written by" in notes.stderr
+    os.remove(out / "table.md")
     other = run_all({**env, "EVAL_LIMIT": "6", "MAX_STEPS": "3"})              # other settings: refused, in one line
     assert other.returncode == 2 and "start " not in other.stdout, other.stdout
     assert (f"error: stage base/seed1 in {out} was made with EVAL_LIMIT=8; this run has EVAL_LIMIT=6 — choose another "
             f"OUT, or move {out}/base/seed1 away to redo it") in other.stderr.splitlines()
     assert "was made with MAX_STEPS=2 EVAL_LIMIT=8" in other.stderr or "MAX_STEPS=2" in other.stderr
+
+
+def test_run_all_finishes_a_stage_only_when_its_eval_json_holds_every_probe(tmp_path):
+    """run_all.sh's own `finished`, run by bash on eval.json files written as smf eval writes them (indent 2)."""
+    source = open(os.path.join(HERE, "run_all.sh")).read()
+    finished = source[source.index("finished() {"):source.index("\n}\n", source.index("finished() {")) + 3]
+    probes = {"written_by": "smf.py eval", "medmcqa": {"acc": 0.5}, "wikitext": {"ppl": 9.0}, "triviaqa": {"n": 1}}
+    for missing in (None, "medmcqa", "wikitext", "triviaqa"):
+        stage = tmp_path / f"without_{missing}" / "seed1"
+        stage.mkdir(parents=True)
+        (stage / "eval.json").write_text(json.dumps({k: v for k, v in probes.items() if k != missing}, indent=2))
+        p = subprocess.run(["bash", "-c", f"{finished}\nOUT={tmp_path}; finished without_{missing}/seed1"])
+        assert p.returncode == (0 if missing is None else 1), missing
 
 
 def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
@@ -925,6 +940,16 @@ def test_run_all_holds_a_lock_and_stops_its_stages_on_sigterm(tiny, tmp_path):
     assert first.wait(timeout=60) == 143 and "stopped" in first.stderr.read()
     alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
     assert alive == "" and not [p for p in out.rglob("*") if ".tmp" in p.name]   # no orphan, nothing half-written
+    out = tmp_path / "stage"                                             # SIGTERM to a STAGE run stops its training
+    stage = subprocess.Popen(["bash", os.path.join(HERE, "run_all.sh")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**env, "OUT": str(out), "STAGE": "full/seed1", "TRAIN_ARGS": "--epochs 1000"}, text=True)
+    while not [f for f in out.rglob("train_log.jsonl") if f.stat().st_size]:
+        assert stage.poll() is None, stage.stderr.read()
+        time.sleep(0.2)
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=60) == 143 and "stopped: stage full/seed1" in stage.stderr.read()
+    alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
+    assert alive == "" and not [p for p in out.rglob("*") if ".tmp" in p.name]
 
 
 # ----------------------------------------------------------------------------------------------- properties against
@@ -1867,7 +1892,12 @@ def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
     for flag in ("--help", "-h"):
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), flag], capture_output=True, text=True, env=env)
         assert p.returncode == 0 and "MODEL=" in p.stdout and "GPUS=" in p.stdout and not (tmp_path / "out").exists()
+    assert "BASH_VERSION" not in p.stdout and "CPU_THREADS" not in p.stdout                 # settings only
     for bad, message in (({"SEEDS": "0,1"}, "SEEDS=\"0,1\": '0,1' is not a seed"), ({"SEEDS": "a"}, "'a' is not a seed"),
+                         ({"SEEDS": "01 1"}, 'SEEDS="01 1" names seed 1 twice'), ({"SEEDS": "1 ٣"}, "'٣' is not a seed"),
+                         ({"MAX_STEPS": "abc"}, "MAX_STEPS=abc is not a positive integer"),
+                         ({"FORWARD_TOKENS": "0"}, "FORWARD_TOKENS=0 is not a positive integer"),
+                         ({"PYTHON": "false"}, "PYTHON=false cannot import torch"),
                          ({"OUT": str(tmp_path / "f")}, f"OUT={tmp_path / 'f'} is a file")):
         (tmp_path / "f").write_text("")
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True, env={**env, **bad})
@@ -1877,6 +1907,9 @@ def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
     p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                        env={**env, "SEEDS": "1", "STAGE": "smf_additive_kl/seed0"})   # any stage, whatever SEEDS says
     assert p.returncode == 2 and "needs retrofit_additive/seed0, which has not finished" in p.stderr
+    listed = subprocess.run(["bash", os.path.join(HERE, "run_all.sh"), "--list"], capture_output=True, text=True,
+                            env={**env, "SEEDS": "01 2", "ROWS": "base"}).stdout.split()
+    assert listed == ["base/seed1", "base/seed2"]                                           # 01 is seed 1
     if not torch.cuda.is_available():                                   # an example that fits this machine
         p = subprocess.run(["bash", os.path.join(HERE, "run_all.sh")], capture_output=True, text=True,
                            env={**env, "GPUS": "0"})
@@ -1894,12 +1927,24 @@ def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path):
     assert passed and all(name in recorded for name in passed), passed
     questions = tmp_path / "triviaqa.jsonl"
     questions.write_text(open(tiny["triviaqa"]).read())
-    env = {**smoke_env(tiny, tmp_path / "res"), "STAGE": "base/seed1", "TRIVIAQA": str(questions)}   # one stage
+    import fcntl, shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny["model"], model)
+    env = {**smoke_env(tiny, tmp_path / "res"), "STAGE": "base/seed01", "TRIVIAQA": str(questions), "MODEL": str(model)}
     assert run_all(env).returncode == 0 and json.load(open(tmp_path / "res" / "base" / "seed1" / "eval.json"))["medmcqa"]
-    import shutil
-    shutil.copytree(tiny["model"], tmp_path / "same_model")
-    other = run_all({**env, "MODEL": str(tmp_path / "same_model")})
-    assert other.returncode == 2 and f"was made with MODEL={tiny['model']}" in other.stderr
+    other = run_all({**env, "MODEL": tiny["model"]})
+    assert other.returncode == 2 and f"was made with MODEL={model} (weights sha256 " in other.stderr
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1                                                          # the base model changed in place
+    weights.write_bytes(bytes(data))
+    changed = run_all({**env, "STAGE": "base/seed1"})
+    assert changed.returncode == 2 and "start" not in changed.stdout and "weights sha256" in changed.stderr
+    with open(tmp_path / "res" / ".run_all.lock", "a") as held:            # a run of every stage into the same OUT
+        fcntl.flock(held, fcntl.LOCK_EX)
+        beside = run_all({**env, "STAGE": "lora/seed1"})
+    assert beside.returncode == 2 and "another run_all.sh is running every stage into" in beside.stderr
+    shutil.copy(os.path.join(tiny["model"], "model.safetensors"), weights)     # restored: only the data change below
     before = hashlib.sha256(questions.read_bytes()).hexdigest()[:16]
     questions.write_text("".join(open(tiny["triviaqa"]).readlines()[::-1]))   # other questions, in place
     changed = run_all(env)
