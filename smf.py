@@ -175,7 +175,7 @@ class ProductKeyMemory(nn.Module):
         xf = x.reshape(-1, x.shape[-1])                                       # (M, dim)
         scores, rows = self.lookup(xf)
         rows = rows.flatten(1)                                                # (M, S)
-        weights = scores.float().softmax(-1).flatten(1).to(self.values.dtype)  # (M, S): H a token
+        weights = scores.float().softmax(-1).flatten(1).to(self.values.dtype)  # (M, S), sum H
         gate = self.read_gate(rows) if self.read_gate else None
         if gate is None:
             readout = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
@@ -408,9 +408,9 @@ def get_lr(step, total, peak, warmup):
 
 class RowSparseAdamW:
     """AdamW (or SGD) stepping only given rows of 2-D parameters, and only their moments and step
-    counts (per row: dense AdamW's bias correction), so an unpicked row never drifts, as under a
-    dense AdamW's stale moments. "Lazy" Adam, like torch's SparseAdam: a row picked after a gap
-    resumes undecayed moments (decaying them would move it)."""
+    counts (per row: dense AdamW's bias correction): an unpicked row never drifts (on masked
+    gradients a dense AdamW's stale moments move it). "Lazy" Adam, like torch's SparseAdam: a row
+    picked after a gap resumes undecayed moments (decaying them would move it)."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
         self.params, self.betas, self.eps = list(params), betas, eps
