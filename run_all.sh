@@ -38,7 +38,7 @@ BACKGROUND=${BACKGROUND:-OpenAssistant/oasst1}          # retrofit corpus and se
 MAX_STEPS=${MAX_STEPS:-}                                # empty: full recipes (3 epochs; 2 for retrofit)
 LIMIT_TRAIN=${LIMIT_TRAIN:-}                            # empty: 60,000 MedMCQA examples / all of OASST1
 EVAL_LIMIT=${EVAL_LIMIT:-1000}                          # examples per probe (lines for WikiText)
-BACKGROUND_EXAMPLES=${BACKGROUND_EXAMPLES:-2000}        # single-example batches behind the selectors
+BACKGROUND_EXAMPLES=${BACKGROUND_EXAMPLES:-2000}        # background texts behind the selectors
 MICRO_BATCH=${MICRO_BATCH:-4}                           # x GRAD_ACCUM = effective batch 16
 GRAD_ACCUM=${GRAD_ACCUM:-4}
 FORWARD_TOKENS=${FORWARD_TOKENS:-4096}                  # padded tokens per forward pass (sets a step's memory)
@@ -63,7 +63,7 @@ for seed in $SEEDS; do
   [[ " $seeds " != *" $((10#$seed)) "* ]] || { echo "error: SEEDS=\"$SEEDS\" names seed $((10#$seed)) twice — give each seed once" >&2; exit 2; }
   seeds="$seeds $((10#$seed))"
 done
-SEEDS=${seeds# }
+SEEDS="${seeds# }"
 # counts and sizes: positive integers (MAX_STEPS and LIMIT_TRAIN may be empty), checked before any work
 for name in MAX_STEPS LIMIT_TRAIN EVAL_LIMIT BACKGROUND_EXAMPLES MICRO_BATCH GRAD_ACCUM FORWARD_TOKENS EVAL_BATCH; do
   v=${!name}
