@@ -546,9 +546,9 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
     model.train()
     for step in progress(range(total), f"train {cfg.method}"):
         batch, t0, loss = next(batches), time.perf_counter(), 0.0
-        n_targets = sum(len(examples[i]) - 1 for i in batch)  # every text's tokens but its first
-        picked = [torch.zeros(len(v), dtype=torch.bool, device=device) for v in values]   # (N,)
         lengths = [len(examples[i]) for i in batch]
+        n_targets = sum(lengths) - len(batch)  # every text's tokens but its first
+        picked = [torch.zeros(len(v), dtype=torch.bool, device=device) for v in values]   # (N,)
         for i, j in split_step(lengths, cfg.micro_batch, cfg.forward_tokens):
             seqs = [examples[k] for k in batch[i:j]]
             part, chosen = forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device)
