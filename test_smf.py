@@ -812,53 +812,59 @@ def run_all(env, *args, cwd=None):
                           cwd=cwd)
 
 
-def test_run_all_smoke(tiny, tmp_path):
-    """Every stage on two parallel slots; a rerun skips them all, and a rerun with other settings is refused (a stage
-    whose eval.json lacks a probe runs again: the next test)."""
-    out, env = tmp_path / "results", {**smoke_env(tiny, tmp_path / "results"), "GPUS": "cpu cpu"}
-    env |= {"LORA_ARGS": "--lora-r 4", "FULL_ARGS": "--lr 3e-4", "SMF_ARGS": "--top-t 8 --lr 4e-4"}   # each row's own
-    first = run_all(env)
-    assert first.returncode == 0, first.stdout + first.stderr
+def started_at_once(stdout):
+    """The most stages that run_all.sh's output shows running at the same time."""
     running, most = 0, 0
-    for line in first.stdout.splitlines():
+    for line in stdout.splitlines():
         running += line.startswith("start ") - line.startswith("done ")
         most = max(most, running)
-    assert most == 2 and first.stdout.count("done ") == 11                      # two stages ran at the same time
+    return most
+
+
+def test_run_all_smoke(tiny, tmp_path):
+    """One row of each kind of command, for real, on two parallel slots (every row's command: the next test); a
+    rerun skips them all, and a rerun with other settings is refused (a stage whose eval.json lacks a probe runs
+    again: see below)."""
+    out, env = tmp_path / "results", {**smoke_env(tiny, tmp_path / "results"), "GPUS": "cpu cpu"}
+    rows = ["base", "retrofit_additive", "smf_additive_scale_tfidf", "lora", "full"]
+    env |= {"ROWS": " ".join(rows), "LORA_ARGS": "--lora-r 4", "FULL_ARGS": "--lr 3e-4", "SMF_ARGS": "--top-t 8 --lr 4e-4"}
+    first = run_all(env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert started_at_once(first.stdout) == 2 and first.stdout.count("done ") == 5
     table = open(out / "table.md").read().splitlines()[2:]                   # after the header line and a blank
     names = [line.split("|")[1].strip() for line in table[2:]]
-    assert names == [name for name, *_ in smf.TABLE_ROWS]
-    for line in table[2:]:
+    assert names == [name for name, *_ in smf.TABLE_ROWS]                     # rows not run are shown, not dropped
+    for (_, row, _), line in zip(smf.TABLE_ROWS, table[2:]):
         cells = [c.strip() for c in line.split("|")[2:-1:2]]                  # the five metric columns
+        if row not in rows:
+            assert cells == ["missing"] * 5, line
+            continue
         assert len(cells) == 5 and all(math.isfinite(float(c.split()[0])) for c in cells), line
         assert all(c.endswith("(n=1)") and "±" not in c for c in cells), line  # one seed: no ± 0.00
-    for line in table[3:]:                                                    # Δ with a paired interval, but ppl
-        deltas = [c.strip() for c in line.split("|")[3:-1:2]]
-        assert [("[" in d) for d in deltas] == [True, True, False, True, True], line
+        deltas = [c.strip() for c in line.split("|")[3:-1:2]]                 # Δ with a paired interval, but ppl
+        assert row == "base" or [("[" in d) for d in deltas] == [True, True, False, True, True], line
     log = open(out / "logs" / "lora_seed1.log").read()
     assert "\r" not in log and "== lora finished: 2 steps" in log and "tokens/s" not in log   # no bars
-    for mode in ("replacement", "additive", "additive_scale"):
-        for sel in ("kl", "tfidf"):
-            meta = smf.checkpoint_meta(str(out / f"smf_{mode}_{sel}" / "seed1" / "model"))
-            parent = "retrofit_replacement" if mode == "replacement" else "retrofit_additive"
-            assert meta["kind"] == "smf" and meta["parent"] == f"../../../{parent}/seed1/model"
-            assert meta["train"]["selector"] == sel and meta["train"]["train_scale"] == (mode == "additive_scale")
-            size = lambda row: os.path.getsize(out / row / "seed1" / "model" / "weights.safetensors")
-            assert size(f"smf_{mode}_{sel}") < size(parent) / 4
-    recipes = {row: smf.checkpoint_meta(str(out / row / "seed1" / "model"))["train"] for _, row, _ in smf.TABLE_ROWS[1:]}
+    meta = smf.checkpoint_meta(str(out / "smf_additive_scale_tfidf" / "seed1" / "model"))
+    assert meta["kind"] == "smf" and meta["parent"] == "../../../retrofit_additive/seed1/model"
+    assert meta["train"]["selector"] == "tfidf" and meta["train"]["train_scale"]
+    size = lambda row: os.path.getsize(out / row / "seed1" / "model" / "weights.safetensors")
+    assert size("smf_additive_scale_tfidf") < size("retrofit_additive") / 4
+    recipes = {row: smf.checkpoint_meta(str(out / row / "seed1" / "model"))["train"] for row in rows[1:]}
     assert all(r["seed"] == 1 and r["warmup"] == 0 and r["total_steps"] == 2 for r in recipes.values())   # SEEDS=1
     assert recipes["lora"]["lora_r"] == 4 and recipes["lora"]["lr"] == smf.METHOD_LR["lora"]
     assert recipes["full"]["lr"] == 3e-4 and recipes["retrofit_additive"]["lr"] == smf.METHOD_LR["retrofit"]
-    assert all(r["lr"] == 4e-4 and r["top_t"] == 8 for row, r in recipes.items() if row.startswith("smf"))
+    assert recipes["smf_additive_scale_tfidf"]["lr"] == 4e-4 and recipes["smf_additive_scale_tfidf"]["top_t"] == 8
     again = run_all(env)
-    assert again.returncode == 0 and again.stdout.count("skip ") == 11 and "done " not in again.stdout
+    assert again.returncode == 0 and again.stdout.count("skip ") == 5 and "done " not in again.stdout
 
     import shutil
-    shutil.rmtree(out / "smf_additive_kl" / "seed1")                       # redo one SMF stage with other memory
-    smf_only = run_all({**env, "ROWS": "smf_additive_kl", "MEMORY_ARGS": " ".join(MEM[:-1] + ["2"])})
+    shutil.rmtree(out / "smf_additive_scale_tfidf" / "seed1")            # redo one SMF stage with other memory
+    smf_only = run_all({**env, "ROWS": "smf_additive_scale_tfidf", "MEMORY_ARGS": " ".join(MEM[:-1] + ["2"])})
     assert smf_only.returncode == 2 and "start " not in smf_only.stdout
     assert f"stage retrofit_additive/seed1 in {out} was made with MEMORY_ARGS={' '.join(MEM)};" in smf_only.stderr
     (out / "table.md").write_text("my notes\n")                            # the user's: refused before any stage
-    notes = run_all({**env, "ROWS": "smf_additive_kl"})
+    notes = run_all({**env, "ROWS": "smf_additive_scale_tfidf"})
     assert notes.returncode == 2 and "start " not in notes.stdout and f"{out}/table.md was not written by" in notes.stderr
     os.remove(out / "table.md")
     other = run_all({**env, "EVAL_LIMIT": "6", "MAX_STEPS": "3"})              # other settings: refused, in one line
@@ -866,6 +872,82 @@ def test_run_all_smoke(tiny, tmp_path):
     assert (f"error: stage base/seed1 in {out} was made with EVAL_LIMIT=8; this run has EVAL_LIMIT=6 — choose another "
             f"OUT, or move {out}/base/seed1 away to redo it") in other.stderr.splitlines()
     assert "was made with MAX_STEPS=2 EVAL_LIMIT=8" in other.stderr or "MAX_STEPS=2" in other.stderr
+
+
+FAKE_PYTHON = '''#!{python}
+"""Stands in for `python` under run_all.sh: records each smf.py command as a JSON line in $FAKE_CALLS and writes
+the files that command would write (a checkpoint's config.json, an eval.json of every probe), in milliseconds."""
+import json, os, sys, time
+if sys.argv[1] == "-c":                                              # run_all's own checks: the real interpreter
+    os.execv({python!r}, [{python!r}] + sys.argv[1:])
+command, args = sys.argv[2], sys.argv[3:]
+with open(os.environ["FAKE_CALLS"], "a") as f:
+    f.write(json.dumps([command] + args) + "\\n")
+out = args[args.index("--out") + 1] if "--out" in args else None
+if command == "train":
+    os.makedirs(out)
+    open(os.path.join(out, "train_log.jsonl"), "w").write("{{}}\\n")
+    time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", 0)))
+    open(os.path.join(out, "config.json"), "w").write(json.dumps({{"smf": {{}}}}))
+    print("== " + args[args.index("--method") + 1] + " finished")
+if command == "eval":
+    for probe in ("medmcqa", "wikitext", "triviaqa"):                # smf reads each probe's data first
+        with open(args[args.index("--" + probe) + 1]) as f:
+            json.loads(f.readline())
+    results = {{"written_by": "smf.py eval", "medmcqa": {{}}, "wikitext": {{}}, "triviaqa": {{}}}}
+    open(out, "w").write(json.dumps(results, indent=2))
+'''
+
+
+@pytest.fixture
+def fake_python(tmp_path):
+    """(PYTHON for run_all.sh that fakes smf.py, a function that reads the commands it was given)."""
+    script, calls = tmp_path / "fake_python", tmp_path / "calls.jsonl"
+    script.write_text(FAKE_PYTHON.format(python=sys.executable))
+    script.chmod(0o755)
+    read = lambda: [json.loads(line) for line in open(calls)] if calls.exists() else []
+    return {"PYTHON": str(script), "FAKE_CALLS": str(calls)}, read
+
+
+def holds(args, flags):
+    """Whether the command's arguments hold `flags` (a string of them) in a row."""
+    flags = flags.split()
+    return any(args[i:i + len(flags)] == flags for i in range(len(args)))
+
+
+def test_run_all_gives_each_row_its_parent_its_own_args_and_the_seed(tiny, tmp_path, fake_python):
+    """Every row of a seed on two slots, smf.py faked: each train command gets its row's method and parent (an SMF
+    row its own retrofit, after that retrofit finished), +scale rows --train-scale, only its own *_ARGS and the
+    seed; every stage is evaluated, and then the table is made."""
+    python, calls = fake_python
+    out = tmp_path / "res"
+    own = {"retrofit": "--memory-topk 2", "smf": "--top-t 8 --lr 4e-4", "lora": "--lora-r 4", "full": "--lr 3e-4"}
+    env = {**smoke_env(tiny, out), **python, "GPUS": "cpu cpu", "SEEDS": "07", "MEMORY_ARGS": own["retrofit"],
+           "SMF_ARGS": own["smf"], "LORA_ARGS": own["lora"], "FULL_ARGS": own["full"]}
+    p = run_all(env)
+    assert p.returncode == 0 and p.stdout.count("done ") == 11 and started_at_once(p.stdout) == 2, p.stderr
+    commands = calls()
+    assert commands[-1] == ["table", str(out)]
+    evaluated = {c[c.index("--out") + 1] for c in commands if c[0] == "eval"}
+    assert evaluated == {str(out / row / "seed7" / "eval.json") for _, row, _ in smf.TABLE_ROWS}
+    trains = {c[c.index("--out") + 1].split("/")[-3]: (i, c) for i, c in enumerate(commands) if c[0] == "train"}
+    assert sorted(trains) == sorted(row for _, row, _ in smf.TABLE_ROWS[1:])
+    for row, (i, args) in trains.items():
+        method = row.split("_")[0]
+        assert holds(args, f"--method {method}") and holds(args, "--seed 7"), row
+        assert [kind for kind, flags in own.items() if holds(args, flags)] == [method], row
+        assert holds(args, "--train-scale") == ("_scale_" in row), row
+        if method == "retrofit":
+            assert holds(args, f"--model {tiny['model']} --memory-mode {row.split('_')[1]}")
+        if method == "smf":
+            retrofit = "retrofit_replacement" if "replacement" in row else "retrofit_additive"
+            assert holds(args, f"--model {out / retrofit / 'seed7' / 'model'}"), row
+            assert holds(args, f"--selector {row.rsplit('_', 1)[1]}"), row
+            retrofit_eval = f"--out {out / retrofit / 'seed7' / 'eval.json'}"
+            evaluated_at = [j for j, c in enumerate(commands) if holds(c, retrofit_eval)]
+            assert evaluated_at and evaluated_at[0] < i, row                # after its retrofit finished
+        if method in ("lora", "full"):
+            assert holds(args, f"--model {tiny['model']}"), row
 
 
 def test_run_all_finishes_a_stage_only_when_its_eval_json_holds_every_probe(tmp_path):
@@ -897,14 +979,16 @@ def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
         "STAGE=retrofit_additive/seed1 first"]                          # a STAGE that runs: the next test
 
 
-def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_path):
+def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_path, fake_python):
     """Relative paths (data, OUT) are the caller's, as for any command; a missing data file is refused before any
-    stage runs; a failed stage stops new starts; a stage whose evaluation failed reruns it with the fixed data."""
+    stage runs; a failed stage stops new starts; a stage whose evaluation failed reruns it with the fixed data
+    (smf.py faked: it fails as smf does on data that is not JSON lines)."""
     work = tmp_path / "mydata"
     work.mkdir()
     for name in ("medmcqa", "wikitext", "background"):
         os.symlink(tiny[name], work / os.path.basename(tiny[name]))
-    env = {**smoke_env(tiny, "myresults"), "ROWS": "lora base", "TRIVIAQA": "missing.jsonl", "MEDMCQA": "medmcqa.jsonl",
+    env = {**smoke_env(tiny, "myresults"), **fake_python[0], "ROWS": "lora base", "TRIVIAQA": "missing.jsonl",
+           "MEDMCQA": "medmcqa.jsonl",
            "MEDMCQA_EVAL": "medmcqa.jsonl", "WIKITEXT": "wikitext.jsonl", "BACKGROUND": "oasst1.jsonl"}
     missing = run_all(env, cwd=work)
     assert missing.returncode == 2 and "start" not in missing.stdout and not (work / "myresults").exists()
@@ -921,35 +1005,38 @@ def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_
     ok = run_all({**env, "GPUS": "cpu cpu", "ROWS": "lora"}, cwd=work)
     assert ok.returncode == 0 and "done  lora" in ok.stdout and "base" not in ok.stdout, ok.stderr
     assert "finished" not in open(work / "myresults" / "logs" / "lora_seed1.log").read()  # not trained again
-    assert "missing" in open(work / "myresults" / "table.md").read()       # rows not run are shown, not dropped
+    trained = [c for c in fake_python[1]() if c[0] == "train"]
+    assert len(trained) == 1 and holds(trained[0], f"--medmcqa {tiny['medmcqa']}")   # the link, resolved
+    assert fake_python[1]()[-1] == ["table", str(work / "myresults")]
     assert sorted(os.listdir(work)) == ["medmcqa.jsonl", "missing.jsonl", "myresults", "oasst1.jsonl", "wikitext.jsonl"]
 
 
-def test_run_all_holds_a_lock_and_stops_its_stages_on_sigterm(tiny, tmp_path):
+def test_run_all_holds_a_lock_and_stops_its_stages_on_sigterm(tiny, tmp_path, fake_python):
+    """smf.py faked by a training that never ends (smf.py's own cleanup on SIGTERM: test_sigterm_cleans_up...)."""
     import signal, time
     out = tmp_path / "res"
-    env = {**smoke_env(tiny, out), "ROWS": "full", "MAX_STEPS": "100000", "LIMIT_TRAIN": "16"}
+    env = {**smoke_env(tiny, out), **fake_python[0], "ROWS": "full", "FAKE_TRAIN_SECONDS": "1000"}
     first = subprocess.Popen(["bash", os.path.join(HERE, "run_all.sh")], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    while not [f for f in out.rglob("train_log.jsonl") if f.stat().st_size]:
+    while not list(out.rglob("train_log.jsonl")):
         assert first.poll() is None
-        time.sleep(0.2)                                                  # the stage is training
+        time.sleep(0.1)                                                  # the stage is training
     second = run_all(env)
     assert second.returncode == 2 and f"another run_all.sh is running into {out}" in second.stderr
     first.send_signal(signal.SIGTERM)
     assert first.wait(timeout=60) == 143 and "stopped" in first.stderr.read()
     alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
-    assert alive == "" and not [p for p in out.rglob("*") if ".tmp" in p.name]   # no orphan, nothing half-written
+    assert alive == ""                                                   # no orphan
     out = tmp_path / "stage"                                             # SIGTERM to a STAGE run stops its training
     stage = subprocess.Popen(["bash", os.path.join(HERE, "run_all.sh")], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**env, "OUT": str(out), "STAGE": "full/seed1", "TRAIN_ARGS": "--epochs 1000"}, text=True)
-    while not [f for f in out.rglob("train_log.jsonl") if f.stat().st_size]:
+                             env={**env, "OUT": str(out), "STAGE": "full/seed1"}, text=True)
+    while not list(out.rglob("train_log.jsonl")):
         assert stage.poll() is None, stage.stderr.read()
-        time.sleep(0.2)
+        time.sleep(0.1)
     stage.send_signal(signal.SIGTERM)
     assert stage.wait(timeout=60) == 143 and "stopped: stage full/seed1" in stage.stderr.read()
     alive = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout
-    assert alive == "" and not [p for p in out.rglob("*") if ".tmp" in p.name]
+    assert alive == ""
 
 
 # ----------------------------------------------------------------------------------------------- properties against
@@ -1916,7 +2003,7 @@ def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
         assert p.returncode == 2 and 'GPUS="cpu" (this torch sees no GPU)' in p.stderr
 
 
-def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path):
+def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path, fake_python):
     """Every variable run_stage passes to smf.py is in the stage's recorded settings, except those that
     cannot change a result (batch sizes of evaluation and of a forward, the device, the interpreter);
     a rerun with only MODEL changed is refused."""
@@ -1930,8 +2017,9 @@ def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path):
     import fcntl, shutil
     model = tmp_path / "model"
     shutil.copytree(tiny["model"], model)
-    env = {**smoke_env(tiny, tmp_path / "res"), "STAGE": "base/seed01", "TRIVIAQA": str(questions), "MODEL": str(model)}
-    assert run_all(env).returncode == 0 and json.load(open(tmp_path / "res" / "base" / "seed1" / "eval.json"))["medmcqa"]
+    env = {**smoke_env(tiny, tmp_path / "res"), **fake_python[0], "STAGE": "base/seed01", "TRIVIAQA": str(questions),
+           "MODEL": str(model)}
+    assert run_all(env).returncode == 0 and fake_python[1]()[0][0] == "eval"                 # base/seed1 finished
     other = run_all({**env, "MODEL": tiny["model"]})
     assert other.returncode == 2 and f"was made with MODEL={model} (weights sha256 " in other.stderr
     weights = model / "model.safetensors"
