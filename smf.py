@@ -9,7 +9,7 @@ nothing more (README.md lists them). Start: `python smf.py train --method retrof
 """
 import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
 import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
-import time
+import fcntl, time
 from dataclasses import dataclass
 
 import torch
@@ -896,12 +896,16 @@ def write_atomic(path, text):
     finally:
         tmp.unlink(missing_ok=True)
 
-def earlier_results(path, model):
-    """The content of the results file smf eval wrote at `path` for `model`, or None."""
+def model_identity(path):
+    """How results name their model: its absolute path (or hub id), its weights' fingerprint."""
+    model = os.path.abspath(path) if is_local(path) else path
+    return {"model": model, "weights": fingerprint(path)}
+
+def earlier_results(path, identity):
+    """The content of the results file smf eval wrote at `path` for `identity`'s model, or None."""
     with contextlib.suppress(OSError, ValueError, AttributeError), open(path) as f:
         content = json.load(f)
-        model = os.path.abspath(model) if is_local(model) else model  # as results name it
-        if content.get("written_by") == RESULTS and content.get("model") == model:
+        if content.get("written_by") == RESULTS and identity.items() <= content.items():
             return content
     return None
 
@@ -960,7 +964,7 @@ def checkpoint_meta(path):
     return content.get("smf") if isinstance(content, dict) else None
 
 def fingerprint(path):
-    """{file: sha256} of a local model's weight files; None for a hub id (content-addressed)."""
+    """{file: sha256} of a local model's weight files; None for a hub id (no files to read)."""
     files = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
     return {os.path.basename(f): hashlib.sha256(pathlib.Path(f).read_bytes()).hexdigest()
             for f in sorted(files)} if is_local(path) else None
@@ -1132,9 +1136,7 @@ def run_eval(args, device):
                 "wikitext": functools.partial(eval_wikitext, batch_size=bs // 2 or 1),
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
-    earlier = args.out and earlier_results(args.out, args.model)
-    model_id = os.path.abspath(args.model) if is_local(args.model) else args.model  # as above
-    results = (earlier or {}) | {"model": model_id, "written_by": RESULTS}
+    results = args.identity | {"written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
@@ -1142,8 +1144,17 @@ def run_eval(args, device):
         print(f"{probe:9s} {' '.join(metrics)}  n={r.get('n', r.get('tokens'))}  "
               f"({r['protocol']}; {time.time() - t0:.1f}s)")
         results[probe] = r
-    if args.out:
-        write_atomic(args.out, json.dumps(results, indent=2))
+    if args.out:  # merged with what the file holds now, under a lock: other evals may write it too
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        folder = os.open(os.path.dirname(os.path.abspath(args.out)), os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # until closed: evals into one folder write in turn
+            earlier = earlier_results(args.out, args.identity)
+            require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
+                    "other results while this eval ran — evaluate again into another file")
+            write_atomic(args.out, json.dumps((earlier or {}) | results, indent=2))
+        finally:
+            os.close(folder)
     return results
 
 TABLE_ROWS = [  # (row name, results folder, the figure's short label)
@@ -1439,10 +1450,11 @@ def check_args(args):
                      "the old one away to train it again)")
     if args.command == "eval":
         check_model_path(args.model)
+        args.identity = model_identity(args.model)
     if args.command == "eval" and args.out:
-        check_output("--out", args.out, f"it is not smf's results of --model {args.model} — "
-                     "choose another file, or move it away", functools.partial(earlier_results,
-                                                                               model=args.model))
+        check_output("--out", args.out, f"it is not smf's results of --model {args.model} with its "
+                     "present weights — choose another file, or move it away",
+                     functools.partial(earlier_results, identity=args.identity))
     for name in ("table.md", "figure.svg") if args.command == "table" else ():
         check_output(name, os.path.join(args.results_dir, name), "it was not written by `smf.py "
                      f"table` (no header line) — move it away: table writes {name} into "

@@ -2206,6 +2206,49 @@ def test_eval_replaces_only_its_own_results_of_the_same_model_and_keeps_their_ot
     assert again["medmcqa"] == full["medmcqa"] and again["triviaqa"] == full["triviaqa"] and again["wikitext"]["ppl"] > 0
 
 
+def test_eval_results_name_the_models_weights_and_another_model_at_the_same_path_is_refused(tiny, tmp_path, capsys):
+    """The issue's case: results of a model, then other weights saved at the same path: the file is not theirs."""
+    import shutil
+    data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4"]
+    model, out = tmp_path / "model", tmp_path / "model.json"
+    shutil.copytree(tiny["model"], model)
+    run("eval", "--model", model, *data, "--probe", "wikitext", "--out", out)
+    written = json.loads(out.read_text())
+    assert written["weights"] == {"model.safetensors": hashlib.sha256((model / "model.safetensors").read_bytes()).hexdigest()}
+    weights = bytearray((model / "model.safetensors").read_bytes())
+    weights[-1] ^= 1                                                      # other weights, same path
+    (model / "model.safetensors").write_bytes(bytes(weights))
+    err = error_of(capsys, "eval", "--model", model, *data, "--probe", "medmcqa", "--out", out)
+    assert f"--out {out} exists — it is not smf's results of --model {model} with its present weights" in err
+    assert json.loads(out.read_text()) == written
+
+
+def test_two_evals_into_one_file_both_land_and_write_under_a_lock(tiny, tmp_path, monkeypatch):
+    """An eval that another eval overtakes merges with what that one wrote (not with the file as it was at its
+    start), and every write happens while the folder is locked."""
+    import fcntl
+    data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4"]
+    out = tmp_path / "r.json"
+    run("eval", "--model", tiny["model"], *data, "--probe", "medmcqa", "--out", out)
+    evaluate_triviaqa, write_atomic = smf.eval_triviaqa, smf.write_atomic
+
+    def overtaken(*args, **kwargs):                                       # meanwhile another eval writes the file
+        run("eval", "--model", tiny["model"], *data, "--probe", "wikitext", "--out", out)
+        return evaluate_triviaqa(*args, **kwargs)
+
+    def locked_write(path, text):
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):                             # someone holds the folder's lock
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(folder)
+        write_atomic(path, text)
+
+    monkeypatch.setattr(smf, "eval_triviaqa", overtaken)
+    monkeypatch.setattr(smf, "write_atomic", locked_write)
+    run("eval", "--model", tiny["model"], *data, "--probe", "triviaqa", "--out", out)
+    assert {"medmcqa", "wikitext", "triviaqa"} <= json.loads(out.read_text()).keys()
+
+
 def test_table_replaces_only_files_with_its_header_and_counts_only_seed_integer_folders(tmp_path, capsys):
     write_eval(tmp_path / "base" / "seed0" / "eval.json", ([1, 0, 0, 1], [1.0] * 4), [1, 0, 1, 0], ppl=10.0)
     write_eval(tmp_path / "lora" / "seed1" / "eval.json", ([1, 1, 0, 1], [1.0] * 4), [1, 0, 0, 0], ppl=12.0)
