@@ -1167,22 +1167,25 @@ TABLE_ROWS = [  # (row name, results folder, the figure's short label)
     ("SMF additive +scale KL", "smf_additive_scale_kl", "SMF +scale KL"),
     ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf", "SMF +scale TF-IDF"),
     ("LoRA", "lora", "LoRA"), ("Full finetuning", "full", "Full FT")]
-TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question values or None, scale)
-    ("MedMCQA acc", "medmcqa", "acc", "correct", 100),
-    ("MedMCQA gold NLL", "medmcqa", "gold_nll", "gold_nlls", 1),
-    ("WikiText ppl", "wikitext", "ppl", None, 1),
-    ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", "alias_correct", 100),
-    ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100)]
+TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question values or None, scale,
+    ("MedMCQA acc", "medmcqa", "acc", "correct", 100, (0, 1)),  # the values the mean can take)
+    ("MedMCQA gold NLL", "medmcqa", "gold_nll", "gold_nlls", 1, (0, math.inf)),
+    ("WikiText ppl", "wikitext", "ppl", None, 1, (1, math.inf)),
+    ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", "alias_correct", 100, (0, 1)),
+    ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100, (0, 1))]
 
 def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-def read_value(run, probe, key):
-    """(number, None), or (None, what the value is: missing, null, NaN, inf, not a number)."""
+def read_value(run, probe, key, bounds):
+    """(number, None), or (None, what the value is: missing, null, NaN, inf, not a number, or a
+    number outside the `bounds` a mean of `key` lies in: an accuracy of 55 is no fraction)."""
     results = run.get(probe) if isinstance(run.get(probe), dict) else {}
     if key not in results:
         return None, "missing"
     value = results[key]
+    if is_number(value) and not bounds[0] <= value <= bounds[1]:
+        return None, f"outside [{bounds[0]:g}, {bounds[1]:g}]"
     if is_number(value):
         return value, None
     if isinstance(value, float):  # NaN or ±inf
@@ -1202,16 +1205,18 @@ def paired_delta(runs, base, key, scale):
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
 def scored_data(run, probe, per_question):
-    """What a probe was scored on: its data's fingerprint, and how many questions (or tokens)."""
-    results = run.get(probe, {})
-    n = len(results.get(per_question) or []) if per_question else results.get("tokens")
-    return results.get("data"), n
+    """How a probe was scored: its data's fingerprint, its protocol, how many questions (or
+    tokens); as JSON text, so that whatever a file holds there compares."""
+    results = run[probe]
+    n = results.get(per_question or "tokens")
+    n = len(n) if isinstance(n, list) else n
+    return json.dumps([results.get("data"), results.get("protocol"), n])
 
 def table_cells(runs, base, column, is_base):
     """Two cells (mean ± sample std (n) over the seeds that have it; Δ vs Base [interval]) and the
     figure's (mean, half-width or None), or (None, what is wrong): a bad value costs its cell."""
-    _, probe, key, per_question, scale = column
-    values = [read_value(r, probe, key) for r in runs]
+    _, probe, key, per_question, scale, bounds = column
+    values = [read_value(r, probe, key, bounds) for r in runs]
     problems = collections.Counter(why for _, why in values if why and why != "missing")
     if problems:
         why = ", ".join(f"{what} in {n} of {len(runs)} seeds" for what, n in problems.items())
@@ -1222,11 +1227,15 @@ def table_cells(runs, base, column, is_base):
     xs = [scale * r[probe][key] for r in runs]
     spread = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
     cell, mean = f"{statistics.mean(xs):.2f}{spread} (n={len(xs)})", statistics.mean(xs)
-    base = [r for r in base if read_value(r, probe, key)[1] is None]
-    if is_base or not base:
+    base_whys = [read_value(r, probe, key, bounds)[1] for r in base]
+    base = [r for r, why in zip(base, base_whys) if why is None]
+    bad_base = sorted(set(base_whys) - {None, "missing"})  # a bad Base seed must not just drop out
+    if is_base or not (base or bad_base):
         return [cell, ""], (mean, None)
+    if bad_base:
+        return [cell, f"Base has {', '.join(bad_base)}"], (mean, None)
     if len({scored_data(r, probe, per_question) for r in runs + base}) > 1:
-        return [cell, "scored on other data than Base"], (mean, None)
+        return [cell, "scored on other data or protocol than Base"], (mean, None)
     paired = paired_delta([r[probe] for r in runs], [r[probe] for r in base], per_question, scale)
     if paired is None:
         delta = mean - scale * statistics.mean(r[probe][key] for r in base)
@@ -1239,17 +1248,19 @@ TABLE_HEADER = "<!-- written by `smf.py table` from the eval.json files: rewritt
 def read_results(results_dir, folder):
     """A row's results, one per seed<integer> folder; what is not a number is named in a note."""
     runs = []
-    for file in sorted(glob.glob(os.path.join(results_dir, folder, "seed*", "eval.json"))):
-        if re.fullmatch(r"seed[0-9]+", os.path.basename(os.path.dirname(file))):  # ASCII digits
-            content = read_json(file, "rerun that stage's evaluation")
-            if not isinstance(content, dict):
-                print(f"note: {file} holds no results object: shown as missing", file=sys.stderr)
-                content = {}
-            runs.append(content)
-            for _, probe, key, *_ in TABLE_COLUMNS:
-                why = read_value(content, probe, key)[1]
-                if why not in (None, "missing"):
-                    print(f"note: {file}: {probe}.{key} is {why}", file=sys.stderr)
+    for file in sorted(glob.glob(os.path.join(results_dir, folder, "*", "eval.json"))):
+        if not re.fullmatch(r"seed[0-9]+", os.path.basename(os.path.dirname(file))):  # ASCII digits
+            print(f"note: {file} is not in a seed<integer> folder: left out", file=sys.stderr)
+            continue
+        content = read_json(file, "delete it: run_all.sh then evaluates that stage again")
+        if not isinstance(content, dict):
+            print(f"note: {file} holds no results object: shown as missing", file=sys.stderr)
+            content = {}
+        runs.append(content)
+        for _, probe, key, _, _, bounds in TABLE_COLUMNS:
+            why = read_value(content, probe, key, bounds)[1]
+            if why not in (None, "missing"):
+                print(f"note: {file}: {probe}.{key} is {why}", file=sys.stderr)
     return runs
 
 def run_table(args, device=None):
@@ -1266,12 +1277,13 @@ def run_table(args, device=None):
                                                          folder == "base")
             cells += two
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    seeds, runs = max(map(len, found.values())), sum(found.values(), [])
-    questions = {p: {len(r[p].get(key) or []) for r in runs if isinstance(r.get(p), dict)}
-                 for p, key in (("medmcqa", "correct"), ("triviaqa", "alias_correct"))}
+    runs = sum(found.values(), [])
+    counts = {p: {len(r[p].get(key) or []) for r in runs if isinstance(r.get(p), dict)}
+              for p, key in (("medmcqa", "correct"), ("triviaqa", "alias_correct"))}
+    counts["seeds"] = {len(seeds) for seeds in found.values() if seeds}
     table, figure = (os.path.join(args.results_dir, name) for name in ("table.md", "figure.svg"))
     write_atomic(table, "\n".join([TABLE_HEADER, ""] + lines) + "\n")
-    write_atomic(figure, TABLE_HEADER + "\n" + figure_svg(points, seeds, questions))
+    write_atomic(figure, TABLE_HEADER + "\n" + figure_svg(points, counts))
     print("\n".join(lines) + f"\n\nwrote {table} and {figure}")
 
 # The figure: MedMCQA accuracy (y) against WikiText perplexity (left) and TriviaQA accuracy (right)
@@ -1308,10 +1320,10 @@ def panel_svg(x0, rows, x_key, x_title):
     out = [svg("rect", x=x0, y=TOP, width=PANEL_W, height=PANEL_H, fill="none", stroke="#888"),
            svg("text", x_title, x=x0 + PANEL_W / 2, y=bottom + 38, text_anchor="middle")]
     for xv in round_ticks(x_lo, x_hi):
-        out.append(svg("text", f"{xv:g}", class_="tick-x", x=px(xv), y=bottom + 16,
+        out.append(svg("text", f"{xv:.12g}", class_="tick-x", x=px(xv), y=bottom + 16,
                        text_anchor="middle"))
     for yv in round_ticks(y_lo, y_hi):
-        out.append(svg("text", f"{yv:g}", class_="tick-y", x=x0 - 6, y=py(yv) + 4,
+        out.append(svg("text", f"{yv:.12g}", class_="tick-y", x=x0 - 6, y=py(yv) + 4,
                        text_anchor="end"))
     xy = {r["folder"]: (px(r[x_key][0]), py(r["acc"][0])) for r in rows}      # pixels
     rows = sorted(rows, key=lambda r: -r["acc"][0])  # labels top to bottom, 14 px apart
@@ -1332,7 +1344,7 @@ def panel_svg(x0, rows, x_key, x_title):
                data_y_lo=y_lo, data_y_hi=y_hi, data_left=x0, data_right=right, data_top=TOP,
                data_bottom=bottom)
 
-def figure_svg(points, seeds, questions):
+def figure_svg(points, counts):
     """Per panel a point per row with both values (Base black, retrofits hollow); the caption
     names each value left out, and why."""
     panels = [("ppl", "WikiText perplexity (lower is better)", "WikiText ppl"),
@@ -1356,10 +1368,11 @@ def figure_svg(points, seeds, questions):
         x0 = LEFT + i * (LEFT + PANEL_W + LABEL_W)
         if drawn[key]:  # else the caption says why
             out.append(panel_svg(x0, drawn[key], key, title))
-    n = {p: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0"
-         for p, q in questions.items()}  # question counts, a range where rows differ
-    caption = (f"Points: mean over {seeds} seed(s) on {n['medmcqa']} MedMCQA and {n['triviaqa']} "
-               "TriviaQA questions; whiskers: paired 95% interval of the Δ vs Base.")
+    n = {what: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0"
+         for what, q in counts.items()}  # seeds and questions, a range where rows differ
+    caption = (f"Points: mean over {n['seeds']} seed(s) on {n['medmcqa']} MedMCQA and "
+               f"{n['triviaqa']} TriviaQA questions; whiskers: paired 95% interval of the Δ vs "
+               "Base.")
     if left_out:
         caption += " Left out: " + "; ".join(left_out) + "."
     lines = textwrap.wrap(caption, int((width - 20) / (CAPTION_PX * 0.6)))  # 0.6 em: a wide glyph

@@ -1831,7 +1831,9 @@ BAD_VALUES = [  # (row folder, seeds changed, probe, key, value, the cell's text
     ("lora", [0], "wikitext", "ppl", float("inf"), "inf in 1 of 2 seeds", 4),
     ("lora", [0], "medmcqa", "acc", None, "null in 1 of 2 seeds", 0),
     ("lora", [1], "medmcqa", "acc", "0.3", "not a number in 1 of 2 seeds", 0),
-    ("full", [0], "triviaqa", None, None, None, 6)]                    # the probe missing in one seed
+    ("full", [0], "triviaqa", None, None, None, 6),                    # the probe missing in one seed
+    ("lora", [0], "medmcqa", "acc", 55, "outside [0, 1] in 1 of 2 seeds", 0),     # a percentage, not a fraction
+    ("full", [1], "wikitext", "ppl", -3.0, "outside [1, inf] in 1 of 2 seeds", 4)]
 
 
 @pytest.mark.parametrize("case", range(len(BAD_VALUES)))
@@ -1874,6 +1876,45 @@ def test_a_bad_value_costs_only_its_cell(tmp_path, case, capsys):
         assert f"{bad / folder / f'seed{seeds[-1]}' / 'eval.json'}: {probe}.{key} is" in capsys.readouterr().err  # named
     else:                                                                # counted over the seed that has it
         assert got[name][column].endswith("(n=1)") and got[name][column + 2].endswith("(n=1)")
+
+
+def test_a_bad_base_value_a_list_for_data_and_folders_that_are_no_seeds_are_said(tmp_path, capsys):
+    """A Base seed that cannot count leaves no Δ (not a Δ over the other seeds); a list where the data's
+    fingerprint belongs is other data; seed_3, Seed4 and `seed 5` are named as left out; the caption gives the
+    range of seeds behind the points."""
+    import xml.etree.ElementTree as ET
+    for s in range(2):
+        write_eval(tmp_path / "base" / f"seed{s}" / "eval.json", ([1, 0, 0, 1], [1.0] * 4), [1, 0, 1, 0], ppl=10.0 + s)
+    write_eval(tmp_path / "lora" / "seed0" / "eval.json", ([1, 1, 0, 1], [1.0] * 4), [1, 0, 0, 0], ppl=12.0)
+    for folder in ("seed_3", "Seed4", "seed 5"):
+        write_eval(tmp_path / "lora" / folder / "eval.json", ([0] * 4, [1.0] * 4), [0] * 4, ppl=99.0)
+    r = json.load(open(tmp_path / "base" / "seed1" / "eval.json"))
+    r["wikitext"]["ppl"] = float("nan")
+    json.dump(r, open(tmp_path / "base" / "seed1" / "eval.json", "w"))
+    r = json.load(open(tmp_path / "lora" / "seed0" / "eval.json"))
+    r["medmcqa"]["data"] = ["not", "a", "fingerprint"]
+    json.dump(r, open(tmp_path / "lora" / "seed0" / "eval.json", "w"))
+    run("table", tmp_path)
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
+    assert rows["Base"][4] == "NaN in 1 of 2 seeds" and rows["LoRA"][4] == "12.00 (n=1)" and rows["LoRA"][5] == "Base has NaN"
+    assert rows["LoRA"][1] == rows["LoRA"][3] == "scored on other data or protocol than Base"
+    assert rows["LoRA"][7].startswith("-25.00 [")                         # TriviaQA is the same data
+    err = capsys.readouterr().err
+    assert all(f"{tmp_path / 'lora' / folder / 'eval.json'} is not in a seed<integer> folder" in err
+               for folder in ("seed_3", "Seed4", "seed 5"))
+    caption = " ".join(ET.parse(tmp_path / "figure.svg").getroot().find("{http://www.w3.org/2000/svg}text[@class='caption']").itertext())
+    assert "mean over 1–2 seed(s)" in caption
+
+
+def test_ticks_of_values_closer_than_a_hundredth_read_apart(tmp_path):
+    import xml.etree.ElementTree as ET
+    for folder, ppl in (("base", 396.73001), ("lora", 396.73005)):
+        write_eval(tmp_path / folder / "seed0" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=ppl)
+    run("table", tmp_path)
+    panel = ET.parse(tmp_path / "figure.svg").getroot().find("{http://www.w3.org/2000/svg}g[@data-x='ppl']")
+    ticks = [t.text for t in panel.iter("{http://www.w3.org/2000/svg}text") if t.get("class") == "tick-x"]
+    assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
+    assert all(abs(float(t) - 396.73) < 0.01 for t in ticks)
 
 
 def figure_layouts(root):
@@ -2277,6 +2318,15 @@ def test_rows_scored_on_other_questions_than_base_get_no_delta(tmp_path):
     json.dump(r, open(tmp_path / "full" / "seed0" / "eval.json", "w"))
     run("table", tmp_path)
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
-    assert rows["LoRA"][1] == "scored on other data than Base" and rows["LoRA"][6] == "25.00 (n=1)"
+    assert rows["LoRA"][1] == "scored on other data or protocol than Base" and rows["LoRA"][6] == "25.00 (n=1)"
     assert rows["LoRA"][7].startswith("-25.00 [")                          # TriviaQA: the same 4 questions
-    assert rows["Full finetuning"][1].startswith("+12.50 [") and rows["Full finetuning"][7] == "scored on other data than Base"
+    assert rows["Full finetuning"][1].startswith("+12.50 [") and rows["Full finetuning"][7] == "scored on other data or protocol than Base"
+    for folder in ("base", "full"):                                        # the same data, scored two ways
+        r = json.load(open(tmp_path / folder / "seed0" / "eval.json"))
+        r["medmcqa"]["protocol"] = "letter" if folder == "full" else "answer"
+        r["medmcqa"]["data"] = r["triviaqa"]["data"] = "same"
+        json.dump(r, open(tmp_path / folder / "seed0" / "eval.json", "w"))
+    run("table", tmp_path)
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
+    assert rows["Full finetuning"][1] == rows["Full finetuning"][3] == "scored on other data or protocol than Base"
+    assert rows["Full finetuning"][7].startswith("-25.00 [")               # TriviaQA: same data and protocol
