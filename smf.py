@@ -1405,7 +1405,7 @@ def add_config_flags(group, cls, prefix=""):
     for f in dataclasses.fields(cls):
         kind = {bool: {"action": "store_true"}, tuple: {"type": int, "nargs": "+"}}.get(
             f.type, {"type": f.type, "choices": CHOICES.get(f.name)})
-        shown = "" if f.default in (None, False) else f" (default: {f.default})"
+        shown = "" if f.default is None or f.default is False else f" (default: {f.default})"
         group.add_argument(f"--{prefix}{f.name}".replace("_", "-"), default=None,
                            help=comments[f.name] + shown, **kind)
 
@@ -1435,8 +1435,9 @@ def build_parser():
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
     ("micro_batch grad_accum forward_tokens loss_chunk max_steps limit_train background_examples "
-     "lora_r top_t batch_size limit memory_n_keys memory_heads memory_topk", ">= 1", 1, True,
-     math.inf),
+     "lora_r top_t batch_size limit memory_n_keys memory_heads memory_topk memory_key_dim", ">= 1",
+     1, True, math.inf),
+    ("max_len", ">= 2 (a training text needs a next token)", 2, True, math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
     ("lora_dropout", "in [0, 1)", 0, True, 1)]
 
@@ -1448,6 +1449,10 @@ def check_args(args):
             v = getattr(args, name, None)
             ok = v is None or (lowest < v < highest or (lowest_ok and v == lowest))
             require(ok, f"--{name.replace('_', '-')} {v} is out of range — give a value {need}")
+    require(getattr(args, "out", None) != "", "--out is empty — give a path, or leave the flag out")
+    device = getattr(args, "device", "cpu")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device {device}: this "
+            "torch sees no CUDA GPU — give --device cpu, or install a CUDA build of torch")
     configs = {"train": [("", TrainConfig), ("memory_", MemoryConfig)], "eval": [("", EvalConfig)]}
     defaults = {prefix + f.name: f.default for prefix, cls in configs.get(args.command, [])
                 for f in dataclasses.fields(cls)}
@@ -1468,6 +1473,9 @@ def check_args(args):
         check_output("--out", args.out, f"it is not smf's results of --model {args.model} with its "
                      "present weights — choose another file, or move it away",
                      functools.partial(earlier_results, identity=args.identity))
+    if args.command == "table":
+        require(os.path.isdir(args.results_dir), f"{args.results_dir} is no folder — give the OUT "
+                "folder of run_all.sh (run it first)")
     for name in ("table.md", "figure.svg") if args.command == "table" else ():
         check_output(name, os.path.join(args.results_dir, name), "it was not written by `smf.py "
                      f"table` (no header line) — move it away: table writes {name} into "
@@ -1497,8 +1505,13 @@ def check_train_args(args):
     for name in ("train_scale", "memory_alpha_init"):
         require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
                 "additive memory — replacement memory has no alpha")
-    layers = args.memory_layers
+    layers, key_dim, topk, n_keys = (args.memory_layers, args.memory_key_dim, args.memory_topk,
+                                     args.memory_n_keys)
     require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
+    require(key_dim % 2 == 0, f"--memory-key-dim {key_dim} is odd — give an even width: the query "
+            "splits into two halves, one per sub-key set")
+    require(topk <= n_keys, f"--memory-topk {topk} is above --memory-n-keys {n_keys} — a half has "
+            "n_keys sub-keys: give topk <= n_keys")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

@@ -708,6 +708,12 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--weight-decay", "-0.1"], "--weight-decay -0.1 is out of range"),
     (["--epochs", "inf"], "--epochs inf is out of range — give a value > 0 and finite"),
     (["--epochs", "nan"], "--epochs nan is out of range"),
+    (["--method", "retrofit", "--memory-key-dim", "31"], "--memory-key-dim 31 is odd — give an even width"),
+    (["--method", "retrofit", "--memory-key-dim", "0"], "--memory-key-dim 0 is out of range — give a value >= 1"),
+    (["--method", "retrofit", "--memory-n-keys", "16", "--memory-topk", "32"],
+     "--memory-topk 32 is above --memory-n-keys 16 — a half has n_keys sub-keys: give topk <= n_keys"),
+    (["--max-len", "1"], "--max-len 1 is out of range — give a value >= 2 (a training text needs a next token)"),
+    (["--out", ""], "--out is empty — give a path, or leave the flag out"),
 ])
 def test_bad_train_flags(flags, message, capsys):
     assert message in error_of(capsys, "train", *flags)
@@ -715,9 +721,21 @@ def test_bad_train_flags(flags, message, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--limit", "0"], "--limit 0 is out of range"),
                                             (["--batch-size", "0"], "--batch-size 0 is out of range"),
-                                            (["--selector", "kl"], "unrecognized arguments: --selector")])
+                                            (["--selector", "kl"], "unrecognized arguments: --selector"),
+                                            (["--out", ""], "--out is empty")])
 def test_bad_eval_flags(flags, message, capsys):
     assert message in error_of(capsys, "eval", *flags)
+
+
+def test_a_device_this_torch_lacks_and_a_file_for_a_folder_get_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)       # as on a CPU-only build of torch
+    for command in ("train", "eval"):
+        assert "--device cuda:1: this torch sees no CUDA GPU — give --device cpu" in error_of(capsys, command, "--device", "cuda:1")
+    (tmp_path / "eval.json").write_text("{}")
+    assert f"{tmp_path / 'eval.json'} is no folder — give the OUT folder of run_all.sh" in error_of(
+        capsys, "table", tmp_path / "eval.json")
+    shown = smf.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default: 0)" in " ".join(shown.split()[shown.split().index("--seed"):][:20])   # a default of 0 is shown
 
 
 def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
