@@ -94,14 +94,15 @@ for name in MEDMCQA MEDMCQA_EVAL WIKITEXT TRIVIAQA BACKGROUND; do
     echo "error: $name=$p does not exist — give the local file, or a hub id" >&2; exit 2
   fi
 done
-# a local data file is recorded with its size and sha256, so that a file changed in place is caught like a setting
+# a local data file is recorded by its content (sha256 and size), so that a file changed in place is caught like a
+# setting and the same file at another path is the same data; where it lay follows as "(at PATH)", not compared
 declare -A IDENTITY=()
 for name in MEDMCQA MEDMCQA_EVAL WIKITEXT TRIVIAQA BACKGROUND; do
   IDENTITY[$name]=${!name}
-  [ ! -f "${!name}" ] || IDENTITY[$name]="${!name} ($(wc -c < "${!name}") bytes, sha256 $(sha256sum "${!name}" | cut -c1-16))"
+  [ ! -f "${!name}" ] || IDENTITY[$name]="sha256 $(sha256sum "${!name}" | cut -c1-16), $(wc -c < "${!name}") bytes (at ${!name})"
 done
 # a local base model by the sha256 of its weight files, so that weights changed in place are caught too
-[ ! -d "$MODEL" ] || IDENTITY[MODEL]="$MODEL (weights sha256 $(cd "$MODEL" && find . -maxdepth 1 \( -name '*.safetensors' -o -name '*.bin' \) | sort | xargs -r sha256sum | sha256sum | cut -c1-16))"
+[ ! -d "$MODEL" ] || IDENTITY[MODEL]="weights sha256 $(cd "$MODEL" && find . -maxdepth 1 \( -name '*.safetensors' -o -name '*.bin' \) | sort | xargs -r sha256sum | sha256sum | cut -c1-16) (at $MODEL)"
 
 # needs STAGE: the stage it starts from (an SMF row needs its retrofit), or "-"
 needs() {
@@ -124,6 +125,30 @@ if [ "${1:-}" = --list ]; then
   for s in "${STAGES[@]}"; do [ "$(needs "$s")" = - ] && echo "$s" || echo "$s  after $(needs "$s")"; done
   exit 0
 fi
+# every local data file is read now as JSON Lines of objects with the fields smf.py reads, and every eval.json of
+# OUT as JSON: a broken data file would stop a run hours in, and a damaged eval.json could pass as finished
+$PYTHON - "$OUT" MEDMCQA="$MEDMCQA" MEDMCQA_EVAL="$MEDMCQA_EVAL" WIKITEXT="$WIKITEXT" TRIVIAQA="$TRIVIAQA" BACKGROUND="$BACKGROUND" <<'EOF' || exit 2
+import glob, json, os, sys
+medmcqa = ["question", "opa", "opb", "opc", "opd", "cop"]
+fields = {"MEDMCQA": medmcqa, "MEDMCQA_EVAL": medmcqa, "WIKITEXT": ["text"], "TRIVIAQA": ["question", "answer"],
+          "BACKGROUND": ["text"]}
+for name, path in (arg.split("=", 1) for arg in sys.argv[2:]):
+    lines = open(path, encoding="utf-8-sig").read().split("\n") if os.path.isfile(path) else []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except ValueError:
+            row = None
+        missing = [f for f in fields[name] if f not in row] if isinstance(row, dict) and row else []
+        if not isinstance(row, dict) or missing:
+            what = f"lacks field {missing[0]!r}" if missing else "is not a JSON object"
+            sys.exit(f"error: {name}={path}: line {i} {what} — give a JSON Lines file in the hub's schema (README: Working offline, local data)")
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "seed*", "eval.json"))):
+    try:
+        json.load(open(path))
+    except ValueError:
+        sys.exit(f"error: {path} is damaged (not JSON) — delete it: run_all.sh then evaluates that stage again")
+EOF
 
 # finished STAGE: its eval.json holds every probe (an `eval --probe medmcqa` result is not a finished stage)
 finished() {
@@ -152,14 +177,18 @@ settings() {
 # stage whose evaluation has not finished, or a retrofit that an SMF stage starts from ("training"), is checked on
 # its training settings only
 check_settings() {
-  local file="$OUT/$1/settings.txt" upto=p
+  local file="$OUT/$1/settings.txt" upto=p same='s/ (at [^)]*)$//'   # a file's content counts, not where it lay
   [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
   [ -f "$file" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
   finished "$1" && [ "${2:-}" != training ] || upto='/^# evaluation/q;p'
   local changes there now
-  changes=$(diff <(settings "$1" | sed -n "$upto") <(sed -n "$upto" "$file")) && return 0
+  changes=$(diff <(settings "$1" | sed -n "$upto" | sed "$same") <(sed -n "$upto" "$file" | sed "$same")) && return 0
   there=$(sed -n 's/^> //p' <<< "$changes" | paste -sd ' ' -) now=$(sed -n 's/^< //p' <<< "$changes" | paste -sd ' ' -)
-  echo "error: stage $1 in $OUT was made with $there; this run has $now — choose another OUT, or move $OUT/$1 away to redo it" >&2
+  local fix="move $OUT/$1 away to redo it"   # only evaluation settings changed: evaluating again is enough
+  if [ "${2:-}" != training ] && [ -e "$OUT/$1/eval.json" ] && diff -q <(settings "$1" | sed '/^# evaluation/q' | sed "$same") <(sed '/^# evaluation/q' "$file" | sed "$same") >/dev/null; then
+    fix="delete $OUT/$1/eval.json to evaluate its model again with these settings"
+  fi
+  echo "error: stage $1 in $OUT was made with $there; this run has $now — choose another OUT, or $fix" >&2
   return 1
 }
 
@@ -194,9 +223,10 @@ start() {
   local log="$OUT/logs/${1/\//_}.log"
   mkdir -p "$OUT/$1" "$OUT/logs"
   echo "start ${1%/seed*} seed ${1#*/seed} on $2 at $(date +%T)"
-  if [ "$2" = cpu ]; then OMP_NUM_THREADS=$CPU_THREADS run_stage "$1" cpu >"$log" 2>&1 &
-  elif [ "$2" = default ]; then run_stage "$1" "$DEVICE" >"$log" 2>&1 &
-  else CUDA_VISIBLE_DEVICES=$2 run_stage "$1" cuda >"$log" 2>&1 &
+  echo "== run_all.sh: stage $1 on $2 at $(date '+%F %T')" >> "$log"   # a rerun's lines follow an earlier run's
+  if [ "$2" = cpu ]; then OMP_NUM_THREADS=$CPU_THREADS run_stage "$1" cpu >>"$log" 2>&1 &
+  elif [ "$2" = default ]; then run_stage "$1" "$DEVICE" >>"$log" 2>&1 &
+  else CUDA_VISIBLE_DEVICES=$2 run_stage "$1" cuda >>"$log" 2>&1 &
   fi
   started=$!
 }

@@ -888,7 +888,9 @@ def test_run_all_smoke(tiny, tmp_path):
     other = run_all({**env, "EVAL_LIMIT": "6", "MAX_STEPS": "3"})              # other settings: refused, in one line
     assert other.returncode == 2 and "start " not in other.stdout, other.stdout
     assert (f"error: stage base/seed1 in {out} was made with EVAL_LIMIT=8; this run has EVAL_LIMIT=6 — choose another "
-            f"OUT, or move {out}/base/seed1 away to redo it") in other.stderr.splitlines()
+            f"OUT, or delete {out}/base/seed1/eval.json to evaluate its model again with these settings"
+            ) in other.stderr.splitlines()                                     # only evaluation settings changed
+    assert f"or move {out}/lora/seed1 away to redo it" in other.stderr           # a training setting changed
     assert "was made with MAX_STEPS=2 EVAL_LIMIT=8" in other.stderr or "MAX_STEPS=2" in other.stderr
 
 
@@ -896,7 +898,7 @@ FAKE_PYTHON = '''#!{python}
 """Stands in for `python` under run_all.sh: records each smf.py command as a JSON line in $FAKE_CALLS and writes
 the files that command would write (a checkpoint's config.json, an eval.json of every probe), in milliseconds."""
 import json, os, sys, time
-if sys.argv[1] == "-c":                                              # run_all's own checks: the real interpreter
+if sys.argv[1] in ("-c", "-"):                                       # run_all's own checks: the real interpreter
     os.execv({python!r}, [{python!r}] + sys.argv[1:])
 command, args = sys.argv[2], sys.argv[3:]
 with open(os.environ["FAKE_CALLS"], "a") as f:
@@ -908,10 +910,9 @@ if command == "train":
     time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", 0)))
     open(os.path.join(out, "config.json"), "w").write(json.dumps({{"smf": {{}}}}))
     print("== " + args[args.index("--method") + 1] + " finished")
+if command == "eval" and os.environ.get("FAKE_EVAL_FAILS"):
+    sys.exit("error: the evaluation failed")
 if command == "eval":
-    for probe in ("medmcqa", "wikitext", "triviaqa"):                # smf reads each probe's data first
-        with open(args[args.index("--" + probe) + 1]) as f:
-            json.loads(f.readline())
     results = {{"written_by": "smf.py eval", "medmcqa": {{}}, "wikitext": {{}}, "triviaqa": {{}}}}
     open(out, "w").write(json.dumps(results, indent=2))
 '''
@@ -999,8 +1000,8 @@ def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
 
 def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_path, fake_python):
     """Relative paths (data, OUT) are the caller's, as for any command; a missing data file is refused before any
-    stage runs; a failed stage stops new starts; a stage whose evaluation failed reruns it with the fixed data
-    (smf.py faked: it fails as smf does on data that is not JSON lines)."""
+    stage runs, and so is a broken one; a failed stage stops new starts; a stage whose evaluation failed reruns
+    only that (smf.py faked)."""
     work = tmp_path / "mydata"
     work.mkdir()
     for name in ("medmcqa", "wikitext", "background"):
@@ -1011,18 +1012,26 @@ def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_
     missing = run_all(env, cwd=work)
     assert missing.returncode == 2 and "start" not in missing.stdout and not (work / "myresults").exists()
     assert "error: TRIVIAQA=missing.jsonl does not exist — give the local file" in missing.stderr
-    (work / "missing.jsonl").write_text("not json\n")                    # exists, but the evaluation fails
-    failed = run_all({**env, "ROWS": "full lora"}, cwd=work)             # lora runs first, and fails at its eval
+    (work / "missing.jsonl").write_text("not json\n")                    # exists, but is no JSON Lines
+    broken = run_all(env, cwd=work)
+    assert broken.returncode == 2 and "start" not in broken.stdout and broken.stderr == (
+        f"error: TRIVIAQA={work / 'missing.jsonl'}: line 1 is not a JSON object — give a JSON Lines file in the hub's "
+        "schema (README: Working offline, local data)\n")
+    (work / "missing.jsonl").write_text('{"question": "q?"}\n')           # a row without its answer
+    broken = run_all(env, cwd=work)
+    assert broken.returncode == 2 and "line 1 lacks field 'answer'" in broken.stderr
+    os.remove(work / "missing.jsonl")
+    os.symlink(tiny["triviaqa"], work / "missing.jsonl")
+    failed = run_all({**env, "ROWS": "full lora", "FAKE_EVAL_FAILS": "1"}, cwd=work)   # lora runs first, fails at eval
     assert failed.returncode != 0 and "FAILED stage lora seed 1" in failed.stderr and "logs/lora_seed1.log" in failed.stderr
     assert "full" not in failed.stdout and (work / "myresults" / "lora" / "seed1" / "model" / "config.json").exists()
-    os.remove(work / "missing.jsonl")
-    os.symlink(tiny["triviaqa"], work / "missing.jsonl")                 # fixed: only the evaluation runs again
     stage = work / "myresults" / "lora" / "seed1"                        # an eval.json one probe short: not finished
     partial = {"written_by": "smf.py eval", "model": str(stage / "model"), "medmcqa": {}, "wikitext": {}}
     (stage / "eval.json").write_text(json.dumps(partial, indent=2))
     ok = run_all({**env, "GPUS": "cpu cpu", "ROWS": "lora"}, cwd=work)
     assert ok.returncode == 0 and "done  lora" in ok.stdout and "base" not in ok.stdout, ok.stderr
-    assert "finished" not in open(work / "myresults" / "logs" / "lora_seed1.log").read()  # not trained again
+    log = open(work / "myresults" / "logs" / "lora_seed1.log").read().split("== run_all.sh: stage lora/seed1 on ")
+    assert len(log) == 3 and "finished" in log[1] and "finished" not in log[2]   # kept, and not trained again
     trained = [c for c in fake_python[1]() if c[0] == "train"]
     assert len(trained) == 1 and holds(trained[0], f"--medmcqa {tiny['medmcqa']}")   # the link, resolved
     assert fake_python[1]()[-1] == ["table", str(work / "myresults")]
@@ -2079,14 +2088,14 @@ def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path, fake_python)
     env = {**smoke_env(tiny, tmp_path / "res"), **fake_python[0], "STAGE": "base/seed01", "TRIVIAQA": str(questions),
            "MODEL": str(model)}
     assert run_all(env).returncode == 0 and fake_python[1]()[0][0] == "eval"                 # base/seed1 finished
-    other = run_all({**env, "MODEL": tiny["model"]})
-    assert other.returncode == 2 and f"was made with MODEL={model} (weights sha256 " in other.stderr
+    moved = run_all({**env, "MODEL": tiny["model"]})                       # the same weights elsewhere: the same model
+    assert moved.returncode == 0 and "skip  base seed 1 (finished)" in moved.stdout, moved.stderr
     weights = model / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1                                                          # the base model changed in place
     weights.write_bytes(bytes(data))
     changed = run_all({**env, "STAGE": "base/seed1"})
-    assert changed.returncode == 2 and "start" not in changed.stdout and "weights sha256" in changed.stderr
+    assert changed.returncode == 2 and "start" not in changed.stdout and "was made with MODEL=weights sha256" in changed.stderr
     with open(tmp_path / "res" / ".run_all.lock", "a") as held:            # a run of every stage into the same OUT
         fcntl.flock(held, fcntl.LOCK_EX)
         beside = run_all({**env, "STAGE": "lora/seed1"})
@@ -2096,7 +2105,12 @@ def test_run_all_records_every_setting_a_stage_gets(tiny, tmp_path, fake_python)
     questions.write_text("".join(open(tiny["triviaqa"]).readlines()[::-1]))   # other questions, in place
     changed = run_all(env)
     assert changed.returncode == 2 and "start" not in changed.stdout
-    assert f"was made with TRIVIAQA={questions} ({questions.stat().st_size} bytes, sha256 {before})" in changed.stderr
+    assert f"was made with TRIVIAQA=sha256 {before}, {questions.stat().st_size} bytes" in changed.stderr
+    (tmp_path / "res" / "base" / "seed1" / "eval.json").write_text('{"medmcqa": ')   # damaged, as by a full disk
+    damaged = run_all({**env, "TRIVIAQA": tiny["triviaqa"]})
+    assert damaged.returncode == 2 and "start" not in damaged.stdout and damaged.stderr == (
+        f"error: {tmp_path / 'res' / 'base' / 'seed1' / 'eval.json'} is damaged (not JSON) — delete it: run_all.sh "
+        "then evaluates that stage again\n")
 
 
 def test_triviaqa_per_question_results_belong_to_their_questions(tiny):
