@@ -73,7 +73,10 @@ done
 # PYTHON must have torch (looked up, not imported: 0.1 s rather than 2)
 $PYTHON -c 'import importlib.util as u, sys; sys.exit(not u.find_spec("torch"))' 2>/dev/null || { echo "error: PYTHON=$PYTHON cannot import torch — install the requirements (README: Install), or point PYTHON at the Python that has them" >&2; exit 2; }
 [ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
-if [ -n "$GPUS" ]; then
+for g in $GPUS; do   # a slot is "cpu" or a GPU id; torch counts the GPUs only where ids are given
+  [[ $g == cpu || $g =~ ^[0-9]+$ ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids, e.g. GPUS=\"0 1\"" >&2; exit 2; }
+done
+if [[ " $GPUS " == *[0-9]* ]]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
   for g in $GPUS; do
     fix='give GPUS="cpu" (this torch sees no GPU)'

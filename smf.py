@@ -4,9 +4,8 @@ Adds product-key memory to a Hugging Face causal LM and finetunes only the value
 most (KL or TF-IDF against background text), beside LoRA and full finetuning; MedMCQA measures the
 learning, WikiText and TriviaQA the forgetting. The method comes first, as the data flows, then the
 plumbing. A method definition lifts out with the imports and the definitions its docstring names
-after `Needs:` (followed through their own `Needs:`); a definition without `Needs:` needs
-nothing more (README.md lists them). Start: `python smf.py train --method retrofit`, then smf.
-"""
+after `Needs:` (followed through their own `Needs:`); a definition without `Needs:` needs nothing
+more (README.md lists them). Start: `python smf.py train --method retrofit`, then smf."""
 import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
 import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
 import fcntl, time
@@ -502,10 +501,9 @@ def split_step(lengths, micro_batch, forward_tokens):  # lengths of a step's tex
 def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
     """A forward and backward of micro-batches, each gating its own reads; the loss, summed over
     targets / the step's n_targets, gives one gradient however a step is split. The head runs
-    loss_chunk targets at a time, each backward stopping at detached hidden states: (C, V) logits
-    at once, not (Y, V) (2.3 MB a token at V = 151,936); then one backward through the model: the
-    full logits' loss and gradient. Needs: pad_batch, ReadGate, SELECTORS, token_groups,
-    autocast."""
+    loss_chunk targets at a time, each backward stopping at detached hidden states: (C, V) logits at
+    once, not (Y, V) (2.3 MB a token at V = 151,936); then one backward through the model: the full
+    logits' loss and gradient. Needs: pad_batch, ReadGate, SELECTORS, token_groups, autocast."""
     ids, mask = pad_batch(seqs, pad_id, device=device)                              # (B, T)
     n_groups = math.ceil(len(seqs) / cfg.micro_batch)
     for block, stats in gates:  # each micro-batch its own group of reads
@@ -896,11 +894,6 @@ def write_atomic(path, text):
     finally:
         tmp.unlink(missing_ok=True)
 
-def model_identity(path):
-    """How results name their model: its absolute path (or hub id), its weights' fingerprint."""
-    model = os.path.abspath(path) if is_local(path) else path
-    return {"model": model, "weights": fingerprint(path)}
-
 def earlier_results(path, identity):
     """The content of the results file smf eval wrote at `path` for `identity`'s model, or None."""
     with contextlib.suppress(OSError, ValueError, AttributeError), open(path) as f:
@@ -1184,13 +1177,11 @@ def read_value(run, probe, key, bounds):
     if key not in results:
         return None, "missing"
     value = results[key]
-    if is_number(value) and not bounds[0] <= value <= bounds[1]:
-        return None, f"outside [{bounds[0]:g}, {bounds[1]:g}]"
-    if is_number(value):
-        return value, None
-    if isinstance(value, float):  # NaN or ±inf
-        return None, str(value).replace("nan", "NaN")
-    return None, "null" if value is None else "not a number"
+    if not is_number(value):  # NaN, ±inf, null, text
+        why = str(value).replace("nan", "NaN") if isinstance(value, float) else "not a number"
+        return None, "null" if value is None else why
+    inside = bounds[0] <= value <= bounds[1]
+    return (value, None) if inside else (None, f"outside [{bounds[0]:g}, {bounds[1]:g}]")
 
 def paired_delta(runs, base, key, scale):
     """(Δ, half-width of its 95% interval) vs Base, paired: per question the row's mean over seeds
@@ -1204,11 +1195,9 @@ def paired_delta(runs, base, key, scale):
     d = [scale * (a - b) for a, b in zip(row, ref)]
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
-def scored_data(run, probe, per_question):
-    """How a probe was scored: its data's fingerprint, its protocol, how many questions (or
-    tokens); as JSON text, so that whatever a file holds there compares."""
-    results = run[probe]
-    n = results.get(per_question or "tokens")
+def scored_data(results, per_question):
+    """A probe's data fingerprint, protocol and size, as JSON: whatever a file holds compares."""
+    n = results.get(per_question or "tokens")  # the per-question list, or WikiText's tokens
     n = len(n) if isinstance(n, list) else n
     return json.dumps([results.get("data"), results.get("protocol"), n])
 
@@ -1234,7 +1223,7 @@ def table_cells(runs, base, column, is_base):
         return [cell, ""], (mean, None)
     if bad_base:
         return [cell, f"Base has {', '.join(bad_base)}"], (mean, None)
-    if len({scored_data(r, probe, per_question) for r in runs + base}) > 1:
+    if len({scored_data(r[probe], per_question) for r in runs + base}) > 1:
         return [cell, "scored on other data or protocol than Base"], (mean, None)
     paired = paired_delta([r[probe] for r in runs], [r[probe] for r in base], per_question, scale)
     if paired is None:
@@ -1319,12 +1308,10 @@ def panel_svg(x0, rows, x_key, x_title):
     bottom, right = TOP + PANEL_H, x0 + PANEL_W
     out = [svg("rect", x=x0, y=TOP, width=PANEL_W, height=PANEL_H, fill="none", stroke="#888"),
            svg("text", x_title, x=x0 + PANEL_W / 2, y=bottom + 38, text_anchor="middle")]
-    for xv in round_ticks(x_lo, x_hi):
-        out.append(svg("text", f"{xv:.12g}", class_="tick-x", x=px(xv), y=bottom + 16,
-                       text_anchor="middle"))
-    for yv in round_ticks(y_lo, y_hi):
-        out.append(svg("text", f"{yv:.12g}", class_="tick-y", x=x0 - 6, y=py(yv) + 4,
-                       text_anchor="end"))
+    out += [svg("text", f"{v:.12g}", class_="tick-x", x=px(v), y=bottom + 16, text_anchor="middle")
+            for v in round_ticks(x_lo, x_hi)]  # .12g: ticks 0.0001 apart still read apart
+    out += [svg("text", f"{v:.12g}", class_="tick-y", x=x0 - 6, y=py(v) + 4, text_anchor="end")
+            for v in round_ticks(y_lo, y_hi)]
     xy = {r["folder"]: (px(r[x_key][0]), py(r["acc"][0])) for r in rows}      # pixels
     rows = sorted(rows, key=lambda r: -r["acc"][0])  # labels top to bottom, 14 px apart
     for r, label_y in zip(rows, range(TOP + 6, bottom, 14)):
@@ -1371,8 +1358,7 @@ def figure_svg(points, counts):
     n = {what: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0"
          for what, q in counts.items()}  # seeds and questions, a range where rows differ
     caption = (f"Points: mean over {n['seeds']} seed(s) on {n['medmcqa']} MedMCQA and "
-               f"{n['triviaqa']} TriviaQA questions; whiskers: paired 95% interval of the Δ vs "
-               "Base.")
+               f"{n['triviaqa']} TriviaQA questions; whiskers: paired 95% interval of Δ vs Base.")
     if left_out:
         caption += " Left out: " + "; ".join(left_out) + "."
     lines = textwrap.wrap(caption, int((width - 20) / (CAPTION_PX * 0.6)))  # 0.6 em: a wide glyph
@@ -1389,9 +1375,6 @@ def figure_svg(points, counts):
 # CLI
 
 class Parser(argparse.ArgumentParser):
-    def __init__(self, **kwargs):  # no abbreviations: `eval --medmcqa` is not --medmcqa-mode
-        super().__init__(**{"allow_abbrev": False, **kwargs})
-
     def error(self, message):  # a mistyped flag gets the one-line error every mistake gets
         print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
         sys.exit(2)
@@ -1412,22 +1395,23 @@ def add_config_flags(group, cls, prefix=""):
 def build_parser():
     p = Parser(description=__doc__.split("\n\n")[0], epilog="examples: see README.md")
     sub = p.add_subparsers(dest="command", required=True)
+    no_abbrev = {"allow_abbrev": False}  # `eval --medmcqa` is not --medmcqa-mode
     common = Parser(add_help=False)
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes")
+    e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes", **no_abbrev)
     e.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id (%(default)s)")
     e.add_argument("--probe", default="all", choices=PROBES + ("all",), help="(default: all)")
     e.add_argument("--out", help="write the results as JSON here")
     add_config_flags(e.add_argument_group("probes"), EvalConfig)
-    t = sub.add_parser("train", parents=[common], help="retrofit, smf, lora or full")
+    t = sub.add_parser("train", parents=[common], help="retrofit, smf, lora or full", **no_abbrev)
     t.add_argument("--model", help="the parent: hub id, HF folder or smf checkpoint (default: "
                    f"runs/retrofit for smf, else {DEFAULT_MODEL})")
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig)
     add_config_flags(t.add_argument_group("a new memory (retrofit)"), MemoryConfig, "memory_")
-    tb = sub.add_parser("table", help="the results table and figure of a run_all.sh folder")
+    tb = sub.add_parser("table", help="the results table and figure of OUT", **no_abbrev)
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
     tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
@@ -1466,9 +1450,10 @@ def check_args(args):
         check_train_args(args)
         check_output("--out", args.out, "choose a new folder (a checkpoint is never replaced: move "
                      "the old one away to train it again)")
-    if args.command == "eval":
+    if args.command == "eval":  # results name their model by path (or hub id) and weights
         check_model_path(args.model)
-        args.identity = model_identity(args.model)
+        model = os.path.abspath(args.model) if is_local(args.model) else args.model
+        args.identity = {"model": model, "weights": fingerprint(args.model)}
     if args.command == "eval" and args.out:
         check_output("--out", args.out, f"it is not smf's results of --model {args.model} with its "
                      "present weights — choose another file, or move it away",
@@ -1505,13 +1490,11 @@ def check_train_args(args):
     for name in ("train_scale", "memory_alpha_init"):
         require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
                 "additive memory — replacement memory has no alpha")
-    layers, key_dim, topk, n_keys = (args.memory_layers, args.memory_key_dim, args.memory_topk,
-                                     args.memory_n_keys)
+    layers = args.memory_layers
     require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
-    require(key_dim % 2 == 0, f"--memory-key-dim {key_dim} is odd — give an even width: the query "
-            "splits into two halves, one per sub-key set")
-    require(topk <= n_keys, f"--memory-topk {topk} is above --memory-n-keys {n_keys} — a half has "
-            "n_keys sub-keys: give topk <= n_keys")
+    key_dim, topk, n_keys = args.memory_key_dim, args.memory_topk, args.memory_n_keys
+    require(key_dim % 2 == 0 and topk <= n_keys, f"--memory-key-dim {key_dim} must be even and "
+            f"--memory-topk {topk} at most --memory-n-keys {n_keys} — change them")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -1527,10 +1510,8 @@ def main(argv=None):
     except Exception as e:  # the one-line promise holds for the unforeseen too
         if args.debug:
             raise
-        message = str(e)
-        if not isinstance(e, UserError):
-            message = (f"unexpected {type(e).__name__}: {message[:300]} — rerun with --debug for "
-                       "the traceback")
+        message = str(e) if isinstance(e, UserError) else (
+            f"unexpected {type(e).__name__}: {str(e)[:300]} — rerun with --debug for the traceback")
         print(f"error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2 if isinstance(e, UserError) else 1)
 

@@ -671,8 +671,8 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
                                       "--memory-layers", "0", "7")
     assert "names a layer twice" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                             "--memory-layers", "1", "1")
-    assert "key_dim must be even, topk <= n_keys" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
-                                                                   "--memory-topk", "9", "--memory-n-keys", "8")
+    assert "--memory-topk 9 at most --memory-n-keys 8 — change them" in error_of(
+        capsys, *train_args(tiny, tmp_path / "x", "retrofit"), "--memory-topk", "9", "--memory-n-keys", "8")
     assert cfg["smf"]["kind"] == "memory"
     os.rename(tmp_path / "mem", tmp_path / "moved")                     # neither beside it nor where it was
     err = ev(tmp_path / "smf")                                           # both places named, normalised
@@ -708,10 +708,10 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--weight-decay", "-0.1"], "--weight-decay -0.1 is out of range"),
     (["--epochs", "inf"], "--epochs inf is out of range — give a value > 0 and finite"),
     (["--epochs", "nan"], "--epochs nan is out of range"),
-    (["--method", "retrofit", "--memory-key-dim", "31"], "--memory-key-dim 31 is odd — give an even width"),
     (["--method", "retrofit", "--memory-key-dim", "0"], "--memory-key-dim 0 is out of range — give a value >= 1"),
+    (["--method", "retrofit", "--memory-key-dim", "31"], "--memory-key-dim 31 must be even and --memory-topk 16 at most --memory-n-keys 128 — change them"),
     (["--method", "retrofit", "--memory-n-keys", "16", "--memory-topk", "32"],
-     "--memory-topk 32 is above --memory-n-keys 16 — a half has n_keys sub-keys: give topk <= n_keys"),
+     "and --memory-topk 32 at most --memory-n-keys 16"),
     (["--max-len", "1"], "--max-len 1 is out of range — give a value >= 2 (a training text needs a next token)"),
     (["--out", ""], "--out is empty — give a path, or leave the flag out"),
 ])
@@ -840,15 +840,15 @@ def started_at_once(stdout):
 
 
 def test_run_all_smoke(tiny, tmp_path):
-    """One row of each kind of command, for real, on two parallel slots (every row's command: the next test); a
-    rerun skips them all, and a rerun with other settings is refused (a stage whose eval.json lacks a probe runs
-    again: see below)."""
+    """A row of each kind of command (eval only; retrofit; smf from it; a method from the base model), for real, on
+    two parallel slots (every row's command: the next test); a rerun skips them all, and a rerun with other
+    settings is refused (a stage whose eval.json lacks a probe runs again: see below)."""
     out, env = tmp_path / "results", {**smoke_env(tiny, tmp_path / "results"), "GPUS": "cpu cpu"}
-    rows = ["base", "retrofit_additive", "smf_additive_scale_tfidf", "lora", "full"]
+    rows = ["base", "retrofit_additive", "smf_additive_scale_tfidf", "lora"]
     env |= {"ROWS": " ".join(rows), "LORA_ARGS": "--lora-r 4", "FULL_ARGS": "--lr 3e-4", "SMF_ARGS": "--top-t 8 --lr 4e-4"}
     first = run_all(env)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert started_at_once(first.stdout) == 2 and first.stdout.count("done ") == 5
+    assert started_at_once(first.stdout) == 2 and first.stdout.count("done ") == 4
     table = open(out / "table.md").read().splitlines()[2:]                   # after the header line and a blank
     names = [line.split("|")[1].strip() for line in table[2:]]
     assert names == [name for name, *_ in smf.TABLE_ROWS]                     # rows not run are shown, not dropped
@@ -871,10 +871,10 @@ def test_run_all_smoke(tiny, tmp_path):
     recipes = {row: smf.checkpoint_meta(str(out / row / "seed1" / "model"))["train"] for row in rows[1:]}
     assert all(r["seed"] == 1 and r["warmup"] == 0 and r["total_steps"] == 2 for r in recipes.values())   # SEEDS=1
     assert recipes["lora"]["lora_r"] == 4 and recipes["lora"]["lr"] == smf.METHOD_LR["lora"]
-    assert recipes["full"]["lr"] == 3e-4 and recipes["retrofit_additive"]["lr"] == smf.METHOD_LR["retrofit"]
+    assert recipes["retrofit_additive"]["lr"] == smf.METHOD_LR["retrofit"]        # FULL_ARGS is full's only
     assert recipes["smf_additive_scale_tfidf"]["lr"] == 4e-4 and recipes["smf_additive_scale_tfidf"]["top_t"] == 8
     again = run_all(env)
-    assert again.returncode == 0 and again.stdout.count("skip ") == 5 and "done " not in again.stdout
+    assert again.returncode == 0 and again.stdout.count("skip ") == 4 and "done " not in again.stdout
 
     import shutil
     shutil.rmtree(out / "smf_additive_scale_tfidf" / "seed1")            # redo one SMF stage with other memory
@@ -1443,7 +1443,7 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
         (["eval", "--model", t("s"), "--out", t("mydata.jsonl/e.json")], "cannot be written"),
         (["eval", "--model", t("s"), "--out", "/proc/e.json"], "--out /proc/e.json cannot be written"),   # a root
         (train_args(tiny, t("dangling"), "lora"), f"--out {t('dangling')} exists — choose a new folder"),  # can't
-        (["table", t("empty/x")], "holds no <row>/seed<S>/eval.json"),
+        (["table", t("empty/x")], f"{t('empty/x')} is no folder — give the OUT folder of run_all.sh"),
     ]
     for argv, message in cases:
         assert message in error_of(capsys, *argv), argv
@@ -1690,7 +1690,7 @@ RANGE_CASES = {  # every option of the range table, by hand: (command, a value t
     "lr": "inf", "epochs": "nan", "lora_alpha": "-1", "repetition_penalty": "inf", "micro_batch": "0", "grad_accum": "0",
     "forward_tokens": "0", "loss_chunk": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
     "batch_size": "0", "limit": "0", "memory_n_keys": "0", "memory_heads": "0", "memory_topk": "0",
-    "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1"}
+    "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1", "max_len": "1", "memory_key_dim": "0"}
 
 
 @pytest.mark.parametrize("name", sorted(RANGE_CASES))
@@ -2199,7 +2199,7 @@ def test_every_method_definition_lifts_out_with_what_its_docs_name():
         missing = set().union(*(pieces[n][1] for n in closure)) - set(namespace)
         assert not missing, f"{name} pasted with what its docs name lacks {sorted(missing)}"
     alone = sorted(n for n, (_, used, _) in pieces.items() if not used)
-    assert "without `Needs:` needs\nnothing more" in smf.__doc__             # the module docstring's rule, and it holds:
+    assert "without `Needs:` needs nothing\nmore" in smf.__doc__             # the module docstring's rule, and it holds:
     assert alone == sorted(n for n, (_, _, named) in pieces.items() if not named)
     readme = open(os.path.join(HERE, "README.md")).read()
     listed = re.search(r"lift out with the\s+file's imports alone:\s*(.*?)\.\n", readme, re.S).group(1)
