@@ -1248,7 +1248,11 @@ def run_table(args, device=None):
     """table.md, and figure.svg: the learning-versus-forgetting plot of the same numbers."""
     found = {folder: read_results(args.results_dir, folder) for _, folder, _ in TABLE_ROWS}
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run "
-            "run_all.sh first, or point at its OUT folder")
+            "run_all.sh first, or point at its OUT folder")  # a file given for OUT is told so too
+    for name in ("table.md", "figure.svg"):
+        check_output(name, os.path.join(args.results_dir, name), "it was not written by `smf.py "
+                     f"table` (no header line) — move it away: table writes {name} into "
+                     f"{args.results_dir}", has_table_header)
     header = " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS)
     lines, points = [f"| row | {header} |", "|---" * 11 + "|"], {}  # points: the figure's values
     for name, folder, _ in TABLE_ROWS:
@@ -1411,14 +1415,14 @@ def build_parser():
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
     ("micro_batch grad_accum forward_tokens loss_chunk max_steps limit_train background_examples "
-     "lora_r top_t batch_size limit memory_n_keys memory_heads memory_topk", ">= 1", 1, True,
-     math.inf),
+     "lora_r top_t batch_size limit max_len memory_n_keys memory_heads memory_topk memory_key_dim",
+     ">= 1", 1, True, math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
     ("lora_dropout", "in [0, 1)", 0, True, 1)]
 
 def check_args(args):
-    """Every mistake in the options before anything loads: ranges, rule 2, the output rule. Records
-    the options given, then fills in the defaults of the others."""
+    """Every mistake in the options before anything loads: ranges, rule 2, the output rule (table's
+    in run_table, after its results). Records the options given, fills in the other defaults."""
     for names, need, lowest, lowest_ok, highest in RANGES:
         for name in names.split():
             v = getattr(args, name, None)
@@ -1445,10 +1449,6 @@ def check_args(args):
         check_output("--out", args.out, f"it is not smf's results of --model {args.model} with its "
                      "present weights — choose another file, or move it away",
                      functools.partial(earlier_results, identity=args.identity))
-    for name in ("table.md", "figure.svg") if args.command == "table" else ():
-        check_output(name, os.path.join(args.results_dir, name), "it was not written by `smf.py "
-                     f"table` (no header line) — move it away: table writes {name} into "
-                     f"{args.results_dir}", has_table_header)
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""

@@ -1431,6 +1431,7 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
         (["eval", "--model", t("s"), "--out", "/proc/e.json"], "--out /proc/e.json cannot be written"),   # a root
         (train_args(tiny, t("dangling"), "lora"), f"--out {t('dangling')} exists — choose a new folder"),  # can't
         (["table", t("empty/x")], "holds no <row>/seed<S>/eval.json"),
+        (["table", t("mydata.jsonl")], f"{t('mydata.jsonl')} holds no <row>/seed<S>/eval.json — run run_all.sh"),
     ]
     for argv, message in cases:
         assert message in error_of(capsys, *argv), argv
@@ -1677,7 +1678,7 @@ RANGE_CASES = {  # every option of the range table, by hand: (command, a value t
     "lr": "inf", "epochs": "nan", "lora_alpha": "-1", "repetition_penalty": "inf", "micro_batch": "0", "grad_accum": "0",
     "forward_tokens": "0", "loss_chunk": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
     "batch_size": "0", "limit": "0", "memory_n_keys": "0", "memory_heads": "0", "memory_topk": "0",
-    "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1"}
+    "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1", "max_len": "0", "memory_key_dim": "0"}
 
 
 @pytest.mark.parametrize("name", sorted(RANGE_CASES))
