@@ -1165,8 +1165,7 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 def read_value(run, probe, key, bounds):
-    """(number, None), or (None, what the value is: missing, null, NaN, inf, not a number, or a
-    number outside the `bounds` a mean of `key` lies in: an accuracy of 55 is no fraction)."""
+    """(number, None), or (None, why not: missing, null, NaN, inf, not a number, out of bounds)."""
     results = run.get(probe) if isinstance(run.get(probe), dict) else {}
     if key not in results:
         return None, "missing"
@@ -1328,8 +1327,7 @@ def panel_svg(x0, rows, x_key, x_title):
                data_bottom=bottom)
 
 def figure_svg(points, counts):
-    """Per panel a point per row with both values (Base black, retrofits hollow); the caption
-    names each value left out, and why."""
+    """A point per row with both of a panel's values; the caption names each left out, and why."""
     panels = [("ppl", "WikiText perplexity (lower is better)", "WikiText ppl"),
               ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)",
                "TriviaQA alias acc")]
@@ -1372,8 +1370,7 @@ def figure_svg(points, counts):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # a mistyped flag gets the one-line error every mistake gets
-        print(f"error: {message} — see `python {self.prog} --help`", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"error: {message} — see `python {self.prog} --help`\n")
 
 CHOICES = {"method": tuple(METHOD_LR), "optimizer": ("adamw", "sgd"), "selector": tuple(SELECTORS),
            "mode": ("additive", "replacement"), "medmcqa_mode": ("answer", "letter")}
@@ -1474,8 +1471,11 @@ def check_train_args(args):
     for name in ("train_scale", "memory_alpha_init"):
         require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
                 "additive memory — replacement memory has no alpha")
-    layers = args.memory_layers
+    layers, key_dim, topk, n_keys = (getattr(args, "memory_" + name) for name in
+                                     ("layers", "key_dim", "topk", "n_keys"))
     require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
+    require(key_dim % 2 == 0 and topk <= n_keys, f"--memory-key-dim {key_dim} must be even and "
+            f"--memory-topk {topk} at most --memory-n-keys {n_keys} — change them")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)

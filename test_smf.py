@@ -671,8 +671,8 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
                                       "--memory-layers", "0", "7")
     assert "names a layer twice" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                             "--memory-layers", "1", "1")
-    assert "key_dim must be even, topk <= n_keys" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
-                                                                   "--memory-topk", "9", "--memory-n-keys", "8")
+    assert "--memory-topk 9 at most --memory-n-keys 8 — change them" in error_of(
+        capsys, *train_args(tiny, tmp_path / "x", "retrofit"), "--memory-topk", "9", "--memory-n-keys", "8")
     assert cfg["smf"]["kind"] == "memory"
     os.rename(tmp_path / "mem", tmp_path / "moved")                     # neither beside it nor where it was
     err = ev(tmp_path / "smf")                                           # both places named, normalised
@@ -708,6 +708,10 @@ def test_model_without_decoder_blocks(tiny, tmp_path, capsys):
     (["--weight-decay", "-0.1"], "--weight-decay -0.1 is out of range"),
     (["--epochs", "inf"], "--epochs inf is out of range — give a value > 0 and finite"),
     (["--epochs", "nan"], "--epochs nan is out of range"),
+    (["--method", "retrofit", "--memory-key-dim", "31"],
+     "--memory-key-dim 31 must be even and --memory-topk 16 at most --memory-n-keys 128 — change them"),
+    (["--method", "retrofit", "--memory-n-keys", "16", "--memory-topk", "32"],
+     "and --memory-topk 32 at most --memory-n-keys 16 — change them"),
 ])
 def test_bad_train_flags(flags, message, capsys):
     assert message in error_of(capsys, "train", *flags)
