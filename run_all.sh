@@ -81,7 +81,7 @@ if [[ " $GPUS " == *[0-9]* ]]; then
   for g in $GPUS; do
     fix='give GPUS="cpu" (this torch sees no GPU)'
     [ "$n_gpus" -gt 0 ] && fix="give \"cpu\" or GPU ids below $n_gpus (this torch sees $n_gpus GPUs), e.g. GPUS=\"$(seq -s ' ' 0 $((n_gpus - 1)))\""
-    [[ $g == cpu || ( $g =~ ^[0-9]+$ && $g -lt $n_gpus ) ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — $fix" >&2; exit 2; }
+    [[ $g == cpu || $g -lt $n_gpus ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — $fix" >&2; exit 2; }
   done
 fi
 # local paths as absolute ones, so that the stages (and their recorded settings) mean the same files from any folder
@@ -135,17 +135,21 @@ import glob, json, os, sys
 medmcqa = ["question", "opa", "opb", "opc", "opd", "cop"]
 fields = {"MEDMCQA": medmcqa, "MEDMCQA_EVAL": medmcqa, "WIKITEXT": ["text"], "TRIVIAQA": ["question", "answer"],
           "BACKGROUND": ["text"]}
+def refuse(name, path, i, what):
+    sys.exit(f"error: {name}={path}: line {i} {what} — give a JSON Lines file in the hub's schema (README: Working "
+             "offline, local data)")
 for name, path in (arg.split("=", 1) for arg in sys.argv[2:]):
     lines = open(path, encoding="utf-8-sig").read().split("\n") if os.path.isfile(path) else []
     for i, line in enumerate(lines, 1):
         try:
             row = json.loads(line) if line.strip() else {}
         except ValueError:
-            row = None
-        missing = [f for f in fields[name] if f not in row] if isinstance(row, dict) and row else []
-        if not isinstance(row, dict) or missing:
-            what = f"lacks field {missing[0]!r}" if missing else "is not a JSON object"
-            sys.exit(f"error: {name}={path}: line {i} {what} — give a JSON Lines file in the hub's schema (README: Working offline, local data)")
+            refuse(name, path, i, "is not a JSON object")
+        if not isinstance(row, dict):
+            refuse(name, path, i, "is not a JSON object")
+        for field in fields[name] if row else []:
+            if field not in row:
+                refuse(name, path, i, f"lacks field {field!r}")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "seed*", "eval.json"))):
     try:
         json.load(open(path))
@@ -176,19 +180,25 @@ settings() {
   done
 }
 
+# differ STAGE LINES: the diff of STAGE's settings as this run would record them against its settings.txt, over the
+# lines the sed script LINES prints; a local file counts by its content, not by where it lay ("(at PATH)")
+differ() {
+  local same='s/ (at [^)]*)$//'
+  diff <(settings "$1" | sed -n "$2" | sed "$same") <(sed -n "$2" "$OUT/$1/settings.txt" | sed "$same")
+}
+
 # check_settings STAGE [training]: refuses a stage made before with other settings (or with none recorded); a
 # stage whose evaluation has not finished, or a retrofit that an SMF stage starts from ("training"), is checked on
 # its training settings only
 check_settings() {
-  local file="$OUT/$1/settings.txt" upto=p same='s/ (at [^)]*)$//'   # a file's content counts, not where it lay
+  local training='/^# evaluation/q;p' upto=p
   [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
-  [ -f "$file" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
-  finished "$1" && [ "${2:-}" != training ] || upto='/^# evaluation/q;p'
-  local changes there now
-  changes=$(diff <(settings "$1" | sed -n "$upto" | sed "$same") <(sed -n "$upto" "$file" | sed "$same")) && return 0
+  [ -f "$OUT/$1/settings.txt" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
+  finished "$1" && [ "${2:-}" != training ] || upto=$training
+  local changes there now fix="move $OUT/$1 away to redo it"
+  changes=$(differ "$1" "$upto") && return 0
   there=$(sed -n 's/^> //p' <<< "$changes" | paste -sd ' ' -) now=$(sed -n 's/^< //p' <<< "$changes" | paste -sd ' ' -)
-  local fix="move $OUT/$1 away to redo it"   # only evaluation settings changed: evaluating again is enough
-  if [ "${2:-}" != training ] && [ -e "$OUT/$1/eval.json" ] && diff -q <(settings "$1" | sed '/^# evaluation/q' | sed "$same") <(sed '/^# evaluation/q' "$file" | sed "$same") >/dev/null; then
+  if [ "$upto" = p ] && differ "$1" "$training" >/dev/null; then   # only evaluation settings changed
     fix="delete $OUT/$1/eval.json to evaluate its model again with these settings"
   fi
   echo "error: stage $1 in $OUT was made with $there; this run has $now — choose another OUT, or $fix" >&2

@@ -1471,8 +1471,8 @@ def check_train_args(args):
     for name in ("train_scale", "memory_alpha_init"):
         require(name not in args.given or mode == "additive", f"--{name.replace('_', '-')} needs "
                 "additive memory — replacement memory has no alpha")
-    layers, key_dim, topk, n_keys = (getattr(args, "memory_" + name) for name in
-                                     ("layers", "key_dim", "topk", "n_keys"))
+    layers, key_dim, topk, n_keys = (args.memory_layers, args.memory_key_dim, args.memory_topk,
+                                     args.memory_n_keys)
     require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
     require(key_dim % 2 == 0 and topk <= n_keys, f"--memory-key-dim {key_dim} must be even and "
             f"--memory-topk {topk} at most --memory-n-keys {n_keys} — change them")
