@@ -8,7 +8,7 @@ after `Needs:` (followed through their own `Needs:`); a definition without `Need
 more (README.md lists them). Start: `python smf.py train --method retrofit`, then smf."""
 import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
 import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
-import time
+import fcntl, time
 from dataclasses import dataclass
 
 import torch
@@ -1137,11 +1137,17 @@ def run_eval(args, device):
         print(f"{probe:9s} {' '.join(metrics)}  n={r.get('n', r.get('tokens'))}  "
               f"({r['protocol']}; {time.time() - t0:.1f}s)")
         results[probe] = r
-    if args.out:  # merged with what the file holds now: another eval may have written it meanwhile
-        earlier = earlier_results(args.out, args.identity)
-        require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by other "
-                "results while this eval ran — evaluate again into another file")
-        write_atomic(args.out, json.dumps((earlier or {}) | results, indent=2))
+    if args.out:  # merged with what the file holds now, under a lock: other evals may write it too
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        folder = os.open(os.path.dirname(os.path.abspath(args.out)), os.O_RDONLY)
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # until closed: evals into one folder write in turn
+            earlier = earlier_results(args.out, args.identity)
+            require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
+                    "other results while this eval ran — evaluate again into another file")
+            write_atomic(args.out, json.dumps((earlier or {}) | results, indent=2))
+        finally:
+            os.close(folder)
     return results
 
 TABLE_ROWS = [  # (row name, results folder, the figure's short label)
@@ -1230,17 +1236,19 @@ TABLE_HEADER = "<!-- written by `smf.py table` from the eval.json files: rewritt
 def read_results(results_dir, folder):
     """A row's results, one per seed<integer> folder; what is not a number is named in a note."""
     runs = []
-    for file in sorted(glob.glob(os.path.join(results_dir, folder, "seed*", "eval.json"))):
-        if re.fullmatch(r"seed[0-9]+", os.path.basename(os.path.dirname(file))):  # ASCII digits
-            content = read_json(file, "delete it: run_all.sh then evaluates that stage again")
-            if not isinstance(content, dict):
-                print(f"note: {file} holds no results object: shown as missing", file=sys.stderr)
-                content = {}
-            runs.append(content)
-            for _, probe, key, _, _, bounds in TABLE_COLUMNS:
-                why = read_value(content, probe, key, bounds)[1]
-                if why not in (None, "missing"):
-                    print(f"note: {file}: {probe}.{key} is {why}", file=sys.stderr)
+    for file in sorted(glob.glob(os.path.join(results_dir, folder, "*", "eval.json"))):
+        if not re.fullmatch(r"seed[0-9]+", os.path.basename(os.path.dirname(file))):  # ASCII digits
+            print(f"note: {file} is not in a seed<integer> folder: left out", file=sys.stderr)
+            continue
+        content = read_json(file, "delete it: run_all.sh then evaluates that stage again")
+        if not isinstance(content, dict):
+            print(f"note: {file} holds no results object: shown as missing", file=sys.stderr)
+            content = {}
+        runs.append(content)
+        for _, probe, key, _, _, bounds in TABLE_COLUMNS:
+            why = read_value(content, probe, key, bounds)[1]
+            if why not in (None, "missing"):
+                print(f"note: {file}: {probe}.{key} is {why}", file=sys.stderr)
     return runs
 
 def run_table(args, device=None):
@@ -1425,6 +1433,10 @@ def check_args(args):
             v = getattr(args, name, None)
             ok = v is None or (lowest < v < highest or (lowest_ok and v == lowest))
             require(ok, f"--{name.replace('_', '-')} {v} is out of range — give a value {need}")
+    require(getattr(args, "out", None) != "", "--out is empty — give a path, or leave the flag out")
+    device = getattr(args, "device", "cpu")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device {device}: this "
+            "torch sees no CUDA GPU — give --device cpu, or install a CUDA build of torch")
     configs = {"train": [("", TrainConfig), ("memory_", MemoryConfig)], "eval": [("", EvalConfig)]}
     defaults = {prefix + f.name: f.default for prefix, cls in configs.get(args.command, [])
                 for f in dataclasses.fields(cls)}

@@ -719,7 +719,8 @@ def test_bad_train_flags(flags, message, capsys):
 
 @pytest.mark.parametrize("flags, message", [(["--limit", "0"], "--limit 0 is out of range"),
                                             (["--batch-size", "0"], "--batch-size 0 is out of range"),
-                                            (["--selector", "kl"], "unrecognized arguments: --selector")])
+                                            (["--selector", "kl"], "unrecognized arguments: --selector"),
+                                            (["--out", ""], "--out is empty")])
 def test_bad_eval_flags(flags, message, capsys):
     assert message in error_of(capsys, "eval", *flags)
 
@@ -730,6 +731,13 @@ def test_train_help_shows_defaults_of_zero(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     for flag in ("--seed SEED", "--weight-decay WEIGHT_DECAY"):                # help text, then its default
         assert re.search(re.escape(flag) + r" (?:(?! --).)*?\(default: 0(\.0)?\)", shown), flag
+
+
+def test_a_device_this_torch_lacks_and_an_empty_out_get_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)       # as on a CPU-only build of torch
+    for command in ("train", "eval"):
+        assert "--device cuda:1: this torch sees no CUDA GPU — give --device cpu" in error_of(capsys, command, "--device", "cuda:1")
+    assert "--out is empty — give a path" in error_of(capsys, "train", "--out", "")
 
 
 def test_bad_data_gives_one_line_errors(tiny, tmp_path, capsys):
@@ -1922,6 +1930,9 @@ def test_a_bad_base_value_leaves_no_delta_and_a_list_for_data_is_other_data(tmp_
     assert rows["Base"][4] == "NaN in 1 of 2 seeds" and rows["LoRA"][4] == "12.00 (n=1)" and rows["LoRA"][5] == "Base has NaN"
     assert rows["LoRA"][1] == rows["LoRA"][3] == "scored on other data or protocol than Base"
     assert rows["LoRA"][7].startswith("-25.00 [")                         # TriviaQA is the same data
+    err = capsys.readouterr().err
+    assert all(f"{tmp_path / 'lora' / folder / 'eval.json'} is not in a seed<integer> folder" in err
+               for folder in ("seed_3", "Seed4", "seed 5"))
     caption = " ".join(ET.parse(tmp_path / "figure.svg").getroot().find("{http://www.w3.org/2000/svg}text[@class='caption']").itertext())
     assert "mean over 1–2 seed(s)" in caption
 
@@ -2289,18 +2300,28 @@ def test_eval_results_name_the_models_weights_and_another_model_at_the_same_path
     assert json.loads(out.read_text()) == written
 
 
-def test_an_eval_that_another_eval_overtakes_keeps_what_that_one_wrote(tiny, tmp_path, monkeypatch):
-    """It merges at write time with what the other wrote, not with the file as it was at its start."""
+def test_two_evals_into_one_file_both_land_and_write_under_a_lock(tiny, tmp_path, monkeypatch):
+    """An eval that another eval overtakes merges with what that one wrote (not with the file as it was at its
+    start), and every write happens while the folder is locked."""
+    import fcntl
     data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4"]
     out = tmp_path / "r.json"
     run("eval", "--model", tiny["model"], *data, "--probe", "medmcqa", "--out", out)
-    evaluate_triviaqa = smf.eval_triviaqa
+    evaluate_triviaqa, write_atomic = smf.eval_triviaqa, smf.write_atomic
 
     def overtaken(*args, **kwargs):                                       # meanwhile another eval writes the file
         run("eval", "--model", tiny["model"], *data, "--probe", "wikitext", "--out", out)
         return evaluate_triviaqa(*args, **kwargs)
 
+    def locked_write(path, text):
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):                             # someone holds the folder's lock
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(folder)
+        write_atomic(path, text)
+
     monkeypatch.setattr(smf, "eval_triviaqa", overtaken)
+    monkeypatch.setattr(smf, "write_atomic", locked_write)
     run("eval", "--model", tiny["model"], *data, "--probe", "triviaqa", "--out", out)
     assert {"medmcqa", "wikitext", "triviaqa"} <= json.loads(out.read_text()).keys()
 
