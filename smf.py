@@ -107,17 +107,16 @@ def pad_batch(seqs, pad_id, left=False, device="cpu"):
         mask[i, span] = 1
     return ids.to(device), mask.to(device)
 
-def uses_bf16(device):
-    """The GPU's dtype policy (bf16 frozen weights, bf16 autocast); tests switch it on on a CPU."""
-    return str(device).startswith("cuda")
+def model_dtype(device):
+    """The GPU's dtype policy: bf16 frozen weights and autocast; fp32 on a CPU (tests patch it)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 def autocast(device):
-    """bf16 autocast where uses_bf16 (trainable weights stay fp32); else none. Needs: uses_bf16."""
-    return torch.autocast(torch.device(device).type, torch.bfloat16, enabled=uses_bf16(device))
+    """bf16 autocast where model_dtype is (trainable weights stay fp32). Needs: model_dtype."""
+    dtype = model_dtype(device)
+    return torch.autocast(torch.device(device).type, dtype, enabled=dtype == torch.bfloat16)
 
-def progress(iterable, desc):
-    """A progress bar on a terminal, none in a log file (carriage returns make one endless line)."""
-    return tqdm(iterable, desc=desc, disable=None)
+progress = functools.partial(tqdm, disable=None)  # no bar in a log: \r makes one endless line
 
 # --------------------------------------------------------------------------------------------------
 # Memory layer: product keys (Lample et al. 2019) with the Memory+ output (Berges et al. 2024)
@@ -176,17 +175,16 @@ class ProductKeyMemory(nn.Module):
         rows = rows.flatten(1)                                                # (M, S)
         weights = scores.float().softmax(-1).flatten(1).to(self.values.dtype)  # (M, S), sum H
         gate = self.read_gate(rows) if self.read_gate else None
+        bag = functools.partial(F.embedding_bag, rows, mode="sum")  # (dim-wide table) -> (M, dim)
         if gate is None:
-            readout = F.embedding_bag(rows, self.values, per_sample_weights=weights, mode="sum")
+            readout = bag(self.values, per_sample_weights=weights)
         else:
             # weights*gate + weights*(1-gate) = weights: the same readout, but the second bag reads
             # detached values, so only gated-in reads pass gradient to value rows (every read
             # still passes it to the keys and the query)
             gate = gate.to(weights.dtype)
-            learn = F.embedding_bag(rows, self.values, per_sample_weights=weights * gate,
-                                    mode="sum")
-            fixed = F.embedding_bag(rows, self.values.detach(),
-                                    per_sample_weights=weights * (1 - gate), mode="sum")
+            learn = bag(self.values, per_sample_weights=weights * gate)
+            fixed = bag(self.values.detach(), per_sample_weights=weights * (1 - gate))
             readout = learn + fixed                                           # (M, dim)
         out = self.w2(readout.to(xf.dtype) * F.silu(self.w1(xf)))            # Memory+
         return out.view(x.shape)
@@ -203,10 +201,9 @@ class MemoryBlock(nn.Module):
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
-        self.memory, self.mlp, self.alpha = memory, None, None
-        if mode == "additive":
-            self.mlp = mlp
-            self.alpha = nn.Parameter(torch.tensor(float(alpha_init)))
+        self.memory = memory
+        self.mlp = mlp if mode == "additive" else None  # replacement: the FFN is dropped
+        self.alpha = nn.Parameter(torch.tensor(float(alpha_init))) if mode == "additive" else None
 
     def forward(self, x):
         if self.mlp is None:
@@ -373,8 +370,7 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, 
     rounding: rarely in fp32, a few under bf16 autocast (tested). Needs: StopForward, autocast,
     BackgroundStats, count_background_reads, memory_blocks, token_groups, pad_batch, progress."""
     blocks = memory_blocks(model)
-    n = blocks[0].memory.values.shape[0]
-    zeros = functools.partial(torch.zeros, n, dtype=torch.long)
+    zeros = functools.partial(torch.zeros, blocks[0].memory.values.shape[0], dtype=torch.long)
     stats = [BackgroundStats(zeros(), zeros(), len(texts)) for _ in blocks]
     seqs = sorted((tokenizer(t)["input_ids"][:max_len] for t in texts), key=len)
     batches = [[]]
@@ -443,8 +439,8 @@ class RowSparseAdamW:
 
 def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False, device="cpu"):
     """Adds what the method trains (retrofit: all memory; smf: values, alpha with train_scale; lora:
-    A, B; full: all), freezes the rest, stores it in bf16 under uses_bf16 (trainables fp32). Needs:
-    add_memory, add_lora, memory_blocks, cast_model, uses_bf16, require."""
+    A, B; full: all), freezes the rest, stores it in model_dtype (trainables fp32). Needs:
+    add_memory, add_lora, memory_blocks, cast_model, model_dtype, require."""
     if method == "retrofit":
         add_memory(model, mem_cfg)
     blocks = memory_blocks(model)
@@ -458,9 +454,8 @@ def prepare_model(model, method, mem_cfg=None, lora_cfg=None, train_scale=False,
         b.memory.values.requires_grad_(True)
         if b.alpha is not None:
             b.alpha.requires_grad_(method == "retrofit" or train_scale)
-    dtype = torch.bfloat16 if uses_bf16(device) else torch.float32
     trainable = [p for p in model.parameters() if p.requires_grad]
-    return cast_model(model.to(device), dtype, keep_fp32=trainable)
+    return cast_model(model.to(device), model_dtype(device), keep_fp32=trainable)
 
 def tokenize(tokenizer, texts, max_len):
     """Token ids of each text cut at max_len, without the texts of one token (no target). No EOS is
@@ -974,11 +969,8 @@ def find_parent(path, meta):
         if now == recorded:
             return parent
     require(found, f"the parent of {path} is missing: not at {' nor at '.join(places)} — {again}")
-    parent, now = next(iter(found.items()))
-    recorded = recorded if isinstance(recorded, dict) else {}  # an older smf's single digest
-    changed = sorted(f for f in recorded.keys() | now.keys() if recorded.get(f) != now.get(f))
-    raise UserError(f"the parent {parent} of {path} has other weights than it was trained from "
-                    f"({', '.join(changed)} changed) — {again}")
+    raise UserError(f"the parent {next(iter(found))} of {path} has other weights than it was "
+                    f"trained from — {again}")
 
 def provenance(parent, out):
     """Its parent (relative to `out`, and absolute), the parent's fingerprint, the versions."""
@@ -1120,8 +1112,7 @@ def run_eval(args, device):
     names = PROBES if args.probe == "all" else (args.probe,)
     loaders = {"medmcqa": load_medmcqa, "wikitext": load_wikitext, "triviaqa": load_triviaqa}
     probes = {name: loaders[name](getattr(args, name), limit=args.limit) for name in names}
-    dtype = torch.bfloat16 if uses_bf16(device) else torch.float32
-    model, tok = load_model(args.model, device, dtype)
+    model, tok = load_model(args.model, device, model_dtype(device))
     require(len(tok(probes.get("wikitext", "two tokens"))["input_ids"]) > 1, f"{args.wikitext}: "
             "the WikiText probe has fewer than two tokens — perplexity needs two; check the file")
     bs, letter = args.batch_size, args.medmcqa_mode == "letter"
@@ -1398,8 +1389,10 @@ def build_parser():
     sub = p.add_subparsers(dest="command", required=True)
     no_abbrev = {"allow_abbrev": False}  # `eval --medmcqa` is not --medmcqa-mode
     common = Parser(add_help=False)
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (default: cuda when there is a GPU)")
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none where torch has no CUDA
+    devices = ["cpu", "cuda", *gpus] if gpus else ["cpu"]  # a device this machine lacks is refused
+    common.add_argument("--device", default="cuda" if gpus else "cpu", choices=devices,
+                        help="cpu; cuda or cuda:N where torch sees a GPU (the default there)")
     common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes", **no_abbrev)
     e.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id (%(default)s)")
@@ -1434,16 +1427,11 @@ def check_args(args):
             ok = v is None or (lowest < v < highest or (lowest_ok and v == lowest))
             require(ok, f"--{name.replace('_', '-')} {v} is out of range — give a value {need}")
     require(getattr(args, "out", None) != "", "--out is empty — give a path, or leave the flag out")
-    device = getattr(args, "device", "cpu")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device {device}: this "
-            "torch sees no CUDA GPU — give --device cpu, or install a CUDA build of torch")
     configs = {"train": [("", TrainConfig), ("memory_", MemoryConfig)], "eval": [("", EvalConfig)]}
     defaults = {prefix + f.name: f.default for prefix, cls in configs.get(args.command, [])
                 for f in dataclasses.fields(cls)}
     args.given = sorted(name for name in defaults if getattr(args, name) is not None)
-    for name, default in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    vars(args).update({name: defaults[name] for name in defaults if name not in args.given})
     if args.command == "train":
         default_model = "runs/retrofit" if args.method == "smf" else DEFAULT_MODEL
         args.model, args.out = args.model or default_model, args.out or f"runs/{args.method}"
