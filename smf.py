@@ -1101,9 +1101,9 @@ def run_train(args, device):
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
     last, tokens = history[-1], sum(h["tokens"] for h in history)
-    memory = {k: last[k] for k in ("rows_updated", "alpha") if last[k]}  # per layer, last step
+    memory = "".join(f", {k} {last[k]}" for k in ("rows_updated", "alpha") if last[k])  # per layer
     print(f"\n== {cfg.method} finished: {len(history)} steps, {tokens:,} tokens, "
-          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f} {memory or ''}, checkpoint "
+          f"{time.time() - t0:.0f}s, final loss {last['loss']:.4f}{memory}, checkpoint "
           f"{args.out}\n   evaluate: python {os.path.relpath(__file__)} eval --model {args.out}")
     return model
 

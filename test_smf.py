@@ -870,6 +870,9 @@ def test_run_all_smoke(tiny, tmp_path):
         assert row == "base" or [("[" in d) for d in deltas] == [True, True, False, True, True], line
     log = open(out / "logs" / "lora_seed1.log").read()
     assert "\r" not in log and "== lora finished: 2 steps" in log and "tokens/s" not in log   # no bars
+    assert re.search(r"final loss \d+\.\d{4}, checkpoint ", log)             # LoRA has no memory to report
+    smf_log = open(out / "logs" / "smf_additive_scale_tfidf_seed1.log").read()
+    assert re.search(r"final loss \d+\.\d{4}, rows_updated \[\d+(, \d+)*\], alpha \[[-0-9., ]+\], checkpoint ", smf_log)
     meta = smf.checkpoint_meta(str(out / "smf_additive_scale_tfidf" / "seed1" / "model"))
     assert meta["kind"] == "smf" and meta["parent"] == "../../../retrofit_additive/seed1/model"
     assert meta["train"]["selector"] == "tfidf" and meta["train"]["train_scale"]
