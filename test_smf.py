@@ -1,5 +1,5 @@
 """Tests for smf.py: a tiny Qwen2 and synthetic data in the hub schemas, all built here, nothing downloaded."""
-import functools, glob, hashlib, json, math, os, random, re, statistics, subprocess, sys
+import errno, functools, glob, hashlib, json, math, os, random, re, statistics, subprocess, sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a test that would download fails at once
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -2333,6 +2333,14 @@ def test_two_evals_into_one_file_both_land_and_write_under_a_lock(tiny, tmp_path
     monkeypatch.setattr(smf, "write_atomic", locked_write)
     run("eval", "--model", tiny["model"], *data, "--probe", "triviaqa", "--out", out)
     assert {"medmcqa", "wikitext", "triviaqa"} <= json.loads(out.read_text()).keys()
+
+    def no_flock(fd, operation):                                          # as on a file system without flock
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.undo()
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    run("eval", "--model", tiny["model"], *data, "--probe", "triviaqa", "--limit", "2", "--out", out)
+    assert json.loads(out.read_text())["triviaqa"]["n"] == 2 and "medmcqa" in json.loads(out.read_text())
 
 
 def test_table_replaces_only_files_with_its_header_and_counts_only_seed_integer_folders(tmp_path, capsys):
