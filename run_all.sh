@@ -245,10 +245,18 @@ start() {
 }
 
 [ -n "$DEVICE" ] || DEVICE=$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-# lock FILE WHAT: holds a lock on FILE until this script and its stages end; refuses a second run that wants it
+# take_lock FD MODE WHO: flock -n MODE (-x or -s) on FD, held until this script and its stages end; refuses a run
+# when WHO holds it (flock exits 1). A file system without locks (flock fails otherwise) only gets a warning
+take_lock() {
+  local rc=0
+  flock -n "$2" "$1" || rc=$?
+  [ $rc -ne 1 ] || { echo "error: $3 — wait for it to end, or choose another OUT" >&2; exit 2; }
+  [ $rc -eq 0 ] || echo "warning: the file system of $OUT takes no locks (flock exit $rc): a second run into it is not refused" >&2
+}
+# lock FILE WHAT: holds a lock on FILE; refuses a second run that wants it
 lock() {
   exec 9>>"$1"
-  flock -n 9 || { echo "error: another run_all.sh is running $2 (it holds $1) — wait for it to end, or choose another OUT" >&2; exit 2; }
+  take_lock 9 -x "another run_all.sh is running $2 (it holds $1)"
 }
 if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and seed, whatever ROWS and SEEDS say)
   [[ " $ALL_ROWS " == *" ${STAGE%/seed*} "* && ${STAGE#*/seed} =~ ^[0-9]+$ && $STAGE == */seed* ]] || {
@@ -263,7 +271,7 @@ if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
   exec 8>>"$OUT/.run_all.lock"   # shared with other STAGE runs, never with a run of every stage into OUT
-  flock -n -s 8 || { echo "error: another run_all.sh is running every stage into $OUT (it holds $OUT/.run_all.lock) — wait for it to end, or choose another OUT" >&2; exit 2; }
+  take_lock 8 -s "another run_all.sh is running every stage into $OUT (it holds $OUT/.run_all.lock)"
   lock "$OUT/$STAGE/.lock" "stage $STAGE"
   run_stage "$STAGE" "$DEVICE" &
   stage_pid=$!

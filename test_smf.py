@@ -1077,6 +1077,23 @@ def test_run_all_holds_a_lock_and_stops_its_stages_on_sigterm(tiny, tmp_path, fa
     assert alive == ""
 
 
+def test_run_all_on_a_file_system_without_locks_warns_and_runs(tiny, tmp_path, fake_python):
+    """flock exits 1 when another run holds the lock (refused) and otherwise on an error: only a warning."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "flock").write_text("#!/bin/sh\nexit ${FAKE_FLOCK_EXIT}\n")
+    (bin_dir / "flock").chmod(0o755)
+    env = {**smoke_env(tiny, tmp_path / "res"), **fake_python[0], "ROWS": "base lora",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_FLOCK_EXIT": "65"}   # EX_DATAERR: e.g. ENOSYS
+    for extra in ({}, {"STAGE": "full/seed1"}):
+        done = run_all({**env, **extra})
+        assert done.returncode == 0, done.stderr
+        assert f"warning: the file system of {tmp_path / 'res'} takes no locks (flock exit 65)" in done.stderr
+    held = run_all({**env, "FAKE_FLOCK_EXIT": "1", "ROWS": "full"})
+    assert held.returncode == 2 and "error: another run_all.sh is running into" in held.stderr
+    assert [call[0] for call in fake_python[1]()] == ["eval", "train", "eval", "table", "train", "eval"]  # none held
+
+
 # ----------------------------------------------------------------------------------------------- properties against
 # independent, naive references (each was checked by making its bug by hand and watching it fail)
 
