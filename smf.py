@@ -175,7 +175,7 @@ class ProductKeyMemory(nn.Module):
         rows = rows.flatten(1)                                                # (M, S)
         weights = scores.float().softmax(-1).flatten(1).to(self.values.dtype)  # (M, S), sum H
         gate = self.read_gate(rows) if self.read_gate else None
-        bag = functools.partial(F.embedding_bag, rows, mode="sum")  # (dim-wide table) -> (M, dim)
+        bag = functools.partial(F.embedding_bag, rows, mode="sum")  # table (N, dim) -> (M, dim)
         if gate is None:
             readout = bag(self.values, per_sample_weights=weights)
         else:
