@@ -245,18 +245,15 @@ start() {
 }
 
 [ -n "$DEVICE" ] || DEVICE=$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
-# take_lock FD MODE WHO: flock -n MODE (-x or -s) on FD, held until this script and its stages end; refuses a run
-# when WHO holds it (flock exits 1). A file system without locks (flock fails otherwise) only gets a warning
-take_lock() {
-  local rc=0
-  flock -n "$2" "$1" || rc=$?
-  [ $rc -ne 1 ] || { echo "error: $3 — wait for it to end, or choose another OUT" >&2; exit 2; }
-  [ $rc -eq 0 ] || echo "warning: the file system of $OUT takes no locks (flock exit $rc): a second run into it is not refused" >&2
-}
-# lock FILE WHAT: holds a lock on FILE; refuses a second run that wants it
+# lock FILE MODE WHAT: a lock (MODE -x exclusive, -s shared) on FILE, held until this script and its stages end;
+# refuses a run when another holds it (flock exits 1). A file system without locks (flock fails otherwise) only
+# gets a warning
 lock() {
-  exec 9>>"$1"
-  take_lock 9 -x "another run_all.sh is running $2 (it holds $1)"
+  local fd rc=0
+  exec {fd}>>"$1"
+  flock -n "$2" "$fd" || rc=$?
+  [ $rc -ne 1 ] || { echo "error: another run_all.sh is running $3 (it holds $1) — wait for it to end, or choose another OUT" >&2; exit 2; }
+  [ $rc -eq 0 ] || echo "warning: the file system of $OUT takes no locks (flock exit $rc): a second run into it is not refused" >&2
 }
 if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and seed, whatever ROWS and SEEDS say)
   [[ " $ALL_ROWS " == *" ${STAGE%/seed*} "* && ${STAGE#*/seed} =~ ^[0-9]+$ && $STAGE == */seed* ]] || {
@@ -270,9 +267,8 @@ if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and
   [ "$dep" = - ] || check_settings "$dep" training || exit 2   # the retrofit it starts from, as this run would make it
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
-  exec 8>>"$OUT/.run_all.lock"   # shared with other STAGE runs, never with a run of every stage into OUT
-  take_lock 8 -s "another run_all.sh is running every stage into $OUT (it holds $OUT/.run_all.lock)"
-  lock "$OUT/$STAGE/.lock" "stage $STAGE"
+  lock "$OUT/.run_all.lock" -s "every stage into $OUT"   # shared with STAGE runs, not with a run of every stage
+  lock "$OUT/$STAGE/.lock" -x "stage $STAGE"
   run_stage "$STAGE" "$DEVICE" &
   stage_pid=$!
   trap 'pkill -TERM -P $stage_pid 2>/dev/null; wait; echo "stopped: stage $STAGE was stopped" >&2; exit 143' TERM INT
@@ -288,7 +284,7 @@ CPU_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (cpu_slots + (cpu_slots == 0)) ))}
 [ "$CPU_THREADS" -ge 1 ] || CPU_THREADS=1
 declare -A pid_on=() stage_on=() t0_on=()
 mkdir -p "$OUT"
-lock "$OUT/.run_all.lock" "into $OUT"
+lock "$OUT/.run_all.lock" -x "into $OUT"
 # SIGTERM or Ctrl-C: stop the running stages too (smf.py leaves nothing half-written when stopped), then exit
 stop() {
   trap - TERM INT

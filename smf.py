@@ -1128,17 +1128,18 @@ def run_eval(args, device):
               f"({r['protocol']}; {time.time() - t0:.1f}s)")
         results[probe] = r
     if args.out:  # merged with what the file holds now, under a lock: other evals may write it too
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        folder = os.open(os.path.dirname(os.path.abspath(args.out)), os.O_RDONLY)
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        lock = os.open(folder, os.O_RDONLY)
         try:
             with contextlib.suppress(OSError):  # a file system without flock: unguarded
-                fcntl.flock(folder, fcntl.LOCK_EX)  # until closed: evals into one folder take turns
+                fcntl.flock(lock, fcntl.LOCK_EX)  # until closed: evals into one folder take turns
             earlier = earlier_results(args.out, args.identity)
             require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
                     "other results while this eval ran — evaluate again into another file")
             write_atomic(args.out, json.dumps((earlier or {}) | results, indent=2))
         finally:
-            os.close(folder)
+            os.close(lock)
     return results
 
 TABLE_ROWS = [  # (row name, results folder, the figure's short label)
@@ -1294,12 +1295,11 @@ def round_ticks(lo, hi, count=5):
     step = next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
     return [round(i * step, 12) for i in range(math.ceil(lo / step), math.floor(hi / step) + 1)]
 
-def panel_svg(x0, rows, x_key, x_title):
+def panel_svg(x0, rows, x_key, x_title, x_bounds):
     """One panel: axes, round ticks, whiskers cut at the frame, points, a column of labels."""
-    x_bounds = (0, 100) if x_key != "ppl" else (0, math.inf)
-    x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, x0 + PANEL_W), x_bounds)
-    y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (TOP + PANEL_H, TOP), (0, 100))
     bottom, right = TOP + PANEL_H, x0 + PANEL_W
+    x_lo, x_hi, px = scale_axis([r[x_key] for r in rows], (x0, right), x_bounds)
+    y_lo, y_hi, py = scale_axis([r["acc"] for r in rows], (bottom, TOP), (0, 100))
     out = [svg("rect", x=x0, y=TOP, width=PANEL_W, height=PANEL_H, fill="none", stroke="#888"),
            svg("text", x_title, x=x0 + PANEL_W / 2, y=bottom + 38, text_anchor="middle")]
     out += [svg("text", f"{v:.12g}", class_="tick-x", x=px(v), y=bottom + 16, text_anchor="middle")
@@ -1327,13 +1327,13 @@ def panel_svg(x0, rows, x_key, x_title):
 
 def figure_svg(points, counts):
     """A point per row with both of a panel's values; the caption names each left out, and why."""
-    panels = [("ppl", "WikiText perplexity (lower is better)", "WikiText ppl"),
+    panels = [("ppl", "WikiText perplexity (lower is better)", "WikiText ppl", (0, math.inf)),
               ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)",
-               "TriviaQA alias acc")]
+               "TriviaQA alias acc", (0, 100))]  # (key, axis title, caption name, axis bounds)
     drawn, left_out = {key: [] for key, *_ in panels}, []
     for name, folder, label in TABLE_ROWS:
         values = {"MedMCQA acc": points[folder]["acc"]} | {
-            title: points[folder][key] for key, _, title in panels}
+            title: points[folder][key] for key, _, title, _ in panels}
         bad = [f"{title} {why}" for title, (v, why) in values.items() if v is None]
         if len(bad) == len(values) and all("missing" in b for b in bad):
             bad = ["no results"]
@@ -1344,10 +1344,10 @@ def figure_svg(points, counts):
     width = 2 * (LEFT + PANEL_W + LABEL_W)
     out = [svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
                transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle")]
-    for i, (key, title, _) in enumerate(panels):
+    for i, (key, title, _, x_bounds) in enumerate(panels):
         x0 = LEFT + i * (LEFT + PANEL_W + LABEL_W)
         if drawn[key]:  # else the caption says why
-            out.append(panel_svg(x0, drawn[key], key, title))
+            out.append(panel_svg(x0, drawn[key], key, title, x_bounds))
     n = {what: "–".join(map(str, sorted({min(q), max(q)}))) if q else "0"
          for what, q in counts.items()}  # seeds and questions, a range where rows differ
     caption = (f"Points: mean over {n['seeds']} seed(s) on {n['medmcqa']} MedMCQA and "
@@ -1388,12 +1388,13 @@ def build_parser():
     p = Parser(description=__doc__.split("\n\n")[0], epilog="examples: see README.md")
     sub = p.add_subparsers(dest="command", required=True)
     no_abbrev = {"allow_abbrev": False}  # `eval --medmcqa` is not --medmcqa-mode
-    common = Parser(add_help=False)
+    debug = Parser(add_help=False)
+    debug.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    common = Parser(add_help=False, parents=[debug])
     gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]  # none where torch has no CUDA
     devices = ["cpu", "cuda", *gpus] if gpus else ["cpu"]  # a device this machine lacks is refused
     common.add_argument("--device", default="cuda" if gpus else "cpu", choices=devices,
                         help="cpu; cuda or cuda:N where torch sees a GPU (the default there)")
-    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
     e = sub.add_parser("eval", parents=[common], help="evaluate a model on the probes", **no_abbrev)
     e.add_argument("--model", default=DEFAULT_MODEL, help="folder or hub id (%(default)s)")
     e.add_argument("--probe", default="all", choices=PROBES + ("all",), help="(default: all)")
@@ -1405,9 +1406,8 @@ def build_parser():
     t.add_argument("--out", help="checkpoint folder (default runs/<method>)")
     add_config_flags(t.add_argument_group("recipe (the paper's by default)"), TrainConfig)
     add_config_flags(t.add_argument_group("a new memory (retrofit)"), MemoryConfig, "memory_")
-    tb = sub.add_parser("table", help="the results table and figure of OUT", **no_abbrev)
+    tb = sub.add_parser("table", parents=[debug], help="OUT's table and figure", **no_abbrev)
     tb.add_argument("results_dir", help="the OUT folder of run_all.sh")
-    tb.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return p
 
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
@@ -1442,10 +1442,10 @@ def check_args(args):
         check_model_path(args.model)
         model = os.path.abspath(args.model) if is_local(args.model) else args.model
         args.identity = {"model": model, "weights": fingerprint(args.model)}
-    if args.command == "eval" and args.out:
-        check_output("--out", args.out, f"it is not smf's results of --model {args.model} with its "
-                     "present weights — choose another file, or move it away",
-                     functools.partial(earlier_results, identity=args.identity))
+        if args.out:
+            check_output("--out", args.out, f"it is not smf's results of --model {args.model} with "
+                         "its present weights — choose another file, or move it away",
+                         functools.partial(earlier_results, identity=args.identity))
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
