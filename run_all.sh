@@ -76,6 +76,8 @@ $PYTHON -c 'import importlib.util as u, sys; sys.exit(not u.find_spec("torch"))'
 for g in $GPUS; do   # a slot is "cpu" or a GPU id; torch counts the GPUs only where ids are given
   [[ $g == cpu || $g =~ ^[0-9]+$ ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids, e.g. GPUS=\"0 1\"" >&2; exit 2; }
 done
+# smf.py computes in fp32 on a CPU and in bf16 on a GPU: a table must not pair results of both
+[[ " $GPUS " != *cpu* || " $GPUS " != *[0-9]* ]] || { echo "error: GPUS=\"$GPUS\" mixes cpu and GPU slots, which compute in fp32 and bf16 — give only GPU ids, or only cpu" >&2; exit 2; }
 if [[ " $GPUS " == *[0-9]* ]]; then
   n_gpus=$($PYTHON -c 'import torch; print(torch.cuda.device_count())')
   for g in $GPUS; do
@@ -164,9 +166,10 @@ finished() {
 }
 
 # settings STAGE: the settings its results depend on, NAME=value a line (an SMF row's include its retrofit's);
-# the evaluation's come last, after the line "# evaluation"
+# the evaluation's come after the line "# evaluation"; last, after "# recorded, not compared", the budgets that
+# change speed and memory, and a result only by float rounding (LoRA's also by its dropout masks)
 settings() {
-  local names="MODEL" train="MAX_STEPS LIMIT_TRAIN MICRO_BATCH GRAD_ACCUM TRAIN_ARGS"
+  local names="MODEL PRECISION" train="MAX_STEPS LIMIT_TRAIN MICRO_BATCH GRAD_ACCUM TRAIN_ARGS"
   local memory="BACKGROUND BACKGROUND_EXAMPLES MEMORY_ARGS"
   case ${1%/seed*} in
     base) ;;
@@ -175,7 +178,7 @@ settings() {
     lora) names="$names $train MEDMCQA LORA_ARGS" ;;
     full) names="$names $train MEDMCQA FULL_ARGS" ;;
   esac
-  for n in $names "# evaluation" MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT; do
+  for n in $names "# evaluation" MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT "# recorded, not compared" FORWARD_TOKENS EVAL_BATCH; do
     case $n in "#"*) echo "$n" ;; *) echo "$n=${IDENTITY[$n]:-${!n}}" ;; esac
   done
 }
@@ -191,14 +194,14 @@ differ() {
 # stage whose evaluation has not finished, or a retrofit that an SMF stage starts from ("training"), is checked on
 # its training settings only
 check_settings() {
-  local training='/^# evaluation/q;p' upto=p
+  local training='/^# evaluation/q;p' upto='/^# recorded/q;p'
   [ -e "$OUT/$1/model" ] || [ -e "$OUT/$1/eval.json" ] || return 0   # no results yet: nothing to pass off
   [ -f "$OUT/$1/settings.txt" ] || { echo "error: $OUT/$1 holds results with no record of their settings — choose another OUT, or move $OUT/$1 away to redo it" >&2; return 1; }
   finished "$1" && [ "${2:-}" != training ] || upto=$training
   local changes there now fix="move $OUT/$1 away to redo it"
   changes=$(differ "$1" "$upto") && return 0
   there=$(sed -n 's/^> //p' <<< "$changes" | paste -sd ' ' -) now=$(sed -n 's/^< //p' <<< "$changes" | paste -sd ' ' -)
-  if [ "$upto" = p ] && differ "$1" "$training" >/dev/null; then   # only evaluation settings changed
+  if [ "$upto" != "$training" ] && differ "$1" "$training" >/dev/null; then   # only evaluation settings changed
     fix="delete $OUT/$1/eval.json to evaluate its model again with these settings"
   fi
   echo "error: stage $1 in $OUT was made with $there; this run has $now — choose another OUT, or $fix" >&2
@@ -245,6 +248,8 @@ start() {
 }
 
 [ -n "$DEVICE" ] || DEVICE=$($PYTHON -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')
+# one precision a run (GPUS mixes none), recorded and compared like any setting
+PRECISION=$([[ " ${GPUS:-$DEVICE} " == *cpu* ]] && echo "fp32 (cpu)" || echo "bf16 autocast (cuda)")
 # lock FILE MODE WHAT: a lock (MODE -x exclusive, -s shared) on FILE, held until this script and its stages end;
 # refuses a run when another holds it (flock exits 1). A file system without locks (flock fails otherwise) only
 # gets a warning

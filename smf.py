@@ -3,12 +3,12 @@
 Adds product-key memory to a Hugging Face causal LM and finetunes only the value rows a batch reads
 most (KL or TF-IDF against background text), beside LoRA and full finetuning; MedMCQA measures the
 learning, WikiText and TriviaQA the forgetting. The method comes first, as the data flows, then the
-plumbing. A method definition lifts out with the imports and the definitions its docstring names
-after `Needs:` (followed through their own `Needs:`); a definition without `Needs:` needs nothing
-more (README.md lists them). Start: `python smf.py train --method retrofit`, then smf."""
+plumbing. A method definition lifts out with the imports and the definitions named after `Needs:`
+in its docstring (a constant's: its trailing comment), followed through their own `Needs:`; one
+without `Needs:` needs nothing more. Start: `python smf.py train --method retrofit`, then smf."""
 import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
 import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
-import fcntl, time
+import time
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +32,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # Config (the comments are the --help texts)
 
 @dataclass
-class MemoryConfig:
+class MemoryConfig:  # the target paper's published config (layers 1/4, 1/2, 3/4 of the way up)
     layers: tuple = (6, 12, 18)  # 0-based decoder layers that get their own memory
     mode: str = "additive"  # "additive": mlp(x) + alpha*memory(x); "replacement": memory(x)
     n_keys: int = 128  # sub-keys per half; the memory holds n_keys**2 value rows
@@ -43,9 +43,9 @@ class MemoryConfig:
 
 @dataclass
 class TrainConfig:
-    """One training run; the defaults are the paper's recipe. A retrofit comes before SMF: a new
-    memory is random, and ranking its rows against background reads would rank noise until it is
-    trained densely on general text. Needs: METHOD_LR."""
+    """One training run; the defaults are the target paper's published recipe. A retrofit comes
+    first: a new memory is random, and ranking its rows against background reads would rank noise
+    until it is trained densely on general text (then background_stats). Needs: METHOD_LR."""
     method: str = "smf"  # retrofit (new memory, trained on background text) | smf | lora | full
     medmcqa: str = "openlifescienceai/medmcqa"  # training data (train split): hub id or file
     background: str = "OpenAssistant/oasst1"  # the retrofit's data, the selectors' reference
@@ -127,15 +127,16 @@ class ProductKeyMemory(nn.Module):
     stored as i1 * n_keys + i2, scores s1[i1] + s2[i2]. The top k of the k*k sums of each half's
     top k are exactly the top k of all N rows (a row whose i1 is outside its half's top k is beaten
     by the k rows (j, i2) whose j are in it): 2 * n_keys scores, not N.
-    A read is one (token, head, slot) lookup of a row, what the selectors count: S a token. Each
-    head softmaxes its k scores, so a token's S weights sum to H; the readout, their weighted sum
-    of rows, leaves through the Memory+ output w2(readout * silu(w1 x)), whose gate silu(w1 x)
-    comes from the token itself, as in a SwiGLU FFN. `read_gate`, when set, sees the rows each
-    token reads and returns which reads may teach (pass gradient to) their value row, or None for
-    all: SMF's row selection (ReadGate, below) enters the layer there only.
+    A read is one lookup of a row by a token's head (one of its k), what the selectors count: S a
+    token. Each head softmaxes its k scores, so a token's S weights sum to H; the readout, their
+    weighted sum of rows, leaves through the Memory+ output w2(readout * silu(w1 x)), multiplied
+    by silu(w1 x) of the token itself as in a SwiGLU FFN (no sigmoid gate on top). `read_gate`,
+    when set, sees the rows each token reads and returns which reads may teach (pass gradient to)
+    their value row, or None for all: SMF's row selection (ReadGate, below) enters there only.
     As the target paper's code: no query batch-norm (Lample et al.'s ties a token's rows to its
     batch); values per layer (Memory+ shares a pool; here each layer counts and picks its own);
-    zero biases; rows of norm ~1, w1 and w2 keeping a vector's scale (std dim^-1/2), small keys."""
+    rows of norm ~1, w1 and w2 keeping a vector's scale (std dim^-1/2), small keys; every bias
+    nn.Linear's default, uniform in +-fan_in^-1/2 (the published code never resets them)."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -149,10 +150,8 @@ class ProductKeyMemory(nn.Module):
         nn.init.uniform_(self.keys, -key_dim ** -0.5, key_dim ** -0.5)
         nn.init.normal_(self.values, std=dim ** -0.5)
         nn.init.xavier_uniform_(self.query.weight)
-        nn.init.zeros_(self.query.bias)
         for lin in (self.w1, self.w2):
             nn.init.normal_(lin.weight, std=dim ** -0.5)
-            nn.init.zeros_(lin.bias)
 
     def lookup(self, x):  # x (M, dim) -> scores (M, H, k), rows (M, H, k)
         """In fp32 even under bf16 autocast (cheap; bf16 scores would tie and swap rows). Batching
@@ -180,8 +179,8 @@ class ProductKeyMemory(nn.Module):
             readout = bag(self.values, per_sample_weights=weights)
         else:
             # weights*gate + weights*(1-gate) = weights: the same readout, but the second bag reads
-            # detached values, so only gated-in reads pass gradient to value rows (every read
-            # still passes it to the keys and the query)
+            # detached values, so only gated-in reads pass gradient to value rows (keys and query,
+            # frozen in SMF where a gate is set, would still get it from every read)
             gate = gate.to(weights.dtype)
             learn = bag(self.values, per_sample_weights=weights * gate)
             fixed = bag(self.values.detach(), per_sample_weights=weights * (1 - gate))
@@ -195,9 +194,11 @@ class ProductKeyMemory(nn.Module):
 class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood, seeing its input (after the post-attention norm).
     Replacement: memory(x), the FFN dropped. Additive: mlp(x) + alpha * memory(x), alpha a learned
-    scalar per layer from 0.01, so that a new random memory barely moves the model. A value step's
-    effect on the output scales with alpha under AdamW (its step ignores the gradient's scale) and
-    with alpha**2 under SGD (the step scales too): SMF from alpha ~0.01 changes little (logged)."""
+    scalar per layer from 0.01, so that a new random memory barely moves the model. The values'
+    gradient scales with alpha. AdamW's step m/(sqrt(v) + eps) ignores that scale only while |g| >>
+    eps (1e-8): on Qwen at alpha 0.01 most value gradients are ~1e-9, eps damps the step to ~0.2
+    lr, and the output moves between alpha and alpha**2 (as under SGD, whose step scales with g).
+    Either way SMF from alpha ~0.01 changes little; alpha is logged."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
@@ -232,7 +233,8 @@ def memory_blocks(model):
     return [m for m in model.modules() if isinstance(m, MemoryBlock)]
 
 class LoRALinear(nn.Module):
-    """y = base(x) + (alpha/r) * B A dropout(x); A kaiming-uniform, B zero: at init y = base(x)."""
+    """y = base(x) + scale * B A dropout(x), scale = lora_alpha / r (LoRA's own alpha); A (r, in)
+    kaiming-uniform, B (out, r) zero (the LoRA paper's letters): at init y = base(x)."""
 
     def __init__(self, base: nn.Linear, r=16, alpha=32.0, dropout=0.05):
         super().__init__()
@@ -307,7 +309,8 @@ def kl_scores(counts, background: BackgroundStats):  # counts (N,) or (G, N) -> 
 SELECTORS = {"kl": kl_scores, "tfidf": tfidf_scores}  # Needs: kl_scores, tfidf_scores
 
 def select_rows(scores, counts, top_t):  # (N,) or (G, N) -> bool of the same shape
-    """The top_t read rows by score; ties go to the lower row (a stable sort), unread rows never."""
+    """The top_t read rows by score, unread rows never; ties go to the lower row: a stable sort is
+    deterministic, where the published code's torch.topk leaves the order of ties unspecified."""
     scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
     best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_t]
     # mark the best rows True, except those never read (when fewer than top_t rows were read,
@@ -322,7 +325,8 @@ def token_groups(mask, group_size):  # mask (B, T) -> (M,)
 
 def count_reads(rows, group, n_groups, n_rows):  # rows (M, S), group (M,) -> (G, N)
     """How often each group's tokens read each row; pads (group -1) never count, so never spend the
-    selection budget. No host sync (bincount would need one to size its output)."""
+    selection budget. A read counts 1 whatever its softmax weight, as the published code's logger
+    counts (a choice, not derived). No host sync (bincount would need one to size its output)."""
     real = (group >= 0)[:, None].expand_as(rows).long()                         # (M, S)
     # one flat counter for all groups: group g's row r is cell g * N + r (pads add 0 to group 0)
     cell = group.clamp(min=0)[:, None] * n_rows + rows                          # (M, S)
@@ -363,12 +367,13 @@ def count_background_reads(rows, group, n_texts, stats, last):  # rows (M, S) ->
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, device="cpu"):
-    """df, reads and D per memory layer, each text its own group, in eval mode, once after the
-    retrofit (SMF trains only values: the query and keys that pick rows stay, though earlier layers'
-    values shift later reads). Length-sorted texts share a batch (pads under 20%, batch_tokens at
-    most); a forward stops after the last memory layer. Batching moves a read only by float
-    rounding: rarely in fp32, a few under bf16 autocast (tested). Needs: StopForward, autocast,
-    BackgroundStats, count_background_reads, memory_blocks, token_groups, pad_batch, progress."""
+    """df, reads and D per memory layer, each text its own group, in eval mode: once, right after
+    the retrofit on its first background_examples training texts, saved with it for every SMF run
+    (SMF trains only values: query and keys stay, though earlier values shift later reads).
+    Length-sorted texts share a batch (pads < 20%, batch_tokens at most); a forward stops after the
+    last memory layer. Batching moves a read only by float rounding (tested): rarely in fp32, a few
+    under bf16 autocast. Needs: StopForward, autocast, BackgroundStats, count_background_reads,
+    memory_blocks, token_groups, pad_batch, progress."""
     blocks = memory_blocks(model)
     zeros = functools.partial(torch.zeros, blocks[0].memory.values.shape[0], dtype=torch.long)
     stats = [BackgroundStats(zeros(), zeros(), len(texts)) for _ in blocks]
@@ -395,7 +400,8 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, 
 # Sparse optimizer and training loop: one plain loop for every method
 
 def get_lr(step, total, peak, warmup):
-    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`. In warm-up one step
+    ahead of HF's schedule (1/w, 2/w, .. 1, where HF starts at 0): no step is spent at lr 0."""
     if step < warmup:
         return peak * (step + 1) / warmup
     done = (step - warmup) / max(1, total - warmup)
@@ -403,9 +409,10 @@ def get_lr(step, total, peak, warmup):
 
 class RowSparseAdamW:
     """AdamW (or SGD) stepping only given rows of 2-D parameters, and only their moments and step
-    counts (per row: dense AdamW's bias correction): an unpicked row never drifts (on masked
-    gradients a dense AdamW's stale moments move it). "Lazy" Adam, like torch's SparseAdam: a row
-    picked after a gap resumes undecayed moments (decaying them would move it)."""
+    counts: an unpicked row never drifts (on masked gradients a dense AdamW's stale moments move
+    it). Lazy moments as torch's SparseAdam: a row picked after a gap resumes undecayed moments
+    (decaying them would move it). Unlike SparseAdam, whose bias correction counts global steps,
+    each row counts its own: a row's first step is dense AdamW's first step."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
         self.params, self.betas, self.eps = list(params), betas, eps
@@ -465,8 +472,10 @@ def tokenize(tokenizer, texts, max_len):
 
 def step_batches(lengths, seqs_per_step, seed):
     """Endless example indices, a step at a time: each epoch a new seeded shuffle, sorted by length
-    within chunks of 64 steps (little padding), the steps shuffled again. So texts of similar
-    length, not content, share a micro-batch and compete for its top_t rows."""
+    within chunks of 64 steps, the steps shuffled again. A departure from the published Trainer's
+    random micro-batches: pads fall from ~37% to ~0.3% of MedMCQA's tokens, and what it costs is
+    that texts of similar length (not content) share a micro-batch and compete for its top_t rows;
+    chunks of 64 steps keep the epoch's order random at the scale of the schedule."""
     rng, chunk = random.Random(seed), 64 * seqs_per_step
     while True:
         order, steps = rng.sample(range(len(lengths)), len(lengths)), []
@@ -493,15 +502,16 @@ def split_step(lengths, micro_batch, forward_tokens):  # lengths of a step's tex
             spans.append((i, j))
     return spans
 
-def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
+def forward_backward(model, seqs, smf_layers, cfg, n_targets, pad_id, device):
     """A forward and backward of micro-batches, each gating its own reads; the loss, summed over
     targets / the step's n_targets, gives one gradient however a step is split. The head runs
     loss_chunk targets at a time, each backward stopping at detached hidden states: (C, V) logits at
-    once, not (Y, V) (2.3 MB a token at V = 151,936); then one backward through the model: the full
+    once, not (Y, V) (~16 bytes a logit: bf16 logits, fp32 copy, log-softmax, fp32 and bf16
+    gradients; 2.3 MiB a token at V = 151,936); then one backward through the model: the full
     logits' loss and gradient. Needs: pad_batch, ReadGate, SELECTORS, token_groups, autocast."""
     ids, mask = pad_batch(seqs, pad_id, device=device)                              # (B, T)
     n_groups = math.ceil(len(seqs) / cfg.micro_batch)
-    for block, stats in gates:  # each micro-batch its own group of reads
+    for block, stats in smf_layers:  # each micro-batch its own group of reads
         block.memory.read_gate = ReadGate(token_groups(mask, cfg.micro_batch), n_groups, stats,
                                           SELECTORS[cfg.selector], cfg.top_t)
     with autocast(device):
@@ -517,18 +527,18 @@ def forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device):
         (part / n_targets).backward()  # frees this chunk's logits; adds to detached.grad
         loss += part.item() / n_targets
     hidden.backward(detached.grad)
-    return loss, [block.memory.read_gate.chosen.any(0) for block, _ in gates]  # (N,) each
+    return loss, [block.memory.read_gate.chosen.any(0) for block, _ in smf_layers]  # (N,) each
 
-def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_path=None):
-    """Trains what requires grad, in place, on token id lists (SMF: with BackgroundStats per memory
-    layer); a JSON line per step to log_path; returns the records. Needs: BackgroundStats,
+def train(model, examples, cfg, stats=None, pad_id=0, device="cpu", log_path=None):
+    """Trains what requires grad, in place, on token id lists (SMF: stats, a BackgroundStats per
+    memory layer); a JSON line per step to log_path; returns the records. Needs: BackgroundStats,
     RowSparseAdamW, make_dense_optimizer, memory_blocks, step_batches, total_steps, split_step,
     forward_backward, get_lr, progress, require."""
-    blocks, gates = memory_blocks(model), []  # gates, SMF only: (memory block, its statistics)
+    blocks, smf_layers = memory_blocks(model), []  # SMF only: (memory block, its statistics)
     if cfg.method == "smf":
-        gates = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.texts))
-                 for b, s in zip(blocks, background)]
-    values = [b.memory.values for b, _ in gates]
+        smf_layers = [(b, BackgroundStats(s.df.to(device), s.reads.to(device), s.texts))
+                      for b, s in zip(blocks, stats)]
+    values = [b.memory.values for b, _ in smf_layers]
     alphas = [b.alpha for b in blocks if b.alpha is not None]  # logged: the memory's weight
     dense = [p for p in model.parameters() if p.requires_grad and all(p is not v for v in values)]
     dense_opt = make_dense_optimizer(dense, cfg, device)
@@ -544,7 +554,7 @@ def train(model, examples, cfg, background=None, pad_id=0, device="cpu", log_pat
         picked = [torch.zeros(len(v), dtype=torch.bool, device=device) for v in values]   # (N,)
         for i, j in split_step(lengths, cfg.micro_batch, cfg.forward_tokens):
             seqs = [examples[k] for k in batch[i:j]]
-            part, chosen = forward_backward(model, seqs, gates, cfg, n_targets, pad_id, device)
+            part, chosen = forward_backward(model, seqs, smf_layers, cfg, n_targets, pad_id, device)
             loss += part
             require(math.isfinite(loss), f"the loss became {loss} at step {step + 1} — lower --lr "
                     "or check the data; no checkpoint was written by this run")
@@ -602,8 +612,8 @@ def medmcqa_answer(row, option, letter_only=False):
     return letter if letter_only else f"{letter}. {row['op' + 'abcd'[option]]}"
 
 def medmcqa_text(row):
-    """Prompt, gold answer, explanation line if any; no EOS (as published): it teaches stopping
-    early, which moves TriviaQA but is no forgetting. Needs: medmcqa_prompt, medmcqa_answer."""
+    """Prompt, gold answer, explanation line if any; no EOS, as published: an EOS would teach
+    stopping early (moving TriviaQA, but no forgetting). Needs: medmcqa_prompt, medmcqa_answer."""
     text = medmcqa_prompt(row) + medmcqa_answer(row, row["cop"])
     if (row.get("exp") or "").strip():
         text += f"\nExplanation: {row['exp']}"
@@ -1132,7 +1142,8 @@ def run_eval(args, device):
         os.makedirs(folder, exist_ok=True)
         lock = os.open(folder, os.O_RDONLY)
         try:
-            with contextlib.suppress(OSError):  # a file system without flock: unguarded
+            with contextlib.suppress(OSError, ImportError):  # no flock (Windows, some Lustre)
+                import fcntl  # here, so that `import smf` works where fcntl does not exist
                 fcntl.flock(lock, fcntl.LOCK_EX)  # until closed: evals into one folder take turns
             earlier = earlier_results(args.out, args.identity)
             require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
