@@ -194,11 +194,9 @@ class ProductKeyMemory(nn.Module):
 class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood, seeing its input (after the post-attention norm).
     Replacement: memory(x), the FFN dropped. Additive: mlp(x) + alpha * memory(x), alpha a learned
-    scalar per layer from 0.01, so that a new random memory barely moves the model. The values'
-    gradient scales with alpha. AdamW's step m/(sqrt(v) + eps) ignores that scale only while |g| >>
-    eps (1e-8): on Qwen at alpha 0.01 most value gradients are ~1e-9, eps damps the step to ~0.2
-    lr, and the output moves between alpha and alpha**2 (as under SGD, whose step scales with g).
-    Either way SMF from alpha ~0.01 changes little; alpha is logged."""
+    scalar per layer from 0.01, so a new random memory barely moves the model. Value gradients
+    scale with alpha; AdamW's step ignores that only while |g| >> eps = 1e-8. On Qwen at alpha 0.01
+    they are ~1e-9, so eps damps the step (~0.2 lr): SMF from alpha ~0.01 moves the model little."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()
@@ -233,8 +231,7 @@ def memory_blocks(model):
     return [m for m in model.modules() if isinstance(m, MemoryBlock)]
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scale * B A dropout(x), scale = lora_alpha / r (LoRA's own alpha); A (r, in)
-    kaiming-uniform, B (out, r) zero (the LoRA paper's letters): at init y = base(x)."""
+    """y = base(x) + (lora_alpha/r) * B A dropout(x), as in the LoRA paper; B starts at zero."""
 
     def __init__(self, base: nn.Linear, r=16, alpha=32.0, dropout=0.05):
         super().__init__()
@@ -309,8 +306,7 @@ def kl_scores(counts, background: BackgroundStats):  # counts (N,) or (G, N) -> 
 SELECTORS = {"kl": kl_scores, "tfidf": tfidf_scores}  # Needs: kl_scores, tfidf_scores
 
 def select_rows(scores, counts, top_t):  # (N,) or (G, N) -> bool of the same shape
-    """The top_t read rows by score, unread rows never; ties go to the lower row: a stable sort is
-    deterministic, where the published code's torch.topk leaves the order of ties unspecified."""
+    """The top_t read rows by score; ties go to the lower row (a stable sort), unread rows never."""
     scores = torch.where(counts > 0, scores, torch.full_like(scores, -math.inf))
     best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :top_t]
     # mark the best rows True, except those never read (when fewer than top_t rows were read,
@@ -324,9 +320,8 @@ def token_groups(mask, group_size):  # mask (B, T) -> (M,)
     return group.expand_as(mask).masked_fill(mask == 0, -1).flatten()
 
 def count_reads(rows, group, n_groups, n_rows):  # rows (M, S), group (M,) -> (G, N)
-    """How often each group's tokens read each row; pads (group -1) never count, so never spend the
-    selection budget. A read counts 1 whatever its softmax weight, as the published code's logger
-    counts (a choice, not derived). No host sync (bincount would need one to size its output)."""
+    """How often each group's tokens read each row, 1 a read whatever its weight (the published
+    logger's choice, not derived); pads (group -1) never count. No host sync, unlike bincount."""
     real = (group >= 0)[:, None].expand_as(rows).long()                         # (M, S)
     # one flat counter for all groups: group g's row r is cell g * N + r (pads add 0 to group 0)
     cell = group.clamp(min=0)[:, None] * n_rows + rows                          # (M, S)
@@ -400,8 +395,7 @@ def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, 
 # Sparse optimizer and training loop: one plain loop for every method
 
 def get_lr(step, total, peak, warmup):
-    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`. In warm-up one step
-    ahead of HF's schedule (1/w, 2/w, .. 1, where HF starts at 0): no step is spent at lr 0."""
+    """Linear warm-up (1/w, 2/w, .. 1: HF's starts at 0), then cosine decay to zero at total."""
     if step < warmup:
         return peak * (step + 1) / warmup
     done = (step - warmup) / max(1, total - warmup)
@@ -409,10 +403,9 @@ def get_lr(step, total, peak, warmup):
 
 class RowSparseAdamW:
     """AdamW (or SGD) stepping only given rows of 2-D parameters, and only their moments and step
-    counts: an unpicked row never drifts (on masked gradients a dense AdamW's stale moments move
-    it). Lazy moments as torch's SparseAdam: a row picked after a gap resumes undecayed moments
-    (decaying them would move it). Unlike SparseAdam, whose bias correction counts global steps,
-    each row counts its own: a row's first step is dense AdamW's first step."""
+    counts: an unpicked row never drifts (masked dense AdamW's stale moments move it). Lazy as
+    torch's SparseAdam (a row picked after a gap resumes undecayed moments), but SparseAdam
+    bias-corrects by global steps; here each row counts its own (its first step: dense AdamW's)."""
 
     def __init__(self, params, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, sgd=False):
         self.params, self.betas, self.eps = list(params), betas, eps
@@ -472,10 +465,9 @@ def tokenize(tokenizer, texts, max_len):
 
 def step_batches(lengths, seqs_per_step, seed):
     """Endless example indices, a step at a time: each epoch a new seeded shuffle, sorted by length
-    within chunks of 64 steps, the steps shuffled again. A departure from the published Trainer's
-    random micro-batches: pads fall from ~37% to ~0.3% of MedMCQA's tokens, and what it costs is
-    that texts of similar length (not content) share a micro-batch and compete for its top_t rows;
-    chunks of 64 steps keep the epoch's order random at the scale of the schedule."""
+    within chunks of 64 steps, the steps shuffled again. Unlike the published Trainer's random
+    micro-batches, texts of similar length (not content) share one and compete for its top_t rows:
+    1% pads, not 28%, on MedMCQA; 64-step chunks keep the epoch's order random at schedule scale."""
     rng, chunk = random.Random(seed), 64 * seqs_per_step
     while True:
         order, steps = rng.sample(range(len(lengths)), len(lengths)), []
@@ -503,12 +495,11 @@ def split_step(lengths, micro_batch, forward_tokens):  # lengths of a step's tex
     return spans
 
 def forward_backward(model, seqs, smf_layers, cfg, n_targets, pad_id, device):
-    """A forward and backward of micro-batches, each gating its own reads; the loss, summed over
-    targets / the step's n_targets, gives one gradient however a step is split. The head runs
-    loss_chunk targets at a time, each backward stopping at detached hidden states: (C, V) logits at
-    once, not (Y, V) (~16 bytes a logit: bf16 logits, fp32 copy, log-softmax, fp32 and bf16
-    gradients; 2.3 MiB a token at V = 151,936); then one backward through the model: the full
-    logits' loss and gradient. Needs: pad_batch, ReadGate, SELECTORS, token_groups, autocast."""
+    """A forward and backward of micro-batches, each gating its own reads; the loss (summed over
+    targets / the step's n_targets) gives one gradient however a step is split. The head runs
+    loss_chunk targets at a time, each backward stopping at detached hidden states: (C, V) logits,
+    not (Y, V) (16 bytes a logit: bf16, fp32, log-softmax, 2 grads; 2.3 MiB a token at V 151,936).
+    Needs: pad_batch, ReadGate, SELECTORS, token_groups, autocast."""
     ids, mask = pad_batch(seqs, pad_id, device=device)                              # (B, T)
     n_groups = math.ceil(len(seqs) / cfg.micro_batch)
     for block, stats in smf_layers:  # each micro-batch its own group of reads
@@ -1170,16 +1161,13 @@ TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question va
     ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", "alias_correct", 100, (0, 1)),
     ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100, (0, 1))]
 
-def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
 def read_value(run, probe, key, bounds):
     """(number, None), or (None, why not: missing, null, NaN, inf, not a number, out of bounds)."""
     results = run.get(probe) if isinstance(run.get(probe), dict) else {}
     if key not in results:
         return None, "missing"
     value = results[key]
-    if not is_number(value):  # NaN, ±inf, null, text
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         why = str(value).replace("nan", "NaN") if isinstance(value, float) else "not a number"
         return None, "null" if value is None else why
     inside = bounds[0] <= value <= bounds[1]
@@ -1189,7 +1177,8 @@ def paired_delta(runs, base, key, scale):
     """(Δ, half-width of its 95% interval) vs Base, paired: per question the row's mean over seeds
     minus Base's, then their mean ± 1.96 standard errors; None unless all hold as many numbers."""
     lists = [r.get(key) for r in runs + base]
-    finite = [isinstance(x, list) and all(map(is_number, x)) for x in lists]
+    finite = [isinstance(x, list) and all(isinstance(v, (int, float)) and math.isfinite(v)
+                                          for v in x) for x in lists]
     if not all(finite) or len({len(x) for x in lists}) != 1 or len(lists[0]) < 2:
         return None
     row = [statistics.mean(q) for q in zip(*(r[key] for r in runs))]
@@ -1330,7 +1319,7 @@ def panel_svg(x0, rows, x_key, x_title, x_bounds):
                                stroke="#333"))
         fill = {"base": "#000", "retrofit": "#fff"}.get(folder.split("_")[0], "#4a7ab5")
         out.append(svg("circle", data_row=folder, cx=x, cy=y, r=4, fill=fill, stroke="#000"))
-        out.append(svg("line", x1=x, y1=y, x2=right + 12, y2=label_y, stroke="#ddd"))
+        out.insert(0, svg("line", x1=x, y1=y, x2=right + 12, y2=label_y, stroke="#ddd"))  # under
         out.append(svg("text", r["label"], class_="label", x=right + 15, y=label_y + 4))
     return svg("g", "\n".join(out), class_="panel", data_x=x_key, data_x_lo=x_lo, data_x_hi=x_hi,
                data_y_lo=y_lo, data_y_hi=y_hi, data_left=x0, data_right=right, data_top=TOP,
