@@ -42,6 +42,7 @@ BACKGROUND_EXAMPLES=${BACKGROUND_EXAMPLES:-2000}        # background texts behin
 MICRO_BATCH=${MICRO_BATCH:-4}                           # x GRAD_ACCUM = effective batch 16
 GRAD_ACCUM=${GRAD_ACCUM:-4}
 FORWARD_TOKENS=${FORWARD_TOKENS:-4096}                  # padded tokens per forward pass (sets a step's memory)
+LOSS_CHUNK=${LOSS_CHUNK:-1024}                          # target tokens whose vocabulary logits exist at once
 EVAL_BATCH=${EVAL_BATCH:-16}                            # MedMCQA questions per forward (TriviaQA: twice that)
 DEVICE=${DEVICE:-}                                      # without GPUS: the device; empty: cuda when available
 TRAIN_ARGS=${TRAIN_ARGS:-}                              # extra flags for every train command (e.g. --warmup 0)
@@ -65,13 +66,25 @@ for seed in $SEEDS; do
 done
 SEEDS="${seeds# }"
 # counts and sizes: positive integers (MAX_STEPS and LIMIT_TRAIN may be empty), checked before any work
-for name in MAX_STEPS LIMIT_TRAIN EVAL_LIMIT BACKGROUND_EXAMPLES MICRO_BATCH GRAD_ACCUM FORWARD_TOKENS EVAL_BATCH; do
+for name in MAX_STEPS LIMIT_TRAIN EVAL_LIMIT BACKGROUND_EXAMPLES MICRO_BATCH GRAD_ACCUM FORWARD_TOKENS LOSS_CHUNK EVAL_BATCH; do
   v=${!name}
   [[ -z $v && ($name == MAX_STEPS || $name == LIMIT_TRAIN) ]] || [[ $v =~ ^[1-9][0-9]*$ ]] || {
     echo "error: $name=$v is not a positive integer — give one, e.g. $name=2" >&2; exit 2; }
 done
+# a flag that run_all.sh sets for each row is refused in *_ARGS: it would silently override the row (or the seed)
+declare -A SET_BY=([--method]="ROWS (the row's name)" [--memory-mode]="ROWS (the row's name)"
+  [--selector]="ROWS (the row's name)" [--train-scale]="ROWS (the row's name)" [--seed]=SEEDS [--model]=MODEL
+  [--out]=OUT [--device]="DEVICE or GPUS" [--medmcqa]=MEDMCQA [--background]=BACKGROUND
+  [--background-examples]=BACKGROUND_EXAMPLES [--max-steps]=MAX_STEPS [--limit-train]=LIMIT_TRAIN
+  [--micro-batch]=MICRO_BATCH [--grad-accum]=GRAD_ACCUM [--forward-tokens]=FORWARD_TOKENS [--loss-chunk]=LOSS_CHUNK)
+for name in TRAIN_ARGS MEMORY_ARGS SMF_ARGS LORA_ARGS FULL_ARGS; do
+  for arg in ${!name}; do
+    flag=${arg%%=*}
+    [ -z "${SET_BY[$flag]:-}" ] || { echo "error: $name has $flag, which run_all.sh sets for each row — drop it, and set ${SET_BY[$flag]} instead" >&2; exit 2; }
+  done
+done
 # PYTHON must have torch (looked up, not imported: 0.1 s rather than 2)
-$PYTHON -c 'import importlib.util as u, sys; sys.exit(not u.find_spec("torch"))' 2>/dev/null || { echo "error: PYTHON=$PYTHON cannot import torch — install the requirements (README: Install), or point PYTHON at the Python that has them" >&2; exit 2; }
+$PYTHON -c 'import importlib.util as u, sys; sys.exit(not u.find_spec("torch"))' 2>/dev/null || { echo "error: PYTHON=$PYTHON cannot import torch — install the requirements (README: Quick start), or point PYTHON at the Python that has them" >&2; exit 2; }
 [ -n "${ROWS// /}" ] || { echo "error: ROWS is empty — give one or more of: $ALL_ROWS" >&2; exit 2; }
 for g in $GPUS; do   # a slot is "cpu" or a GPU id; torch counts the GPUs only where ids are given
   [[ $g == cpu || $g =~ ^[0-9]+$ ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — give \"cpu\" or GPU ids, e.g. GPUS=\"0 1\"" >&2; exit 2; }
@@ -86,6 +99,7 @@ if [[ " $GPUS " == *[0-9]* ]]; then
     [[ $g == cpu || $g -lt $n_gpus ]] || { echo "error: GPUS=\"$GPUS\": '$g' is not a slot — $fix" >&2; exit 2; }
   done
 fi
+TABLE_HEADER='<!-- written by `smf.py table` from the eval.json files: rewritten on every run -->'   # smf.py's
 # local paths as absolute ones, so that the stages (and their recorded settings) mean the same files from any folder
 local_path() { if [ -e "$1" ]; then realpath "$1"; else echo "$1"; fi; }
 MODEL=$(local_path "$MODEL") MEDMCQA=$(local_path "$MEDMCQA") MEDMCQA_EVAL=$(local_path "$MEDMCQA_EVAL")
@@ -138,8 +152,8 @@ medmcqa = ["question", "opa", "opb", "opc", "opd", "cop"]
 fields = {"MEDMCQA": medmcqa, "MEDMCQA_EVAL": medmcqa, "WIKITEXT": ["text"], "TRIVIAQA": ["question", "answer"],
           "BACKGROUND": ["text"]}
 def refuse(name, path, i, what):
-    sys.exit(f"error: {name}={path}: line {i} {what} — give a JSON Lines file in the hub's schema (README: Working "
-             "offline, local data)")
+    sys.exit(f"error: {name}={path}: line {i} {what} — give a JSON Lines file in the hub's schema (docs/running.md: "
+             "Local data, offline)")
 for name, path in (arg.split("=", 1) for arg in sys.argv[2:]):
     lines = open(path, encoding="utf-8-sig").read().split("\n") if os.path.isfile(path) else []
     for i, line in enumerate(lines, 1):
@@ -152,6 +166,9 @@ for name, path in (arg.split("=", 1) for arg in sys.argv[2:]):
         for field in fields[name] if row else []:
             if field not in row:
                 refuse(name, path, i, f"lacks field {field!r}")
+        answer = row.get("answer") if name == "TRIVIAQA" and row else {"aliases": []}
+        if not (isinstance(answer, dict) and isinstance(answer.get("aliases"), list)):
+            refuse(name, path, i, "has an 'answer' that is not {\"aliases\": [...], \"value\": ...}")
 for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "seed*", "eval.json"))):
     try:
         json.load(open(path))
@@ -159,10 +176,16 @@ for path in sorted(glob.glob(os.path.join(sys.argv[1], "*", "seed*", "eval.json"
         sys.exit(f"error: {path} is damaged (not JSON) — delete it: run_all.sh then evaluates that stage again")
 EOF
 
-# finished STAGE: its eval.json holds every probe (an `eval --probe medmcqa` result is not a finished stage)
+# finished STAGE: its eval.json holds every probe (an `eval --probe medmcqa` result is not a finished stage); a
+# probe's results are a JSON object, whatever the file's indentation
 finished() {
   [ -f "$OUT/$1/eval.json" ] || return 1
-  for p in medmcqa wikitext triviaqa; do grep -q "^  \"$p\": " "$OUT/$1/eval.json" || return 1; done
+  for p in medmcqa wikitext triviaqa; do grep -qE "\"$p\"[[:space:]]*:[[:space:]]*\{" "$OUT/$1/eval.json" || return 1; done
+}
+
+# has_model STAGE: a finished stage that another starts from still has its model (or says which stage to redo)
+has_model() {
+  [ -f "$OUT/$1/model/config.json" ] || { echo "error: stage $1 has finished, but its model $OUT/$1/model is missing — move $OUT/$1 away to redo that stage" >&2; return 1; }
 }
 
 # settings STAGE: the settings its results depend on, NAME=value a line (an SMF row's include its retrofit's);
@@ -178,7 +201,7 @@ settings() {
     lora) names="$names $train MEDMCQA LORA_ARGS" ;;
     full) names="$names $train MEDMCQA FULL_ARGS" ;;
   esac
-  for n in $names "# evaluation" MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT "# recorded, not compared" FORWARD_TOKENS EVAL_BATCH; do
+  for n in $names "# evaluation" MEDMCQA_EVAL WIKITEXT TRIVIAQA EVAL_LIMIT "# recorded, not compared" FORWARD_TOKENS LOSS_CHUNK EVAL_BATCH; do
     case $n in "#"*) echo "$n" ;; *) echo "$n=${IDENTITY[$n]:-${!n}}" ;; esac
   done
 }
@@ -208,17 +231,18 @@ check_settings() {
   return 1
 }
 
-# run_stage STAGE DEVICE: trains (unless its checkpoint exists) and evaluates one stage; output to its log
-run_stage() {
-  local row=${1%/seed*} seed=${1#*/seed} device=$2 dir="$OUT/$1"
-  settings "$1" > "$dir/settings.txt"   # what its results will depend on (check_settings reads it)
+# stage_commands STAGE DEVICE: the stage's smf.py commands, one a line (train, unless it only evaluates; then eval),
+# each argument shell-quoted; each row gets only the options that apply to it (smf.py refuses the others)
+stage_commands() {
+  local row=${1%/seed*} seed=${1#*/seed} device=$2 dir="$OUT/$1" model="$OUT/$1/model"
   local data=(--device "$device" --medmcqa "$MEDMCQA_EVAL" --wikitext "$WIKITEXT" --triviaqa "$TRIVIAQA"
               --limit "$EVAL_LIMIT" --batch-size "$EVAL_BATCH")
   local train=(--micro-batch "$MICRO_BATCH" --grad-accum "$GRAD_ACCUM" ${MAX_STEPS:+--max-steps "$MAX_STEPS"}
-               --forward-tokens "$FORWARD_TOKENS" ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"} $TRAIN_ARGS)
-  local how=()   # each row gets only the options that apply to it (smf.py refuses the others)
+               --forward-tokens "$FORWARD_TOKENS" --loss-chunk "$LOSS_CHUNK" ${LIMIT_TRAIN:+--limit-train "$LIMIT_TRAIN"}
+               $TRAIN_ARGS)
+  local how=()
   case $row in
-    base) $PYTHON "$SMF" eval --model "$MODEL" "${data[@]}" --out "$dir/eval.json"; return ;;
+    base) model=$MODEL ;;
     retrofit_*) how=(--method retrofit --model "$MODEL" --memory-mode "${row#retrofit_}" --background "$BACKGROUND"
                      --background-examples "$BACKGROUND_EXAMPLES" $MEMORY_ARGS) ;;
     smf_*) local sel=${row##*_} parent="$OUT/$(needs "$1")/model"  # the retrofit's background statistics are reused
@@ -227,10 +251,64 @@ run_stage() {
     lora) how=(--method lora --model "$MODEL" --medmcqa "$MEDMCQA" $LORA_ARGS) ;;
     full) how=(--method full --model "$MODEL" --medmcqa "$MEDMCQA" $FULL_ARGS) ;;
   esac
-  if [ ! -f "$dir/model/config.json" ]; then   # not trained yet (else: trained before, its evaluation did not finish)
-    $PYTHON "$SMF" train --device "$device" --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}"
-  fi
-  $PYTHON "$SMF" eval --model "$dir/model" "${data[@]}" --out "$dir/eval.json"
+  [ ${#how[@]} -eq 0 ] || { printf '%q ' train --device "$device" --out "$dir/model" --seed "$seed" "${how[@]}" "${train[@]}"; echo; }
+  printf '%q ' eval --model "$model" "${data[@]}" --out "$dir/eval.json"; echo
+}
+
+# run_stage STAGE DEVICE: trains (unless its checkpoint exists) and evaluates one stage; output to its log
+run_stage() {
+  local line args
+  settings "$1" > "$OUT/$1/settings.txt"   # what its results will depend on (check_settings reads it)
+  while IFS= read -r line; do
+    eval "args=($line)"
+    # trained before and its evaluation did not finish: evaluate only
+    [ "${args[0]}" = train ] && [ -f "$OUT/$1/model/config.json" ] && continue
+    $PYTHON "$SMF" "${args[@]}" || return
+  done < <(stage_commands "$1" "$2")
+}
+
+# check_commands STAGE...: every stage's smf.py commands, checked now by smf.py's own option checks (no model
+# loads): a typo in *_ARGS or DEVICE fails before the first stage, not when its stage starts hours later
+check_commands() {
+  local s lines=""
+  for s in "$@"; do lines+="$s"$'\n'"$(stage_commands "$s" "$DEVICE")"$'\n'; done
+  $PYTHON - "$SMF" "$lines" "TRAIN_ARGS=$TRAIN_ARGS" "MEMORY_ARGS=$MEMORY_ARGS" "SMF_ARGS=$SMF_ARGS" \
+    "LORA_ARGS=$LORA_ARGS" "FULL_ARGS=$FULL_ARGS" "DEVICE=$DEVICE" <<'PY'
+import contextlib, io, json, os, re, shlex, sys, tempfile
+sys.path.insert(0, os.path.dirname(sys.argv[1]))
+import smf
+variables = dict(arg.split("=", 1) for arg in sys.argv[3:])
+with tempfile.TemporaryDirectory() as tmp:
+    for mode in ("additive", "replacement"):   # a retrofit not trained yet: a stand-in with its mode
+        os.makedirs(os.path.join(tmp, mode))
+        with open(os.path.join(tmp, mode, "config.json"), "w") as f:
+            json.dump({"smf": {"kind": "memory", "memory": {"mode": mode}}}, f)
+        open(os.path.join(tmp, mode, smf.STATS), "w").close()
+    stage = None
+    for line in sys.argv[2].splitlines():
+        if line and "--" not in line:   # a stage's name, before its commands
+            stage = line
+            continue
+        argv = shlex.split(line)
+        argv[argv.index("--out") + 1] = os.path.join(tmp, "out")   # where a stage writes, run_all.sh checks
+        model = argv.index("--model") + 1
+        if os.path.isabs(argv[model]) and not os.path.isdir(argv[model]):   # not trained yet: a stand-in
+            argv[model] = os.path.join(tmp, "replacement" if "replacement" in stage else "additive")
+        stderr = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(stderr):
+                smf.check_args(smf.build_parser().parse_args(argv))
+        except (SystemExit, smf.UserError) as e:
+            why = str(e) if isinstance(e, smf.UserError) else stderr.getvalue().strip().splitlines()[-1]
+            why = why.removeprefix("error: ").split(" — see `python")[0]
+            words = set(re.findall(r"[\w.-]+", why))
+            own = {"retrofit": "MEMORY_ARGS", "smf": "SMF_ARGS", "lora": "LORA_ARGS", "full": "FULL_ARGS"}
+            given = ["TRAIN_ARGS", own.get(stage.split("/")[0].split("_")[0]), "DEVICE"] if argv[0] == "train" else ["DEVICE"]
+            named = [n for n in given if n and any(w in words for w in [w for w in variables[n].split()
+                                                                          if w.startswith("--")] or variables[n].split())]
+            source = f" (from {' or '.join(named)})" if named else ""
+            sys.exit(f"error: stage {stage}: smf.py {argv[0]} would refuse its options{source}: {why}")
+PY
 }
 
 # start STAGE SLOT: runs the stage in the background on a slot ("cpu", or a GPU id seen alone through
@@ -255,7 +333,7 @@ PRECISION=$([[ " ${GPUS:-$DEVICE} " == *cpu* ]] && echo "fp32 (cpu)" || echo "bf
 # gets a warning
 lock() {
   local fd rc=0
-  exec {fd}>>"$1"
+  { exec {fd}>>"$1"; } 2>/dev/null || { echo "error: cannot write $1 — give an OUT you can write to" >&2; exit 2; }
   flock -n "$2" "$fd" || rc=$?
   [ $rc -ne 1 ] || { echo "error: another run_all.sh is running $3 (it holds $1) — wait for it to end, or choose another OUT" >&2; exit 2; }
   [ $rc -eq 0 ] || echo "warning: the file system of $OUT takes no locks (flock exit $rc): a second run into it is not refused" >&2
@@ -270,6 +348,8 @@ if [ -n "$STAGE" ]; then   # one stage, for a scheduler's job array (any row and
   fi
   check_settings "$STAGE" || exit 2
   [ "$dep" = - ] || check_settings "$dep" training || exit 2   # the retrofit it starts from, as this run would make it
+  [ "$dep" = - ] || has_model "$dep" || exit 2
+  finished "$STAGE" || check_commands "$STAGE" || exit 2
   finished "$STAGE" && { echo "skip  ${STAGE%/seed*} seed ${STAGE#*/seed} (finished)"; exit 0; }
   mkdir -p "$OUT/$STAGE" "$OUT/logs"
   lock "$OUT/.run_all.lock" -s "every stage into $OUT"   # shared with STAGE runs, not with a run of every stage
@@ -286,6 +366,7 @@ fi
 read -ra SLOTS <<< "${GPUS:-default}"
 cpu_slots=$(tr ' ' '\n' <<< "$GPUS" | grep -cx cpu || true)   # cpu slots share the cores: their threads
 CPU_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / (cpu_slots + (cpu_slots == 0)) ))}   # would contend
+[[ $CPU_THREADS =~ ^[0-9]+$ ]] || { echo "error: OMP_NUM_THREADS=$OMP_NUM_THREADS is not a number of threads — give a positive integer, or unset it" >&2; exit 2; }
 [ "$CPU_THREADS" -ge 1 ] || CPU_THREADS=1
 declare -A pid_on=() stage_on=() t0_on=()
 mkdir -p "$OUT"
@@ -304,10 +385,20 @@ for s in "${STAGES[@]}"; do
   check_settings "$s" || bad=1
   dep=$(needs "$s")   # a retrofit outside ROWS or SEEDS that an SMF stage starts from: as this run would make it
   [ "$dep" = - ] || [[ " ${STAGES[*]} " == *" $dep "* ]] || check_settings "$dep" training || bad=1
+  if [ "$dep" != - ] && [[ " ${STAGES[*]} " != *" $dep "* ]] && ! finished "$dep"; then
+    echo "error: stage $s needs $dep, which has not finished and is not in ROWS/SEEDS — add ${dep%/seed*} to ROWS" >&2; bad=1
+  fi
+  [ "$dep" = - ] || ! finished "$dep" || has_model "$dep" || bad=1
 done
 [ $bad -eq 0 ] || exit 2
+unfinished=()
+for s in "${STAGES[@]}"; do finished "$s" || unfinished+=("$s"); done
+[ ${#unfinished[@]} -eq 0 ] || check_commands "${unfinished[@]}" || exit 2
+for staging in "$OUT"/*/seed*/.model.tmp*; do   # a SIGKILLed train cannot remove its own
+  [ ! -e "$staging" ] || echo "note: $staging is the staging folder of a training that was killed — delete it" >&2
+done
 for f in table.md figure.svg; do   # written at the end: a file there that table did not write is refused now
-  [ ! -e "$OUT/$f" ] || head -n 1 "$OUT/$f" | grep -q '^<!-- written by `smf.py table`' || {
+  [ ! -e "$OUT/$f" ] || [ "$(head -n 1 "$OUT/$f")" = "$TABLE_HEADER" ] || {
     echo "error: $OUT/$f was not written by smf.py table (no header line) — move it away: the table is written there at the end" >&2; exit 2; }
 done
 for s in "${STAGES[@]}"; do

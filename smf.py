@@ -195,8 +195,8 @@ class MemoryBlock(nn.Module):
     """Stands where a decoder layer's FFN stood, seeing its input (after the post-attention norm).
     Replacement: memory(x), the FFN dropped. Additive: mlp(x) + alpha * memory(x), alpha a learned
     scalar per layer from 0.01, so a new random memory barely moves the model. Value gradients
-    scale with alpha; AdamW's step ignores that only while |g| >> eps = 1e-8. On Qwen at alpha 0.01
-    they are ~1e-9, so eps damps the step (~0.2 lr): SMF from alpha ~0.01 moves the model little."""
+    scale with alpha; AdamW's step ignores that only while |g| >> eps = 1e-8. At alpha 0.01-0.02
+    they are ~2e-9 (Qwen, SmolLM2), and eps damps steps to 0.2-0.3 lr: SMF there moves little."""
 
     def __init__(self, mlp, memory, mode, alpha_init=0.01):
         super().__init__()

@@ -826,7 +826,7 @@ def test_an_interrupted_save_leaves_no_checkpoint_and_nothing_beside_it(tiny, tm
 # ----------------------------------------------------------------------------------------------- run_all.sh, bench
 
 def smoke_env(tiny, out):
-    """The README's smoke overrides: a tiny local model and data, a few steps, small probes."""
+    """Smoke overrides: a tiny local model and data, a few steps, small probes."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHON": sys.executable, "MODEL": tiny["model"],
             "OUT": str(out), "SEEDS": "1", "MEDMCQA": tiny["medmcqa"], "MEDMCQA_EVAL": tiny["medmcqa"],
             "WIKITEXT": tiny["wikitext"], "TRIVIAQA": tiny["triviaqa"], "BACKGROUND": tiny["background"], "MAX_STEPS": "2",
@@ -885,18 +885,6 @@ def test_run_all_smoke(tiny, tmp_path):
     assert recipes["lora"]["lora_r"] == 4 and recipes["lora"]["lr"] == smf.METHOD_LR["lora"]
     assert recipes["retrofit_additive"]["lr"] == smf.METHOD_LR["retrofit"]        # FULL_ARGS is full's only
     assert recipes["smf_additive_scale_tfidf"]["lr"] == 4e-4 and recipes["smf_additive_scale_tfidf"]["top_t"] == 8
-    again = run_all(env)
-    assert again.returncode == 0 and again.stdout.count("skip ") == 4 and "done " not in again.stdout
-
-    import shutil
-    shutil.rmtree(out / "smf_additive_scale_tfidf" / "seed1")            # redo one SMF stage with other memory
-    smf_only = run_all({**env, "ROWS": "smf_additive_scale_tfidf", "MEMORY_ARGS": " ".join(MEM[:-1] + ["2"])})
-    assert smf_only.returncode == 2 and "start " not in smf_only.stdout
-    assert f"stage retrofit_additive/seed1 in {out} was made with MEMORY_ARGS={' '.join(MEM)};" in smf_only.stderr
-    (out / "table.md").write_text("my notes\n")                            # the user's: refused before any stage
-    notes = run_all({**env, "ROWS": "smf_additive_scale_tfidf"})
-    assert notes.returncode == 2 and "start " not in notes.stdout and f"{out}/table.md was not written by" in notes.stderr
-    os.remove(out / "table.md")
     other = run_all({**env, "EVAL_LIMIT": "6", "MAX_STEPS": "3"})              # other settings: refused, in one line
     assert other.returncode == 2 and "start " not in other.stdout, other.stdout
     assert (f"error: stage base/seed1 in {out} was made with EVAL_LIMIT=8; this run has EVAL_LIMIT=6 — choose another "
@@ -911,6 +899,8 @@ FAKE_PYTHON = '''#!{python}
 """Stands in for `python` under run_all.sh: records each smf.py command as a JSON line in $FAKE_CALLS and writes
 the files that command would write (a checkpoint's config.json, an eval.json of every probe), in milliseconds."""
 import json, os, sys, time
+if sys.argv[1] == "-" and sys.argv[2].endswith("smf.py"):             # the commands' check (its own test), skipped:
+    sys.exit(0)                                                      # it would import torch for every run
 if sys.argv[1] in ("-c", "-"):                                       # run_all's own checks: the real interpreter
     os.execv({python!r}, [{python!r}] + sys.argv[1:])
 command, args = sys.argv[2], sys.argv[3:]
@@ -921,7 +911,12 @@ if command == "train":
     os.makedirs(out)
     open(os.path.join(out, "train_log.jsonl"), "w").write("{{}}\\n")
     time.sleep(float(os.environ.get("FAKE_TRAIN_SECONDS", 0)))
-    open(os.path.join(out, "config.json"), "w").write(json.dumps({{"smf": {{}}}}))
+    method = args[args.index("--method") + 1]
+    meta = {{"kind": "memory" if method == "retrofit" else method}}       # as smf.py's checkpoints say
+    if method == "retrofit":
+        meta["memory"] = {{"mode": args[args.index("--memory-mode") + 1]}}
+        open(os.path.join(out, "background_stats.safetensors"), "w").close()
+    open(os.path.join(out, "config.json"), "w").write(json.dumps({{"smf": meta}}))
     print("== " + args[args.index("--method") + 1] + " finished")
 if command == "eval" and os.environ.get("FAKE_EVAL_FAILS"):
     sys.exit("error: the evaluation failed")
@@ -983,16 +978,18 @@ def test_run_all_gives_each_row_its_parent_its_own_args_and_the_seed(tiny, tmp_p
 
 
 def test_run_all_finishes_a_stage_only_when_its_eval_json_holds_every_probe(tmp_path):
-    """run_all.sh's own `finished`, run by bash on eval.json files written as smf eval writes them (indent 2)."""
+    """run_all.sh's own `finished`, run by bash on eval.json files as smf eval writes them (indent 2) and as a
+    user may re-indent them (4, or one line)."""
     source = open(os.path.join(HERE, "run_all.sh")).read()
     finished = source[source.index("finished() {"):source.index("\n}\n", source.index("finished() {")) + 3]
     probes = {"written_by": "smf.py eval", "medmcqa": {"acc": 0.5}, "wikitext": {"ppl": 9.0}, "triviaqa": {"n": 1}}
-    for missing in (None, "medmcqa", "wikitext", "triviaqa"):
-        stage = tmp_path / f"without_{missing}" / "seed1"
-        stage.mkdir(parents=True)
-        (stage / "eval.json").write_text(json.dumps({k: v for k, v in probes.items() if k != missing}, indent=2))
-        p = subprocess.run(["bash", "-c", f"{finished}\nOUT={tmp_path}; finished without_{missing}/seed1"])
-        assert p.returncode == (0 if missing is None else 1), missing
+    for indent in (2, 4, None):
+        for missing in (None, "medmcqa", "wikitext", "triviaqa"):
+            stage = tmp_path / f"without_{missing}_{indent}" / "seed1"
+            stage.mkdir(parents=True)
+            (stage / "eval.json").write_text(json.dumps({k: v for k, v in probes.items() if k != missing}, indent=indent))
+            p = subprocess.run(["bash", "-c", f"{finished}\nOUT={tmp_path}; finished without_{missing}_{indent}/seed1"])
+            assert p.returncode == (0 if missing is None else 1), (missing, indent)
 
 
 def test_run_all_lists_stages_in_dependency_order_and_runs_one(tiny, tmp_path):
@@ -1029,7 +1026,7 @@ def test_run_all_stops_at_a_failing_stage_and_resumes_from_any_folder(tiny, tmp_
     broken = run_all(env, cwd=work)
     assert broken.returncode == 2 and "start" not in broken.stdout and broken.stderr == (
         f"error: TRIVIAQA={work / 'missing.jsonl'}: line 1 is not a JSON object — give a JSON Lines file in the hub's "
-        "schema (README: Working offline, local data)\n")
+        "schema (docs/running.md: Local data, offline)\n")
     (work / "missing.jsonl").write_text('{"question": "q?"}\n')           # a row without its answer
     broken = run_all(env, cwd=work)
     assert broken.returncode == 2 and "line 1 lacks field 'answer'" in broken.stderr
@@ -2168,8 +2165,8 @@ def test_run_all_compares_the_precision_and_only_records_the_budgets(tiny, tmp_p
     assert run_all(env).returncode == 0
     settings = (out / "lora" / "seed1" / "settings.txt").read_text().splitlines()
     assert settings[1] == "PRECISION=fp32 (cpu)"
-    assert settings[-3:] == ["# recorded, not compared", "FORWARD_TOKENS=512", "EVAL_BATCH=4"]
-    budgets = run_all({**env, "FORWARD_TOKENS": "4096", "EVAL_BATCH": "16"})
+    assert settings[-4:] == ["# recorded, not compared", "FORWARD_TOKENS=512", "LOSS_CHUNK=1024", "EVAL_BATCH=4"]
+    budgets = run_all({**env, "FORWARD_TOKENS": "4096", "LOSS_CHUNK": "64", "EVAL_BATCH": "16"})
     assert budgets.returncode == 0 and "skip  lora seed 1 (finished)" in budgets.stdout, budgets.stderr
     gpu = run_all({**env, "DEVICE": "cuda"})
     assert gpu.returncode == 2 and "start" not in gpu.stdout
@@ -2593,10 +2590,12 @@ def test_run_all_checks_up_front_what_would_fail_or_mislead_later(tiny, tmp_path
     assert run_all({**env, "ROWS": "retrofit_additive"}).returncode == 0
     other = run_all({**env, "STAGE": "smf_additive_kl/seed1", "MEMORY_ARGS": " ".join(MEM[:-1] + ["2"])})
     assert other.returncode == 2 and f"stage retrofit_additive/seed1 in {out} was made with MEMORY_ARGS=" in other.stderr
-    (out / "figure.svg").write_text("<svg/>\n")
-    mine = run_all({**env, "ROWS": "base"})
-    assert mine.returncode == 2 and "start" not in mine.stdout and "figure.svg was not written by smf.py table" in mine.stderr
-    os.remove(out / "figure.svg")
+    for name in ("table.md", "figure.svg"):
+        header = '<!-- written by `smf.py table`' if name == "table.md" else "<svg/>"   # a prefix is not the header
+        (out / name).write_text(header + "\nmy notes\n")
+        mine = run_all({**env, "ROWS": "base"})
+        assert mine.returncode == 2 and "start" not in mine.stdout and f"{name} was not written by smf.py table" in mine.stderr
+        os.remove(out / name)
     lines = open(tiny["triviaqa"]).read().splitlines()
     broken = tmp_path / "triviaqa.jsonl"
     broken.write_text("\n".join(lines[:2] + [json.dumps({"question": "Why?"})] + lines[2:]) + "\n")
@@ -2617,6 +2616,9 @@ def test_run_all_checks_only_what_a_stage_still_depends_on(tiny, tmp_path, fake_
     out = tmp_path / "res"
     env = {**smoke_env(tiny, out), **python}
     assert run_all({**env, "ROWS": "retrofit_additive"}).returncode == 0
+    memory = run_all({**env, "ROWS": "smf_additive_kl", "MEMORY_ARGS": " ".join(MEM[:-1] + ["2"])})
+    assert memory.returncode == 2 and "start " not in memory.stdout                 # the retrofit's training settings
+    assert f"stage retrofit_additive/seed1 in {out} was made with MEMORY_ARGS={' '.join(MEM)};" in memory.stderr
     smf_only = run_all({**env, "ROWS": "smf_additive_kl", "EVAL_LIMIT": "6"})
     assert smf_only.returncode == 0 and "done  smf_additive_kl seed 1" in smf_only.stdout, smf_only.stderr
     failed = run_all({**env, "ROWS": "lora", "FAKE_EVAL_FAILS": "1"})
@@ -2637,3 +2639,52 @@ def test_run_all_names_a_local_model_by_every_weight_file(tiny, tmp_path, fake_p
     (model / "pytorch_model.bin").write_bytes(b"pickled weights, changed")
     changed = run_all(env)
     assert changed.returncode == 2 and "was made with MODEL=weights sha256" in changed.stderr
+
+
+def test_run_all_checks_every_stages_command_before_the_first_stage(tiny, tmp_path):
+    """smf.py's own option checks run on every stage's commands before any stage starts: a typo, a flag of another
+    method or a device this machine lacks is named with its variable; a flag that run_all.sh sets for each row is
+    refused in any *_ARGS; an SMF stage whose retrofit is neither finished nor in ROWS is named up front."""
+    env = {**smoke_env(tiny, tmp_path / "res"), "ROWS": "base retrofit_additive smf_additive_kl lora"}
+    for bad, message in (
+            ({"LORA_ARGS": "--lora-rank 8"}, "error: stage lora/seed1: smf.py train would refuse its options (from "
+                                             "LORA_ARGS): unrecognized arguments: --lora-rank 8"),
+            ({"TRAIN_ARGS": "--top-t 8"}, "retrofit_additive/seed1: smf.py train would refuse its options (from "
+                                          "TRAIN_ARGS): --top-t applies only to --method smf"),
+            ({"DEVICE": "gpu"}, "stage base/seed1: smf.py eval would refuse its options (from DEVICE): argument "
+                                "--device: invalid choice: 'gpu'"),
+            ({"MEMORY_ARGS": "--memory-mode replacement"}, "error: MEMORY_ARGS has --memory-mode, which run_all.sh "
+                                                           "sets for each row — drop it, and set ROWS (the row's name)"),
+            ({"SMF_ARGS": "--selector=kl"}, "SMF_ARGS has --selector, which run_all.sh sets"),
+            ({"TRAIN_ARGS": "--warmup 0 --loss-chunk 256"}, "set LOSS_CHUNK instead"),
+            ({"LORA_ARGS": "--seed 3"}, "set SEEDS instead"),
+            ({"ROWS": "smf_additive_kl lora"}, "error: stage smf_additive_kl/seed1 needs retrofit_additive/seed1, "
+                                               "which has not finished and is not in ROWS/SEEDS — add retrofit_additive")):
+        p = run_all({**env, **bad})
+        assert p.returncode == 2 and "start" not in p.stdout and message in p.stderr, (bad, p.stderr)
+
+
+def test_run_all_names_a_lost_model_damaged_answers_bad_threads_an_unwritable_out_and_stale_staging(tiny, tmp_path,
+                                                                                                     fake_python):
+    out = tmp_path / "res"
+    env = {**smoke_env(tiny, out), **fake_python[0]}
+    assert run_all({**env, "ROWS": "retrofit_additive"}).returncode == 0
+    import shutil
+    shutil.rmtree(out / "retrofit_additive" / "seed1" / "model")
+    lost = run_all({**env, "ROWS": "smf_additive_kl"})
+    assert lost.returncode == 2 and "start" not in lost.stdout and (
+        f"stage retrofit_additive/seed1 has finished, but its model {out}/retrofit_additive/seed1/model is missing — "
+        f"move {out}/retrofit_additive/seed1 away to redo that stage") in lost.stderr
+    questions = tmp_path / "triviaqa.jsonl"
+    questions.write_text(json.dumps({"question": "Capital of France?", "answer": "Paris"}) + "\n")
+    shape = run_all({**env, "ROWS": "base", "TRIVIAQA": str(questions)})
+    assert shape.returncode == 2 and "line 1 has an 'answer' that is not {\"aliases\": [...]" in shape.stderr
+    threads = run_all({**env, "ROWS": "lora", "GPUS": "cpu", "OMP_NUM_THREADS": "abc"})
+    assert threads.returncode == 2 and threads.stderr.startswith("error: OMP_NUM_THREADS=abc is not a number")
+    (out / "lora" / "seed1" / ".model.tmpx1y2").mkdir(parents=True)          # as a SIGKILLed train leaves it
+    stale = run_all({**env, "ROWS": "lora"})
+    assert stale.returncode == 0 and f"note: {out}/lora/seed1/.model.tmpx1y2 is the staging folder" in stale.stderr
+    os.remove(out / ".run_all.lock")
+    (out / ".run_all.lock").mkdir()                                          # a lock file that cannot be written
+    locked = run_all({**env, "ROWS": "full"})
+    assert locked.returncode == 2 and f"error: cannot write {out}/.run_all.lock — give an OUT you can write to" in locked.stderr
