@@ -910,8 +910,8 @@ def check_output(flag, path, fix, mine=None):
     try:
         tempfile.TemporaryFile(dir=place).close()
     except OSError as e:
-        raise UserError(f"{flag} {path} cannot be written ({place}: {e.strerror}) — choose a "
-                        "writable place") from e
+        raise UserError(f"{flag} {path} cannot be written ({place}: {e.strerror}) — make {place} "
+                        "writable") from e
     replaceable = mine and os.path.isfile(path) and mine(path)
     require(not os.path.lexists(path) or replaceable, f"{flag} {path} exists — {fix}")
 
@@ -1129,7 +1129,7 @@ def run_eval(args, device):
               f"({r['protocol']}; {time.time() - t0:.1f}s)")
         results[probe] = r
     if args.out:  # merged with what the file holds now, under a lock: other evals may write it too
-        folder = os.path.dirname(os.path.abspath(args.out))
+        folder, name = os.path.split(os.path.realpath(args.out))  # a link: the file it names
         os.makedirs(folder, exist_ok=True)
         lock = os.open(folder, os.O_RDONLY)
         try:
@@ -1139,7 +1139,7 @@ def run_eval(args, device):
             earlier = earlier_results(args.out, args.identity)
             require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
                     "other results while this eval ran — evaluate again into another file")
-            write_atomic(args.out, json.dumps((earlier or {}) | results, indent=2))
+            write_atomic(f"{folder}/{name}", json.dumps((earlier or {}) | results, indent=2))
         finally:
             os.close(lock)
     return results

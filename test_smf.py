@@ -2688,3 +2688,21 @@ def test_run_all_names_a_lost_model_damaged_answers_bad_threads_an_unwritable_ou
     (out / ".run_all.lock").mkdir()                                          # a lock file that cannot be written
     locked = run_all({**env, "ROWS": "full"})
     assert locked.returncode == 2 and f"error: cannot write {out}/.run_all.lock — give an OUT you can write to" in locked.stderr
+
+
+def test_eval_writes_through_a_link_and_an_unwritable_place_is_named(tiny, tmp_path, capsys, monkeypatch):
+    """`--out` a link: the file it names gets the merged results and the link stays; a folder that takes no file is
+    named with the fix that fits every command (table has no option for another place)."""
+    target, link = tmp_path / "G.json", tmp_path / "link.json"
+    run("eval", "--model", tiny["model"], "--probe", "medmcqa", "--medmcqa", tiny["medmcqa"], "--limit", "2", "--out", target)
+    link.symlink_to(target)
+    run("eval", "--model", tiny["model"], "--probe", "wikitext", "--wikitext", tiny["wikitext"], "--limit", "2",
+        "--out", link)
+    assert link.is_symlink() and {"medmcqa", "wikitext"} <= json.loads(target.read_text()).keys()
+    write_eval(tmp_path / "res" / "base" / "seed0" / "eval.json", ([0, 1], [1.0, 1.0]), [1, 1], ppl=3.0)
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(smf.tempfile, "TemporaryFile", refused)
+    assert error_of(capsys, "table", tmp_path / "res").endswith(
+        f"table.md {tmp_path / 'res' / 'table.md'} cannot be written ({tmp_path / 'res'}: Permission denied) — make "
+        f"{tmp_path / 'res'} writable")
