@@ -9,7 +9,6 @@ without `Needs:` needs nothing more. Start: `python smf.py train --method retrof
 import argparse, collections, contextlib, dataclasses, functools, glob, hashlib, inspect, itertools
 import json, math, os, pathlib, random, re, shutil, signal, statistics, sys, tempfile, textwrap
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -31,7 +30,7 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # --------------------------------------------------------------------------------------------------
 # Config (the comments are the --help texts)
 
-@dataclass
+@dataclasses.dataclass
 class MemoryConfig:  # the target paper's published config (layers 1/4, 1/2, 3/4 of the way up)
     layers: tuple = (6, 12, 18)  # 0-based decoder layers that get their own memory
     mode: str = "additive"  # "additive": mlp(x) + alpha*memory(x); "replacement": memory(x)
@@ -41,7 +40,7 @@ class MemoryConfig:  # the target paper's published config (layers 1/4, 1/2, 3/4
     topk: int = 16  # candidates per half, and rows read per head after re-ranking
     alpha_init: float = 0.01  # additive mode only: the learned per-layer scale starts here
 
-@dataclass
+@dataclasses.dataclass
 class TrainConfig:
     """One training run; the defaults are the target paper's published recipe. A retrofit comes
     first: a new memory is random, and ranking its rows against background reads would rank noise
@@ -75,7 +74,7 @@ class TrainConfig:
         self.lr = self.lr or METHOD_LR[self.method]
         self.epochs = self.epochs or (2 if self.method == "retrofit" else 3)
 
-@dataclass
+@dataclasses.dataclass
 class EvalConfig:
     medmcqa: str = "openlifescienceai/medmcqa"  # MedMCQA probe (validation split): hub id or file
     medmcqa_mode: str = "answer"  # score ' L. option text' (the paper's) or the letter alone
@@ -283,7 +282,7 @@ def cast_model(model, dtype, keep_fp32=()):
 # They act inside the forward, not as a mask on the gradient after it: micro-batches that share a
 # forward share one gradient, where micro-batch 2 would teach rows only micro-batch 1 picked.
 
-@dataclass
+@dataclasses.dataclass
 class BackgroundStats:
     df: torch.Tensor      # (N,) background texts that read row i at least once
     reads: torch.Tensor   # (N,) total background reads of row i
@@ -674,7 +673,8 @@ def eval_medmcqa(model, tokenizer, rows, letter_only=False, batch_size=16):
         means += [lp.mean().item() for lp in lps]
     scores = [means[i:i + 4] for i in range(0, len(means), 4)]
     preds = [max(range(4), key=s.__getitem__) for s in scores]
-    correct = [int(p == row["cop"]) for p, row in zip(preds, rows)]
+    correct = [int(p == row["cop"]) if all(map(math.isfinite, s)) else math.nan  # NaN: no answer
+               for p, s, row in zip(preds, scores, rows)]
     gold_nlls = [-s[row["cop"]] for s, row in zip(scores, rows)]
     mode = "letter" if letter_only else "letter + option text"
     return {"acc": statistics.mean(correct), "gold_nll": statistics.mean(gold_nlls),
@@ -1124,6 +1124,7 @@ def run_eval(args, device):
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
+        r["protocol"] += f"; {str(model_dtype(device)).removeprefix('torch.')}"  # a GPU's is bf16
         metrics = [f"{key} {r[key]:.4f}" for _, _, key, *_ in TABLE_COLUMNS if key in r]
         print(f"{probe:9s} {' '.join(metrics)}  n={r.get('n', r.get('tokens'))}  "
               f"({r['protocol']}; {time.time() - t0:.1f}s)")
@@ -1280,8 +1281,7 @@ def svg(tag, content=None, **attrs):
 
 def scale_axis(pairs, pixels, bounds=(-math.inf, math.inf)):
     """(lo, hi, to_pixel) of (value, whisker or None) pairs, padded, within bounds, to pixels."""
-    lo = min(v - (w or 0) for v, w in pairs)
-    hi = max(v + (w or 0) for v, w in pairs)
+    lo, hi = min(v - (w or 0) for v, w in pairs), max(v + (w or 0) for v, w in pairs)
     pad = (hi - lo) * 0.08 or 1.0
     lo, hi = max(lo - pad, bounds[0]), min(hi + pad, bounds[1])
     def to_pixel(v):

@@ -2706,3 +2706,39 @@ def test_eval_writes_through_a_link_and_an_unwritable_place_is_named(tiny, tmp_p
     assert error_of(capsys, "table", tmp_path / "res").endswith(
         f"table.md {tmp_path / 'res' / 'table.md'} cannot be written ({tmp_path / 'res'}: Permission denied) — make "
         f"{tmp_path / 'res'} writable")
+
+
+def test_non_finite_scores_give_no_accuracy_and_the_precision_is_part_of_the_protocol(tiny, tmp_path, monkeypatch):
+    """A model whose scores are NaN gets accuracy NaN (argmax over NaN would pick A), which the table shows as
+    such; a question with one NaN option has no answer either. Each probe's protocol names the precision, so a
+    row scored in bf16 (a GPU) gets no Δ against a Base scored in fp32, for MedMCQA and WikiText alike."""
+    model, tok = load(tiny)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    tok.save_pretrained(tmp_path / "nan")
+    data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--limit", "4"]
+    run("eval", "--model", tiny["model"], "--probe", "medmcqa", *data, "--out", tmp_path / "res" / "base" / "seed0" / "eval.json")
+    run("eval", "--model", tiny["model"], "--probe", "wikitext", *data, "--out", tmp_path / "res" / "base" / "seed0" / "eval.json")
+    nan = run("eval", "--model", tmp_path / "nan", "--probe", "medmcqa", *data, "--out", tmp_path / "res" / "full" / "seed0" / "eval.json")
+    assert math.isnan(nan["medmcqa"]["acc"]) and all(math.isnan(c) for c in nan["medmcqa"]["correct"])
+    assert nan["medmcqa"]["protocol"].endswith("; float32")
+    rows = [smf.load_medmcqa(tiny["medmcqa"])[0]] * 2
+    option_logprobs = smf.option_logprobs
+    def one_nan(*args):
+        lps = option_logprobs(*args)
+        lps[2][0] = float("nan")                                       # the first question's third option
+        return lps
+    monkeypatch.setattr(smf, "option_logprobs", one_nan)
+    one = smf.eval_medmcqa(model.__class__.from_pretrained(tiny["model"]).eval(), tok, rows)
+    assert math.isnan(one["correct"][0]) and not math.isnan(one["correct"][1]) and math.isnan(one["acc"])
+    monkeypatch.undo()
+    monkeypatch.setattr(smf, "model_dtype", lambda device: torch.bfloat16)
+    bf16 = run("eval", "--model", tiny["model"], "--probe", "all", *data, "--triviaqa", tiny["triviaqa"],
+               "--out", tmp_path / "res" / "lora" / "seed0" / "eval.json")
+    assert all(bf16[p]["protocol"].endswith("; bfloat16") for p in smf.PROBES)
+    monkeypatch.undo()
+    run("table", tmp_path / "res")
+    cells = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "res" / "table.md") if l.startswith("| ")}
+    assert cells["Full finetuning"][0] == "NaN in 1 of 1 seeds"
+    assert cells["LoRA"][1] == cells["LoRA"][5] == "scored on other data or protocol than Base"
