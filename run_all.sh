@@ -270,11 +270,18 @@ run_stage() {
 # check_commands STAGE...: every stage's smf.py commands, checked now by smf.py's own option checks (no model
 # loads): a typo in *_ARGS or DEVICE fails before the first stage, not when its stage starts hours later
 check_commands() {
-  local s lines=""
-  for s in "$@"; do lines+="$s"$'\n'"$(stage_commands "$s" "$DEVICE")"$'\n'; done
-  $PYTHON - "$SMF" "$lines" "TRAIN_ARGS=$TRAIN_ARGS" "MEMORY_ARGS=$MEMORY_ARGS" "SMF_ARGS=$SMF_ARGS" \
+  local s line args commands rc=0
+  commands=$(mktemp)   # each command as its stage's name and its arguments, NUL-separated, then a blank line
+  for s in "$@"; do
+    while IFS= read -r line; do
+      eval "args=($line)"
+      printf '%s\0' "$s" "${args[@]}" >> "$commands"
+      printf '\n' >> "$commands"
+    done < <(stage_commands "$s" "$DEVICE")
+  done
+  $PYTHON - "$SMF" "$commands" "TRAIN_ARGS=$TRAIN_ARGS" "MEMORY_ARGS=$MEMORY_ARGS" "SMF_ARGS=$SMF_ARGS" \
     "LORA_ARGS=$LORA_ARGS" "FULL_ARGS=$FULL_ARGS" "DEVICE=$DEVICE" <<'PY'
-import contextlib, io, json, os, re, shlex, sys, tempfile
+import contextlib, io, json, os, re, sys, tempfile
 sys.path.insert(0, os.path.dirname(sys.argv[1]))
 import smf
 variables = dict(arg.split("=", 1) for arg in sys.argv[3:])
@@ -284,12 +291,8 @@ with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, mode, "config.json"), "w") as f:
             json.dump({"smf": {"kind": "memory", "memory": {"mode": mode}}}, f)
         open(os.path.join(tmp, mode, smf.STATS), "w").close()
-    stage = None
-    for line in sys.argv[2].splitlines():
-        if line and "--" not in line:   # a stage's name, before its commands
-            stage = line
-            continue
-        argv = shlex.split(line)
+    for command in open(sys.argv[2], "rb").read().split(b"\0\n")[:-1]:
+        stage, *argv = (os.fsdecode(arg) for arg in command.split(b"\0"))
         argv[argv.index("--out") + 1] = os.path.join(tmp, "out")   # where a stage writes, run_all.sh checks
         model = argv.index("--model") + 1
         if os.path.isabs(argv[model]) and not os.path.isdir(argv[model]):   # not trained yet: a stand-in
@@ -309,6 +312,9 @@ with tempfile.TemporaryDirectory() as tmp:
             source = f" (from {' or '.join(named)})" if named else ""
             sys.exit(f"error: stage {stage}: smf.py {argv[0]} would refuse its options{source}: {why}")
 PY
+  rc=$?
+  rm -f "$commands"
+  return $rc
 }
 
 # start STAGE SLOT: runs the stage in the background on a slot ("cpu", or a GPU id seen alone through

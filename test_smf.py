@@ -852,7 +852,8 @@ def test_run_all_smoke(tiny, tmp_path):
     """A row of each kind of command (eval only; retrofit; smf from it; a method from the base model), for real, on
     two parallel slots (every row's command: the next test); a rerun skips them all, and a rerun with other
     settings is refused (a stage whose eval.json lacks a probe runs again: see below)."""
-    out, env = tmp_path / "results", {**smoke_env(tiny, tmp_path / "results"), "GPUS": "cpu cpu"}
+    out = tmp_path / "résultats 1"                                        # a path bash quotes as $'...' in C
+    env = {**smoke_env(tiny, out), "GPUS": "cpu cpu", "LC_ALL": "C"}
     rows = ["base", "retrofit_additive", "smf_additive_scale_tfidf", "lora"]
     env |= {"ROWS": " ".join(rows), "LORA_ARGS": "--lora-r 4", "FULL_ARGS": "--lr 3e-4", "SMF_ARGS": "--top-t 8 --lr 4e-4"}
     first = run_all(env)
