@@ -907,6 +907,8 @@ if sys.argv[1] in ("-c", "-"):                                       # run_all's
 command, args = sys.argv[2], sys.argv[3:]
 with open(os.environ["FAKE_CALLS"], "a") as f:
     f.write(json.dumps([command] + args) + "\\n")
+with open(os.environ["FAKE_CALLS"] + ".threads", "a") as f:                # the threads a stage was given
+    f.write(os.environ.get("OMP_NUM_THREADS", "-") + "\\n")
 out = args[args.index("--out") + 1] if "--out" in args else None
 if command == "train":
     os.makedirs(out)
@@ -2743,3 +2745,18 @@ def test_non_finite_scores_give_no_accuracy_and_the_precision_is_part_of_the_pro
     cells = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "res" / "table.md") if l.startswith("| ")}
     assert cells["Full finetuning"][0] == "NaN in 1 of 1 seeds"
     assert cells["LoRA"][1] == cells["LoRA"][5] == "scored on other data or protocol than Base"
+
+
+def test_run_all_cpu_slots_share_the_cores(tiny, tmp_path, fake_python):
+    """Each `cpu` slot's stage gets OMP_NUM_THREADS = cores / cpu slots (at least 1), unless the caller set it."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "nproc").write_text("#!/bin/sh\necho 8\n")               # a machine of 8 cores
+    (tmp_path / "bin" / "nproc").chmod(0o755)
+    threads = tmp_path / "calls.jsonl.threads"
+    for gpus, given, want in (("cpu", None, 8), ("cpu cpu", None, 4), ("cpu cpu", "3", 3)):
+        env = {k: v for k, v in {**smoke_env(tiny, tmp_path / f"res{gpus}{given}"), **fake_python[0]}.items()
+               if k != "OMP_NUM_THREADS"}
+        env["PATH"] = f"{tmp_path / 'bin'}:{env['PATH']}"
+        p = run_all({**env, "ROWS": "base", "GPUS": gpus, **({"OMP_NUM_THREADS": given} if given else {})})
+        assert p.returncode == 0, p.stderr
+        assert threads.read_text().splitlines()[-2:] == [str(want), given or "-"], (gpus, given)  # stage, table
