@@ -895,7 +895,6 @@ def earlier_results(path, identity):
         content = json.load(f)
         if content.get("written_by") == RESULTS and identity.items() <= content.items():
             return content
-    return None
 
 def has_table_header(path):
     with open(path, errors="replace") as f:
@@ -1413,8 +1412,9 @@ def build_parser():
 RANGES = [  # (options, what a good value is, lowest, lowest allowed, highest: values lie below it)
     ("lr epochs lora_alpha repetition_penalty", "> 0 and finite", 0, False, math.inf),
     ("micro_batch grad_accum forward_tokens loss_chunk max_steps limit_train background_examples "
-     "lora_r top_t batch_size limit max_len memory_n_keys memory_heads memory_topk memory_key_dim",
+     "lora_r top_t batch_size limit memory_n_keys memory_heads memory_topk memory_key_dim",
      ">= 1", 1, True, math.inf),
+    ("max_len", ">= 2 (a text of one token has nothing to predict)", 2, True, math.inf),
     ("clip weight_decay warmup", ">= 0 and finite", 0, True, math.inf),
     ("lora_dropout", "in [0, 1)", 0, True, 1)]
 

@@ -1737,7 +1737,7 @@ RANGE_CASES = {  # every option of the range table, by hand: (command, a value t
     "lr": "inf", "epochs": "nan", "lora_alpha": "-1", "repetition_penalty": "inf", "micro_batch": "0", "grad_accum": "0",
     "forward_tokens": "0", "loss_chunk": "0", "max_steps": "0", "limit_train": "0", "background_examples": "0", "lora_r": "0", "top_t": "0",
     "batch_size": "0", "limit": "0", "memory_n_keys": "0", "memory_heads": "0", "memory_topk": "0",
-    "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1", "max_len": "0", "memory_key_dim": "0"}
+    "clip": "inf", "weight_decay": "inf", "warmup": "-1", "lora_dropout": "1", "max_len": "1", "memory_key_dim": "0"}
 
 
 @pytest.mark.parametrize("name", sorted(RANGE_CASES))
