@@ -133,9 +133,8 @@ class ProductKeyMemory(nn.Module):
     when set, sees the rows each token reads and returns which reads may teach (pass gradient to)
     their value row, or None for all: SMF's row selection (ReadGate, below) enters there only.
     As the target paper's code: no query batch-norm (Lample et al.'s ties a token's rows to its
-    batch); values per layer (Memory+ shares a pool; here each layer counts and picks its own);
-    rows of norm ~1, w1 and w2 keeping a vector's scale (std dim^-1/2), small keys; every bias
-    nn.Linear's default, uniform in +-fan_in^-1/2 (the published code never resets them)."""
+    batch); values per layer (Memory+ shares one pool); rows of norm ~1, w1 and w2 keeping a
+    vector's scale (std dim^-1/2), small keys, nn.Linear's default biases."""
 
     def __init__(self, dim, n_keys=128, heads=4, key_dim=256, topk=16):
         super().__init__()
@@ -361,13 +360,12 @@ def count_background_reads(rows, group, n_texts, stats, last):  # rows (M, S) ->
 
 @torch.no_grad()
 def background_stats(model, tokenizer, texts, max_len=1024, batch_tokens=16384, device="cpu"):
-    """df, reads and D per memory layer, each text its own group, in eval mode: once, right after
-    the retrofit on its first background_examples training texts, saved with it for every SMF run
-    (SMF trains only values: query and keys stay, though earlier values shift later reads).
-    Length-sorted texts share a batch (pads < 20%, batch_tokens at most); a forward stops after the
-    last memory layer. Batching moves a read only by float rounding (tested): rarely in fp32, a few
-    under bf16 autocast. Needs: StopForward, autocast, BackgroundStats, count_background_reads,
-    memory_blocks, token_groups, pad_batch, progress."""
+    """df, reads and D per memory layer, each text its own group, in eval mode, once: right after
+    the retrofit, on its first background_examples texts, for every SMF run from it (SMF trains
+    values only; earlier values shift later reads). Length-sorted texts share a batch (pads < 20%,
+    batch_tokens at most); a forward stops after the last memory layer. Batching moves a read only
+    by float rounding (tested): rarely in fp32, a few under bf16. Needs: StopForward, autocast,
+    BackgroundStats, count_background_reads, memory_blocks, token_groups, pad_batch, progress."""
     blocks = memory_blocks(model)
     zeros = functools.partial(torch.zeros, blocks[0].memory.values.shape[0], dtype=torch.long)
     stats = [BackgroundStats(zeros(), zeros(), len(texts)) for _ in blocks]
@@ -1161,13 +1159,16 @@ TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question va
     ("TriviaQA alias acc", "triviaqa", "alias_contains_acc", "alias_correct", 100, (0, 1)),
     ("TriviaQA EM", "triviaqa", "exact_match", "exact_correct", 100, (0, 1))]
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 def read_value(run, probe, key, bounds):
     """(number, None), or (None, why not: missing, null, NaN, inf, not a number, out of bounds)."""
     results = run.get(probe) if isinstance(run.get(probe), dict) else {}
     if key not in results:
         return None, "missing"
     value = results[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):  # NaN, ±inf, null, text
         why = str(value).replace("nan", "NaN") if isinstance(value, float) else "not a number"
         return None, "null" if value is None else why
     inside = bounds[0] <= value <= bounds[1]
@@ -1177,8 +1178,7 @@ def paired_delta(runs, base, key, scale):
     """(Δ, half-width of its 95% interval) vs Base, paired: per question the row's mean over seeds
     minus Base's, then their mean ± 1.96 standard errors; None unless all hold as many numbers."""
     lists = [r.get(key) for r in runs + base]
-    finite = [isinstance(x, list) and all(isinstance(v, (int, float)) and math.isfinite(v)
-                                          for v in x) for x in lists]
+    finite = [isinstance(x, list) and all(map(is_number, x)) for x in lists]
     if not all(finite) or len({len(x) for x in lists}) != 1 or len(lists[0]) < 2:
         return None
     row = [statistics.mean(q) for q in zip(*(r[key] for r in runs))]
