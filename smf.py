@@ -730,7 +730,8 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_pen
                     batch_size=32):
     """Greedy continuations by HF `generate` (KV cache), stopping on the tokenizer's EOS only. Only
     prompts of equal length share a batch: no pads, so each gets its answer alone, and the penalty
-    (a logit of a token in the row: divided by it if positive, else multiplied) counts its own."""
+    (a logit of a token in the row: divided by it if positive, else multiplied) counts its own.
+    A continuation chosen from a non-finite score (argmax over NaN: token 0) is None, no answer."""
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     eos, device, answers = tokenizer.eos_token_id, next(model.parameters()).device, {}
@@ -739,13 +740,17 @@ def greedy_generate(model, tokenizer, prompts, max_new_tokens=32, repetition_pen
         for b in range(0, len(same_length), batch_size):
             idx = same_length[b:b + batch_size]
             ids = torch.tensor([encoded[i] for i in idx], device=device)           # (B, P)
+            finite = torch.ones(len(idx), dtype=torch.bool, device=device)          # (B,)
+            def check(_, scores):  # each step's (B, V) scores, checked without a host sync
+                finite.logical_and_(scores.isfinite().all(-1))
+                return scores
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  do_sample=False, max_new_tokens=max_new_tokens,
                                  repetition_penalty=repetition_penalty, eos_token_id=eos,
-                                 pad_token_id=tokenizer.pad_token_id)
-            for i, row in zip(idx, out[:, ids.shape[1]:].tolist()):
+                                 pad_token_id=tokenizer.pad_token_id, logits_processor=[check])
+            for i, row, ok in zip(idx, out[:, ids.shape[1]:].tolist(), finite.tolist()):
                 row = row[:row.index(eos)] if eos in row else row
-                answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True) if ok else None
     return [answers[i] for i in range(len(prompts))]
 
 def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32,
@@ -756,8 +761,9 @@ def eval_triviaqa(model, tokenizer, rows, batch_size=32, max_new_tokens=32,
     penalty = repetition_penalty or model.generation_config.repetition_penalty or 1.0
     prompts = [f"Question: {question}\nAnswer:" for question, _ in rows]
     preds = greedy_generate(model, tokenizer, prompts, max_new_tokens, penalty, batch_size)
-    contained = [int(alias_contained(p, aliases)) for p, (_, aliases) in zip(preds, rows)]
-    exact = [int(exact_match(p, aliases)) for p, (_, aliases) in zip(preds, rows)]
+    def score(metric):  # 1 or 0 a question; NaN where a score was not finite (no answer)
+        return [math.nan if p is None else int(metric(p, a)) for p, (_, a) in zip(preds, rows)]
+    contained, exact = score(alias_contained), score(exact_match)
     return {"alias_contains_acc": statistics.mean(contained), "exact_match": statistics.mean(exact),
             "n": len(rows), "predictions": preds, "alias_correct": contained,
             "exact_correct": exact, "protocol": f"zero-shot greedy, {max_new_tokens} new tokens, "

@@ -2723,8 +2723,14 @@ def test_non_finite_scores_give_no_accuracy_and_the_precision_is_part_of_the_pro
     data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--limit", "4"]
     run("eval", "--model", tiny["model"], "--probe", "medmcqa", *data, "--out", tmp_path / "res" / "base" / "seed0" / "eval.json")
     run("eval", "--model", tiny["model"], "--probe", "wikitext", *data, "--out", tmp_path / "res" / "base" / "seed0" / "eval.json")
-    nan = run("eval", "--model", tmp_path / "nan", "--probe", "medmcqa", *data, "--out", tmp_path / "res" / "full" / "seed0" / "eval.json")
+    nan = run("eval", "--model", tmp_path / "nan", "--probe", "all", *data, "--triviaqa", tiny["triviaqa"],
+              "--out", tmp_path / "res" / "full" / "seed0" / "eval.json")
     assert math.isnan(nan["medmcqa"]["acc"]) and all(math.isnan(c) for c in nan["medmcqa"]["correct"])
+    assert math.isnan(nan["wikitext"]["ppl"])                           # the same rule, a probe not named in it
+    for key in ("alias_contains_acc", "exact_match"):                   # greedy over NaN would answer token 0
+        assert math.isnan(nan["triviaqa"][key]) and nan["triviaqa"]["predictions"] == [None] * 4
+    one_step = functools.partial(smf.greedy_generate, max_new_tokens=1)
+    assert one_step(model.__class__.from_pretrained(tiny["model"]).eval(), tok, ["Question: a\nAnswer:"]) != [None]
     assert nan["medmcqa"]["protocol"].endswith("; float32")
     rows = [smf.load_medmcqa(tiny["medmcqa"])[0]] * 2
     option_logprobs = smf.option_logprobs
@@ -2743,7 +2749,7 @@ def test_non_finite_scores_give_no_accuracy_and_the_precision_is_part_of_the_pro
     monkeypatch.undo()
     run("table", tmp_path / "res")
     cells = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "res" / "table.md") if l.startswith("| ")}
-    assert cells["Full finetuning"][0] == "NaN in 1 of 1 seeds"
+    assert cells["Full finetuning"][0] == cells["Full finetuning"][4] == cells["Full finetuning"][6] == "NaN in 1 of 1 seeds"
     assert cells["LoRA"][1] == cells["LoRA"][5] == "scored on other data or protocol than Base"
 
 
