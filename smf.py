@@ -894,19 +894,21 @@ def write_atomic(path, text):
         tmp.unlink(missing_ok=True)
 
 def earlier_results(path, identity):
-    """The content of the results file smf eval wrote at `path` for `identity`'s model, or None."""
-    with contextlib.suppress(OSError, ValueError, AttributeError), open(path) as f:
-        content = json.load(f)
-        if content.get("written_by") == RESULTS and identity.items() <= content.items():
-            return content
+    """(content, None) of the results file smf eval wrote at `path` for the model of `identity`
+    (its weights), or (None, what the file holds instead, in words)."""
+    try:
+        content = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"it is no JSON file ({type(e).__name__}): damaged, or not smf's results"
+    if not isinstance(content, dict) or content.get("written_by") != RESULTS:
+        return None, "it is not smf's results"
+    if identity.items() <= content.items():
+        return content, None
+    return None, f"it holds the results of {content.get('model')}, whose weights are not these"
 
-def has_table_header(path):
-    with open(path, errors="replace") as f:
-        return f.readline().rstrip("\n") == TABLE_HEADER
-
-def check_output(flag, path, fix, mine=None):
-    """The output rule: `path` must not exist, but as a file of smf's that mine(path) accepts (a
-    checkpoint, mine None, never); a file is made and removed there, so no run fails at its end."""
+def check_output(flag, path, fix, replaceable=False):
+    """The output rule: `path` must not exist, but as a file of smf's that the caller found it may
+    replace (a checkpoint: never); a file is made and removed there, so no run fails at its end."""
     place = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(place):
         place = os.path.dirname(place)
@@ -915,7 +917,6 @@ def check_output(flag, path, fix, mine=None):
     except OSError as e:
         raise UserError(f"{flag} {path} cannot be written ({place}: {e.strerror}) — make {place} "
                         "writable") from e
-    replaceable = mine and os.path.isfile(path) and mine(path)
     require(not os.path.lexists(path) or replaceable, f"{flag} {path} exists — {fix}")
 
 @contextlib.contextmanager
@@ -946,34 +947,52 @@ def save_checkpoint(folder, meta, tensors, extra=None):
         save_file(named, os.path.join(folder, name))
     pathlib.Path(folder, "config.json").write_text(json.dumps({"smf": meta}, indent=2))
 
+def hub_folder(model_id):
+    """The hub cache's folder of the revision of `model_id` that loads offline, or None."""
+    from huggingface_hub import try_to_load_from_cache
+    with contextlib.suppress(ValueError):  # no valid hub id
+        config = try_to_load_from_cache(model_id, "config.json")
+        return os.path.dirname(config) if isinstance(config, str) else None
+
+def model_config(path):
+    """A model's config.json (a hub id's in the hub cache) as a dict; {} where there is none."""
+    folder = path if is_local(path) else hub_folder(path)
+    if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
+        return {}
+    content = read_json(os.path.join(folder, "config.json"), "restore the file, or train or "
+                        "download that model again")
+    return content if isinstance(content, dict) else {}
+
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
-    config = os.path.join(path, "config.json")
-    if not (is_local(path) and os.path.isfile(config)):
-        return None
-    content = read_json(config, "restore the file, or train or download that model again")
-    return content.get("smf") if isinstance(content, dict) else None
+    return model_config(path).get("smf")
 
 def fingerprint(path):
-    """{file: sha256} of a local model's weight files; None for a hub id (no files to read)."""
-    files = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
+    """{file: sha256} of a model's weight files, a hub id's in the hub cache (None if not there):
+    the model's identity, whatever its path, and the hub revision (which the cache may move)."""
+    folder = path if is_local(path) else hub_folder(path)
+    if folder is None:
+        return None
+    files = [f for f in glob.glob(f"{folder}/*") if f.endswith((".safetensors", ".bin"))]
     return {os.path.basename(f): hashlib.sha256(pathlib.Path(f).read_bytes()).hexdigest()
-            for f in sorted(files)} if is_local(path) else None
+            for f in sorted(files)}
 
 def find_parent(path, meta):
-    """A checkpoint's parent with the weights it was trained on: the relative one, else absolute."""
-    if "parent_abs" not in meta:  # a hub id
-        return meta["parent"]
-    places = dict.fromkeys([os.path.normpath(os.path.join(path, meta["parent"])),
-                            meta["parent_abs"]])
-    found = {p: fingerprint(p) for p in places if os.path.isfile(os.path.join(p, "config.json"))}
+    """A checkpoint's parent with the weights it was trained on: the relative one, else absolute,
+    else (a hub id) the revision in the hub cache; a hub parent of no record is taken as it is."""
+    places = [meta["parent"]]  # a hub id
+    if "parent_abs" in meta:
+        places = dict.fromkeys([os.path.normpath(os.path.join(path, meta["parent"])),
+                                meta["parent_abs"]])
+    found = {p: fingerprint(p) for p in places
+             if not is_local(p) or os.path.isfile(os.path.join(p, "config.json"))}
     recorded, again = meta["parent_fingerprint"], f"restore it, or train {path} again"
     for parent, now in found.items():
-        if now == recorded:
+        if now == recorded or recorded is None:  # None: recorded before hub ids had weights
             return parent
     require(found, f"the parent of {path} is missing: not at {' nor at '.join(places)} — {again}")
     raise UserError(f"the parent {next(iter(found))} of {path} has other weights than it was "
-                    f"trained from — {again}")
+                    f"trained from (a hub id: in the hub cache) — {again}")
 
 def provenance(parent, out):
     """Its parent (relative to `out`, and absolute), the parent's fingerprint, the versions."""
@@ -1015,10 +1034,12 @@ def load_weights(file, fix, device="cpu"):
         raise UserError(f"{file} is damaged ({type(e).__name__}) — {fix}") from e
 
 def check_model_path(path):
-    """A local model is a folder (holding config.json: load_plain_model names a missing one)."""
-    if is_local(path):
-        require(os.path.isdir(path), f"--model {path} is no folder (nor a hub id) — give the "
-                "folder that holds the model")
+    """A local model is a folder (holding config.json: load_plain_model names a missing one); a hub
+    id is in the hub cache, or online (from_pretrained downloads it)."""
+    from huggingface_hub import constants
+    hub = not is_local(path) and (hub_folder(path) or not constants.HF_HUB_OFFLINE)
+    require(hub or os.path.isdir(path), f"--model {path} is no folder here, nor a model in the "
+            "hub cache — check the path, or download the model")
 
 def load_plain_model(path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1095,11 +1116,14 @@ def run_train(args, device):
         recipe = {k: v for k, v in vars(cfg).items() if cfg.method in APPLIES.get(k, METHOD_LR)}
         meta = provenance(args.model, args.out) | {"kind": cfg.method, "given": args.given}
         meta["train"] = recipe | {"total_steps": len(history)}
-        meta["memory"] = (checkpoint_meta(args.model) or {}).get("memory")  # every child has it
+        parent = checkpoint_meta(args.model) or {}
+        meta["memory"] = parent.get("memory")  # every child has its retrofit's
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
             meta["kind"], meta["memory"] = "memory", vars(mem_cfg)
+        recipes = parent.get("lineage", []) + [meta["train"] | {"memory": meta["memory"]}]
+        meta["lineage"] = recipes  # every recipe since the plain model: what table compares
         if cfg.method == "smf":
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
@@ -1123,7 +1147,8 @@ def run_eval(args, device):
                 "wikitext": functools.partial(eval_wikitext, batch_size=bs // 2 or 1),
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
-    results = args.identity | {"written_by": RESULTS}
+    lineage = (checkpoint_meta(args.model) or {}).get("lineage")  # the recipes that made it
+    results = {"model": args.model_name, "lineage": lineage, **args.identity, "written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
@@ -1140,7 +1165,7 @@ def run_eval(args, device):
             with contextlib.suppress(OSError, ImportError):  # no flock (Windows, some Lustre)
                 import fcntl  # here, so that `import smf` works where fcntl does not exist
                 fcntl.flock(lock, fcntl.LOCK_EX)  # until closed: evals into one folder take turns
-            earlier = earlier_results(args.out, args.identity)
+            earlier = earlier_results(args.out, args.identity)[0]
             require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
                     "other results while this eval ran — evaluate again into another file")
             write_atomic(f"{folder}/{name}", json.dumps((earlier or {}) | results, indent=2))
@@ -1192,11 +1217,25 @@ def paired_delta(runs, base, key, scale):
     d = [scale * (a - b) for a, b in zip(row, ref)]
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
-def scored_data(results, per_question):
-    """A probe's data fingerprint, protocol and size, as JSON: whatever a file holds compares."""
+def scored_on(results, per_question):
+    """A probe's data fingerprint, protocol (precision included) and size: what Δ must share."""
     n = results.get(per_question or "tokens")  # the per-question list, or WikiText's tokens
-    n = len(n) if isinstance(n, list) else n
-    return json.dumps([results.get("data"), results.get("protocol"), n])
+    return {"data": results.get("data"), "protocol": results.get("protocol"),
+            "size": len(n) if isinstance(n, list) else n}
+
+def made_by(run, probe, per_question):
+    """What made a probe's result but the seed: each recipe of the model's lineage, under
+    `<method> <option>`, then scored_on; what seeds pooled into one cell must share."""
+    made = collections.defaultdict(list)
+    for recipe in run.get("lineage") or []:
+        for key in sorted(recipe.keys() - {"seed"}):
+            made[f"{recipe.get('method')} {key}"].append(recipe[key])
+    return made | scored_on(run[probe], per_question)
+
+def differing(made):
+    """The keys whose value is not the same in every dict of `made` (a missing one: None)."""
+    keys = dict.fromkeys(itertools.chain(*made))
+    return [key for key in keys if len({json.dumps(m.get(key)) for m in made}) > 1]
 
 def table_cells(runs, base, column, is_base):
     """Two cells (mean ± sample std (n) over the seeds that have it; Δ vs Base [interval]) and the
@@ -1210,6 +1249,10 @@ def table_cells(runs, base, column, is_base):
     runs = [r for r, (_, why) in zip(runs, values) if why is None]  # the seeds that have it
     if not runs:
         return ["missing", ""], (None, "missing")
+    other = differing([made_by(r, probe, per_question) for r in runs])  # pooled: like with like
+    if other:
+        why = f"seeds differ in {', '.join(other)}"
+        return [why, ""], (None, why)
     xs = [scale * r[probe][key] for r in runs]
     spread = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
     cell, mean = f"{statistics.mean(xs):.2f}{spread} (n={len(xs)})", statistics.mean(xs)
@@ -1220,8 +1263,9 @@ def table_cells(runs, base, column, is_base):
         return [cell, ""], (mean, None)
     if bad_base:
         return [cell, f"Base has {', '.join(bad_base)}"], (mean, None)
-    if len({scored_data(r[probe], per_question) for r in runs + base}) > 1:
-        return [cell, "scored on other data or protocol than Base"], (mean, None)
+    other = differing([scored_on(r[probe], per_question) for r in runs + base])
+    if other:
+        return [cell, f"scored on other {', '.join(other)} than Base"], (mean, None)
     paired = paired_delta([r[probe] for r in runs], [r[probe] for r in base], per_question, scale)
     if paired is None:
         delta = mean - scale * statistics.mean(r[probe][key] for r in base)
@@ -1255,9 +1299,10 @@ def run_table(args, device=None):
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run "
             "run_all.sh first, or point at its OUT folder")  # a file given for OUT is told so too
     for name in ("table.md", "figure.svg"):
-        check_output(name, os.path.join(args.results_dir, name), "it was not written by `smf.py "
-                     f"table` (no header line) — move it away: table writes {name} into "
-                     f"{args.results_dir}", has_table_header)
+        path = pathlib.Path(args.results_dir, name)
+        ours = path.is_file() and path.read_text(errors="replace").split("\n")[0] == TABLE_HEADER
+        check_output(name, path, "it was not written by `smf.py table` (no header line) — move it "
+                     f"away: table writes {name} into {args.results_dir}", ours)
     header = " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS)
     lines, points = [f"| row | {header} |", "|---" * 11 + "|"], {}  # points: the figure's values
     for name, folder, _ in TABLE_ROWS:
@@ -1271,8 +1316,10 @@ def run_table(args, device=None):
     counts = {p: {len(r[p].get(key) or []) for r in runs if isinstance(r.get(p), dict)}
               for p, key in (("medmcqa", "correct"), ("triviaqa", "alias_correct"))}
     counts["seeds"] = {len(seeds) for seeds in found.values() if seeds}
-    table, figure = (os.path.join(args.results_dir, name) for name in ("table.md", "figure.svg"))
-    write_atomic(table, "\n".join([TABLE_HEADER, ""] + lines) + "\n")
+    table, figure = (pathlib.Path(args.results_dir, name) for name in ("table.md", "figure.svg"))
+    old = table.read_text(errors="replace").split("\n") if table.is_file() else []
+    notes = "\n".join(line for line in old[1:] if not line.startswith("|")).strip("\n")  # a user's
+    write_atomic(table, "\n".join([TABLE_HEADER, ""] + lines + ["", notes]).strip("\n") + "\n")
     write_atomic(figure, TABLE_HEADER + "\n" + figure_svg(points, counts))
     print("\n".join(lines) + f"\n\nwrote {table} and {figure}")
 
@@ -1444,18 +1491,18 @@ def check_args(args):
         check_train_args(args)
         check_output("--out", args.out, "choose a new folder (a checkpoint is never replaced: move "
                      "the old one away to train it again)")
-    if args.command == "eval":  # results name their model by path (or hub id) and weights
+    if args.command == "eval":  # results are a model's by its weights; the path is for a reader
         check_model_path(args.model)
-        model = os.path.abspath(args.model) if is_local(args.model) else args.model
-        args.identity = {"model": model, "weights": fingerprint(args.model)}
+        args.model_name = os.path.abspath(args.model) if is_local(args.model) else args.model
+        weights = fingerprint(args.model)  # None: a hub model not yet downloaded
+        args.identity = {"weights": weights} if weights else {"model": args.model_name}
         if args.out:
-            check_output("--out", args.out, f"it is not smf's results of --model {args.model} with "
-                         "its present weights — choose another file, or move it away",
-                         functools.partial(earlier_results, identity=args.identity))
+            earlier, why = earlier_results(args.out, args.identity)
+            check_output("--out", args.out, f"{why} — choose another file, or move it away",
+                         earlier is not None)
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
-    check_model_path(args.model)
     meta = checkpoint_meta(args.model) or {}
     memory, kind = meta.get("memory"), meta.get("kind", "plain")  # memory: its retrofit's
     mode = (memory or {}).get("mode", args.memory_mode)
@@ -1480,8 +1527,14 @@ def check_train_args(args):
     layers, key_dim, topk, n_keys = (args.memory_layers, args.memory_key_dim, args.memory_topk,
                                      args.memory_n_keys)
     require(len(set(layers)) == len(layers), "--memory-layers names a layer twice — give each once")
-    require(key_dim % 2 == 0 and topk <= n_keys, f"--memory-key-dim {key_dim} must be even and "
-            f"--memory-topk {topk} at most --memory-n-keys {n_keys} — change them")
+    require(key_dim % 2 == 0, f"--memory-key-dim {key_dim} must be even — change it")
+    require(topk <= n_keys, f"--memory-topk {topk} must be at most --memory-n-keys {n_keys} — "
+            "change one of them")
+    check_model_path(args.model)
+    n_layers = model_config(args.model).get("num_hidden_layers", math.inf)  # a retrofit's parent
+    require(args.method != "retrofit" or all(0 <= i < n_layers for i in layers), "--memory-layers "
+            f"{' '.join(map(str, layers))} must lie in 0..{n_layers - 1}, the layers of {args.model} — "
+            "change them")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
