@@ -120,8 +120,12 @@ for name in MEDMCQA MEDMCQA_EVAL WIKITEXT TRIVIAQA BACKGROUND; do
   IDENTITY[$name]=${!name}
   [ ! -f "${!name}" ] || IDENTITY[$name]="sha256 $(sha256sum "${!name}" | cut -c1-16), $(wc -c < "${!name}") bytes (at ${!name})"
 done
-# a local base model by the sha256 of its weight files, so that weights changed in place are caught too
-[ ! -d "$MODEL" ] || IDENTITY[MODEL]="weights sha256 $(cd "$MODEL" && find . -maxdepth 1 \( -name '*.safetensors' -o -name '*.bin' \) | sort | xargs -r sha256sum | sha256sum | cut -c1-16) (at $MODEL)"
+# the base model by the sha256 of its weight files (a hub id's: of the revision its hub cache holds, as smf.py loads
+# it), so that weights changed in place or a new hub revision are caught, and the same weights by folder or hub id agree
+hub=${HF_HUB_CACHE:-${HF_HOME:-$HOME/.cache/huggingface}/hub}/models--${MODEL//\//--}
+weights=$MODEL
+[ -d "$MODEL" ] || [ ! -f "$hub/refs/main" ] || weights=$hub/snapshots/$(cat "$hub/refs/main")
+[ ! -d "$weights" ] || IDENTITY[MODEL]="weights sha256 $(cd "$weights" && find . -maxdepth 1 \( -name '*.safetensors' -o -name '*.bin' \) | sort | xargs -r sha256sum | sha256sum | cut -c1-16) (at $MODEL)"
 
 # needs STAGE: the stage it starts from (an SMF row needs its retrofit), or "-"
 needs() {

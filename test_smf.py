@@ -1440,6 +1440,8 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert (lora["train"]["lr"], lora["train"]["epochs"], lora["train"]["total_steps"]) == (2e-4, 1, 1)
     assert lora["train"]["warmup"] == 0 and "selector" not in lora["train"] and "top_t" not in lora["train"]
     assert "lora_r" not in smf_meta["train"] and smf_meta["train"]["selector"] == "kl"
+    assert smf_meta["lineage"] == [retrofit["train"] | {"memory": retrofit["memory"]},     # every recipe since the
+                                   smf_meta["train"] | {"memory": retrofit["memory"]}]     # plain model, in order
     stats = str(tmp_path / "r" / "background_stats.safetensors")     # made by the retrofit, shared by its SMF runs
     assert smf_meta["train"]["medmcqa"] == tiny["medmcqa"] and smf_meta["memory"] == retrofit["memory"]
     assert "background" not in smf_meta["train"] and "background_examples" not in smf_meta["train"]
@@ -2385,6 +2387,38 @@ def test_eval_results_name_the_models_weights_and_another_model_at_the_same_path
     assert f"--out {out} exists — it is no JSON file (JSONDecodeError): damaged, or not smf's results" in err
 
 
+def test_table_pools_only_seeds_made_alike_and_names_what_differs(tiny, tmp_path):
+    """A row's seeds pool into one cell only when all but the seed made them alike: every recipe of the model's
+    lineage (an SMF row's retrofit too, read from the checkpoints' config), the data, the protocol (precision in
+    it) and the size; else the cell names what differs, and Base, one model, gets no spread from other questions."""
+    for seed, lr in ((1, "1e-2"), (2, "5e-2")):                          # the issue's case, end to end
+        run(*train_args(tiny, tmp_path / f"lora{seed}", "lora", *SHORT[:-1], lr, "--seed", str(seed)))
+        run("eval", "--model", tmp_path / f"lora{seed}", "--probe", "wikitext", "--wikitext", tiny["wikitext"],
+            "--limit", "3", "--out", tmp_path / "res" / "lora" / f"seed{seed}" / "eval.json")
+    lineage = json.loads((tmp_path / "res" / "lora" / "seed1" / "eval.json").read_text())["lineage"]
+    assert [r["method"] for r in lineage] == ["lora"] and lineage[0]["lr"] == 1e-2 and lineage[0]["total_steps"] == 2
+    def recipe(method, **changed):
+        return {"method": method, "lr": 1e-3, "total_steps": 8, "seed": 0, "memory": None} | changed
+    made = {"base": [[], []], "full": [[recipe("full", seed=1)], [recipe("full", seed=2)]],
+            "smf_additive_kl": [[recipe("retrofit", memory={"n_keys": k}, seed=s), recipe("smf", seed=s)]
+                                for s, k in ((1, 128), (2, 64))],    # a recipe up the lineage: not listed in the issue
+            "smf_additive_tfidf": [[recipe("retrofit", seed=s), recipe("smf", seed=s)] for s in (1, 2)]}
+    for folder, lineages in made.items():
+        for seed, lineage in enumerate(lineages, 1):
+            path = tmp_path / "res" / folder / f"seed{seed}" / "eval.json"
+            write_eval(path, ([1, 0, 1, 0][:4 if folder != "base" or seed == 1 else 2], [1.0] * 4), [1, 0], ppl=10.0 + seed + (folder != "base"))
+            r = json.loads(path.read_text()) | {"lineage": lineage}
+            r["wikitext"]["protocol"] = "fp32" if folder != "full" or seed == 1 else "bf16"   # precision: another protocol
+            path.write_text(json.dumps(r))
+    run("table", tmp_path / "res")
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "res" / "table.md") if l.startswith("| ")}
+    assert rows["LoRA"][4] == "seeds differ in lora lr"
+    assert rows["Base"][0] == "seeds differ in size" and rows["Base"][4] == "11.50 ± 0.71 (n=2)"
+    assert rows["Full finetuning"][4] == "seeds differ in protocol" and rows["Full finetuning"][0] == "50.00 ± 0.00 (n=2)"
+    assert rows["SMF additive KL"][0] == rows["SMF additive KL"][4] == "seeds differ in retrofit memory"
+    assert rows["SMF additive TF-IDF"][4] == "12.50 ± 0.71 (n=2)" and rows["SMF additive TF-IDF"][5].startswith("+1.00")
+
+
 def hub_cache(root, commit, model):
     """A hub cache (HF_HUB_CACHE) whose org/tiny is at revision `commit`, holding the files of folder `model`."""
     import shutil
@@ -2686,7 +2720,7 @@ def test_run_all_checks_only_what_a_stage_still_depends_on(tiny, tmp_path, fake_
     assert [c[0] for c in calls()[n:]] == ["eval", "table"]             # evaluated again, not trained again
 
 
-def test_run_all_names_a_local_model_by_every_weight_file(tiny, tmp_path, fake_python):
+def test_run_all_names_a_model_by_every_weight_file_a_hub_ids_in_its_cache(tiny, tmp_path, fake_python):
     import shutil
     model, out = tmp_path / "model", tmp_path / "res"
     shutil.copytree(tiny["model"], model)
@@ -2695,6 +2729,13 @@ def test_run_all_names_a_local_model_by_every_weight_file(tiny, tmp_path, fake_p
     assert run_all(env).returncode == 0
     (model / "pytorch_model.bin").write_bytes(b"pickled weights, changed")
     changed = run_all(env)
+    assert changed.returncode == 2 and "was made with MODEL=weights sha256" in changed.stderr
+    (model / "pytorch_model.bin").write_bytes(b"pickled weights")
+    hub = hub_cache(tmp_path / "hub", "a" * 40, model)                   # the same weights by hub id: the same model
+    assert run_all({**env, **hub, "MODEL": "org/tiny"}).returncode == 0
+    (model / "pytorch_model.bin").write_bytes(b"pickled weights, the next revision")
+    hub_cache(tmp_path / "hub", "b" * 40, model)                         # refs/main moves to it
+    changed = run_all({**env, **hub, "MODEL": "org/tiny"})
     assert changed.returncode == 2 and "was made with MODEL=weights sha256" in changed.stderr
 
 
