@@ -1532,13 +1532,25 @@ def check_train_args(args):
             "change one of them")
     check_model_path(args.model)
     n_layers = model_config(args.model).get("num_hidden_layers", math.inf)  # a retrofit's parent
+    shown = " ".join(map(str, layers))
     require(args.method != "retrofit" or all(0 <= i < n_layers for i in layers), "--memory-layers "
-            f"{' '.join(map(str, layers))} must lie in 0..{n_layers - 1}, the layers of {args.model} — "
-            "change them")
+            f"{shown} must lie in 0..{n_layers - 1}, the layers of {args.model} — change them")
+
+def interrupt(signum, frame):
+    """Ctrl-C's and SIGTERM's (Slurm's stop) handler: the first signal stops the run as Ctrl-C
+    does, and makes those after it (a terminal's Ctrl-C reaches a run_all stage twice) do nothing,
+    not SIG_IGN (one caught but not yet handled would then raise), so that the clean-up finishes."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, ignore)
+    raise KeyboardInterrupt
+
+def ignore(signum, frame):
+    """A signal after the first: nothing."""
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Slurm's stop cleans up as Ctrl-C
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, interrupt)
     commands = {"train": run_train, "eval": run_eval, "table": run_table}
     try:
         check_args(args)

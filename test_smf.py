@@ -2098,6 +2098,27 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tiny, tmp_path):
     assert os.listdir(tmp_path) == []                                    # no staging folder left
 
 
+def test_signals_after_the_first_never_stop_the_clean_up(tiny, tmp_path):
+    """A terminal's Ctrl-C reaches a run_all stage twice (SIGINT, then run_all's SIGTERM): the first stops the run,
+    the ones after it must not stop its clean-up (a staging folder left, a traceback from an atexit callback)."""
+    import signal, time
+    args = train_args(tiny, tmp_path / "ck", "lora", "--limit-train", "16", "--lr", "1e-2", "--epochs", "100000")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "smf.py"), *map(str, args), "--max-steps", "100000"],
+                         env=env, stderr=subprocess.PIPE, text=True)
+    while not [f for f in tmp_path.rglob("train_log.jsonl") if ".tmp" in str(f) and f.stat().st_size]:
+        assert p.poll() is None
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    while p.poll() is None:                                               # and more, until it has exited
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.002)
+    err = p.stderr.read()
+    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err
+    assert p.returncode in (130, -signal.SIGTERM)                        # -15: a SIGTERM after Python's own shutdown
+    assert "Traceback" not in err and "Exception ignored" not in err and os.listdir(tmp_path) == []
+
+
 def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable}   # whichever python is on PATH
     for args in (["--lst"], ["-x"], ["--list", "extra"]):
