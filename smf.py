@@ -97,13 +97,10 @@ def require(ok, message):
 
 def pad_batch(seqs, pad_id, left=False, device="cpu"):
     """(ids, mask), both (B, T): right padding for scoring, left padding for generation."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(T - len(s), T) if left else slice(0, len(s))
-        ids[i, span] = torch.tensor(s, dtype=torch.long)
-        mask[i, span] = 1
+    rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    pad = functools.partial(nn.utils.rnn.pad_sequence, batch_first=True,
+                            padding_side="left" if left else "right")
+    ids, mask = pad(rows, padding_value=pad_id), pad([torch.ones_like(r) for r in rows])
     return ids.to(device), mask.to(device)
 
 def model_dtype(device):
@@ -894,8 +891,7 @@ def write_atomic(path, text):
         tmp.unlink(missing_ok=True)
 
 def earlier_results(path, identity):
-    """(content, None) of the results file smf eval wrote at `path` for the model of `identity`
-    (its weights), or (None, what the file holds instead, in words)."""
+    """(content, None) of smf eval's results at `path` for `identity`, or (None, what it holds)."""
     try:
         content = json.loads(pathlib.Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -947,16 +943,18 @@ def save_checkpoint(folder, meta, tensors, extra=None):
         save_file(named, os.path.join(folder, name))
     pathlib.Path(folder, "config.json").write_text(json.dumps({"smf": meta}, indent=2))
 
-def hub_folder(model_id):
-    """The hub cache's folder of the revision of `model_id` that loads offline, or None."""
+def model_folder(path):
+    """Where a model's files are: its local path, or its revision in the hub cache, or None."""
+    if is_local(path):
+        return path
     from huggingface_hub import try_to_load_from_cache
     with contextlib.suppress(ValueError):  # no valid hub id
-        config = try_to_load_from_cache(model_id, "config.json")
+        config = try_to_load_from_cache(path, "config.json")
         return os.path.dirname(config) if isinstance(config, str) else None
 
 def model_config(path):
     """A model's config.json (a hub id's in the hub cache) as a dict; {} where there is none."""
-    folder = path if is_local(path) else hub_folder(path)
+    folder = model_folder(path)
     if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
         return {}
     content = read_json(os.path.join(folder, "config.json"), "restore the file, or train or "
@@ -970,7 +968,7 @@ def checkpoint_meta(path):
 def fingerprint(path):
     """{file: sha256} of a model's weight files, a hub id's in the hub cache (None if not there):
     the model's identity, whatever its path, and the hub revision (which the cache may move)."""
-    folder = path if is_local(path) else hub_folder(path)
+    folder = model_folder(path)
     if folder is None:
         return None
     files = [f for f in glob.glob(f"{folder}/*") if f.endswith((".safetensors", ".bin"))]
@@ -1037,7 +1035,7 @@ def check_model_path(path):
     """A local model is a folder (holding config.json: load_plain_model names a missing one); a hub
     id is in the hub cache, or online (from_pretrained downloads it)."""
     from huggingface_hub import constants
-    hub = not is_local(path) and (hub_folder(path) or not constants.HF_HUB_OFFLINE)
+    hub = not is_local(path) and (model_folder(path) or not constants.HF_HUB_OFFLINE)
     require(hub or os.path.isdir(path), f"--model {path} is no folder here, nor a model in the "
             "hub cache — check the path, or download the model")
 
@@ -1122,8 +1120,7 @@ def run_train(args, device):
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
             meta["kind"], meta["memory"] = "memory", vars(mem_cfg)
-        recipes = parent.get("lineage", []) + [meta["train"] | {"memory": meta["memory"]}]
-        meta["lineage"] = recipes  # every recipe since the plain model: what table compares
+        meta["lineage"] = parent.get("lineage", []) + [meta["train"] | {"memory": meta["memory"]}]
         if cfg.method == "smf":
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
@@ -1537,9 +1534,8 @@ def check_train_args(args):
             f"{shown} must lie in 0..{n_layers - 1}, the layers of {args.model} — change them")
 
 def interrupt(signum, frame):
-    """Ctrl-C's and SIGTERM's (Slurm's stop) handler: the first signal stops the run as Ctrl-C
-    does, and makes those after it (a terminal's Ctrl-C reaches a run_all stage twice) do nothing,
-    not SIG_IGN (one caught but not yet handled would then raise), so that the clean-up finishes."""
+    """The first Ctrl-C or SIGTERM (Slurm's stop) stops the run; later ones (a terminal's Ctrl-C
+    reaches a run_all stage twice) do nothing (SIG_IGN fails one caught, not yet handled)."""
     for stop in (signal.SIGINT, signal.SIGTERM):
         signal.signal(stop, ignore)
     raise KeyboardInterrupt
