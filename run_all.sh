@@ -400,6 +400,14 @@ for s in "${STAGES[@]}"; do
   fi
   [ "$dep" = - ] || ! finished "$dep" || has_model "$dep" || bad=1
 done
+# the table pools every seed of a row: a seed of a row in ROWS made with other settings is refused, in SEEDS or not
+for row in $ROWS; do
+  for dir in "$OUT/$row"/seed*/; do
+    s=$row/$(basename "$dir")
+    [[ $s =~ /seed[0-9]+$ ]] && [[ " ${STAGES[*]} " != *" $s "* ]] || continue
+    check_settings "$s" || bad=1
+  done
+done
 [ $bad -eq 0 ] || exit 2
 unfinished=()
 for s in "${STAGES[@]}"; do finished "$s" || unfinished+=("$s"); done

@@ -2612,6 +2612,23 @@ def test_run_all_checks_up_front_what_would_fail_or_mislead_later(tiny, tmp_path
     assert unknown.returncode == 2 and f"{out}/base/seed1 holds results with no record of their settings" in unknown.stderr
 
 
+def test_run_all_refuses_a_seed_the_table_would_pool_with_other_settings(tiny, tmp_path, fake_python):
+    """The table pools every seed of a row, so a run of a row is checked against all its seeds in OUT, those
+    outside SEEDS too: the issue's case (another step count and learning rate for a third LoRA seed) and Base
+    re-evaluated on fewer questions are refused up front, naming what differs."""
+    out = tmp_path / "res"
+    env = {**smoke_env(tiny, out), **fake_python[0]}
+    assert run_all({**env, "ROWS": "base lora", "SEEDS": "1 2"}).returncode == 0
+    other = run_all({**env, "ROWS": "lora", "SEEDS": "3", "MAX_STEPS": "1", "LORA_ARGS": "--lr 0.05"})
+    assert other.returncode == 2 and "start" not in other.stdout and not (out / "lora" / "seed3").exists()
+    assert f"stage lora/seed1 in {out} was made with MAX_STEPS=2 LORA_ARGS=; this run has MAX_STEPS=1 " \
+           "LORA_ARGS=--lr 0.05" in other.stderr
+    fewer = run_all({**env, "ROWS": "base", "SEEDS": "3", "EVAL_LIMIT": "6"})
+    assert fewer.returncode == 2 and "stage base/seed1" in fewer.stderr and "EVAL_LIMIT=8" in fewer.stderr
+    write_eval(out / "lora" / "seed1.old" / "eval.json", ([1, 0], [1.0, 1.0]), [1, 0], ppl=3.0)  # no seed: the
+    assert run_all({**env, "ROWS": "lora", "SEEDS": "3"}).returncode == 0       # table leaves it out, so may run_all
+
+
 def test_run_all_checks_only_what_a_stage_still_depends_on(tiny, tmp_path, fake_python):
     """A finished retrofit is checked on its training settings alone when an SMF stage starts from it, and a stage
     whose evaluation did not finish likewise: other evaluation settings evaluate it again, training nothing."""
