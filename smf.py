@@ -840,8 +840,7 @@ def wikitext_row(row):
 
 def load_wikitext(source="Salesforce/wikitext", config="wikitext-103-v1", limit=1000):
     """The first `limit` stripped non-empty lines of the test split, joined by a blank line."""
-    lines = parse_rows(source, read_rows(source, config, "test"), wikitext_row)
-    return "\n\n".join(lines[:limit])
+    return "\n\n".join(parse_rows(source, read_rows(source, config, "test"), wikitext_row)[:limit])
 
 def triviaqa_row(row):
     """(question, aliases and the answer's value), a list of strings (not one: a letter each)."""
@@ -889,11 +888,16 @@ def write_atomic(path, text):
         tmp.unlink(missing_ok=True)
 
 def earlier_results(path, identity):
-    """The content of the results file smf eval wrote at `path` for `identity`'s model, or None."""
-    with contextlib.suppress(OSError, ValueError, AttributeError), open(path) as f:
-        content = json.load(f)
-        if content.get("written_by") == RESULTS and identity.items() <= content.items():
-            return content
+    """(content, None) of smf eval's results at `path` for `identity`, or (None, what it holds)."""
+    try:
+        content = json.loads(pathlib.Path(path).read_text())
+    except (OSError, ValueError) as e:
+        return None, f"it is no JSON file ({type(e).__name__}): damaged, or not smf's results"
+    if not isinstance(content, dict) or content.get("written_by") != RESULTS:
+        return None, "it is not smf's results"
+    if identity.items() <= content.items():
+        return content, None
+    return None, f"it holds the results of {content.get('model')}, whose weights are not these"
 
 def check_output(flag, path, fix, replaceable=False):
     """The output rule: `path` must not exist, but as a file of smf's that the caller found it may
@@ -1006,9 +1010,8 @@ def load_weights(file, fix, device="cpu"):
 
 def check_model_path(path):
     """A local model is a folder (holding config.json: load_plain_model names a missing one)."""
-    if is_local(path):
-        require(os.path.isdir(path), f"--model {path} is no folder (nor a hub id) — give the "
-                "folder that holds the model")
+    require(not is_local(path) or os.path.isdir(path), f"--model {path} is no folder (nor a hub "
+            "id) — give the folder that holds the model")
 
 def load_plain_model(path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1113,7 +1116,7 @@ def run_eval(args, device):
                 "wikitext": functools.partial(eval_wikitext, batch_size=bs // 2 or 1),
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
-    results = args.identity | {"written_by": RESULTS}
+    results = {"model": args.model_name, "weights": None, **args.identity, "written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
@@ -1130,7 +1133,7 @@ def run_eval(args, device):
             with contextlib.suppress(OSError, ImportError):  # no flock (Windows, some Lustre)
                 import fcntl  # here, so that `import smf` works where fcntl does not exist
                 fcntl.flock(lock, fcntl.LOCK_EX)  # until closed: evals into one folder take turns
-            earlier = earlier_results(args.out, args.identity)
+            earlier = earlier_results(args.out, args.identity)[0]
             require(earlier or not os.path.lexists(args.out), f"--out {args.out} was replaced by "
                     "other results while this eval ran — evaluate again into another file")
             write_atomic(f"{folder}/{name}", json.dumps((earlier or {}) | results, indent=2))
@@ -1138,16 +1141,13 @@ def run_eval(args, device):
             os.close(lock)
     return results
 
-TABLE_ROWS = [  # (row name, results folder, the figure's short label)
-    ("Base", "base", "Base"), ("Retrofit (additive)", "retrofit_additive", "Retro add"),
-    ("Retrofit (replacement)", "retrofit_replacement", "Retro repl"),
-    ("SMF replacement KL", "smf_replacement_kl", "SMF repl KL"),
-    ("SMF replacement TF-IDF", "smf_replacement_tfidf", "SMF repl TF-IDF"),
-    ("SMF additive KL", "smf_additive_kl", "SMF add KL"),
-    ("SMF additive TF-IDF", "smf_additive_tfidf", "SMF add TF-IDF"),
-    ("SMF additive +scale KL", "smf_additive_scale_kl", "SMF +scale KL"),
-    ("SMF additive +scale TF-IDF", "smf_additive_scale_tfidf", "SMF +scale TF-IDF"),
-    ("LoRA", "lora", "LoRA"), ("Full finetuning", "full", "Full FT")]
+TABLE_ROWS = {  # results folder: the row's name, in the table and the figure, in their order
+    "base": "Base", "retrofit_additive": "Retrofit (additive)",
+    "retrofit_replacement": "Retrofit (replacement)", "smf_replacement_kl": "SMF replacement KL",
+    "smf_replacement_tfidf": "SMF replacement TF-IDF", "smf_additive_kl": "SMF additive KL",
+    "smf_additive_tfidf": "SMF additive TF-IDF", "smf_additive_scale_kl": "SMF additive +scale KL",
+    "smf_additive_scale_tfidf": "SMF additive +scale TF-IDF", "lora": "LoRA",
+    "full": "Full finetuning"}
 TABLE_COLUMNS = [  # (header, probe, key of the mean, key of the per-question values or None, scale,
     ("MedMCQA acc", "medmcqa", "acc", "correct", 100, (0, 1)),  # the values the mean can take)
     ("MedMCQA gold NLL", "medmcqa", "gold_nll", "gold_nlls", 1, (0, math.inf)),
@@ -1241,7 +1241,7 @@ def read_results(results_dir, folder):
 
 def run_table(args, device=None):
     """table.md, and figure.svg: the learning-versus-forgetting plot of the same numbers."""
-    found = {folder: read_results(args.results_dir, folder) for _, folder, _ in TABLE_ROWS}
+    found = {folder: read_results(args.results_dir, folder) for folder in TABLE_ROWS}
     require(any(found.values()), f"{args.results_dir} holds no <row>/seed<S>/eval.json — run "
             "run_all.sh first, or point at its OUT folder")  # a file given for OUT is told so too
     for name in ("table.md", "figure.svg"):
@@ -1251,7 +1251,7 @@ def run_table(args, device=None):
                      f"away: table writes {name} into {args.results_dir}", ours)
     header = " | ".join(f"{c[0]} | Δ vs Base" for c in TABLE_COLUMNS)
     lines, points = [f"| row | {header} |", "|---" * 11 + "|"], {}  # points: the figure's values
-    for name, folder, _ in TABLE_ROWS:
+    for folder, name in TABLE_ROWS.items():
         cells, points[folder] = [], {}
         for column in TABLE_COLUMNS:
             two, points[folder][column[2]] = table_cells(found[folder], found["base"], column,
@@ -1270,7 +1270,7 @@ def run_table(args, device=None):
     print("\n".join(lines) + f"\n\nwrote {table} and {figure}")
 
 # The figure: MedMCQA accuracy (y) against WikiText perplexity (left) and TriviaQA accuracy (right)
-PANEL_W, PANEL_H, LEFT, TOP, LABEL_W, CAPTION_PX = 330, 300, 70, 40, 140, 11  # pixels; font
+PANEL_W, PANEL_H, LEFT, TOP, LABEL_W, CAPTION_PX = 330, 300, 70, 40, 205, 11  # pixels; font
 
 def svg(tag, content=None, **attrs):
     """One SVG element; in attribute names `_` stands for `-` (and `class_` for class)."""
@@ -1329,7 +1329,7 @@ def figure_svg(points, counts):
               ("alias_contains_acc", "TriviaQA alias accuracy, % (higher is better)",
                "TriviaQA alias acc", (0, 100))]  # (key, axis title, caption name, axis bounds)
     drawn, left_out = {key: [] for key, *_ in panels}, []
-    for name, folder, label in TABLE_ROWS:
+    for folder, name in TABLE_ROWS.items():
         values = {"MedMCQA acc": points[folder]["acc"]} | {
             title: points[folder][key] for key, _, title, _ in panels}
         bad = [f"{title} {why}" for title, (v, why) in values.items() if v is None]
@@ -1338,7 +1338,7 @@ def figure_svg(points, counts):
         left_out += [f"{name} ({'; '.join(bad)})"] if bad else []
         for key, *_ in panels:
             if points[folder]["acc"][0] is not None and points[folder][key][0] is not None:
-                drawn[key].append({"folder": folder, "label": label, **points[folder]})
+                drawn[key].append({"folder": folder, "label": name, **points[folder]})
     width = 2 * (LEFT + PANEL_W + LABEL_W)
     out = [svg("text", "MedMCQA accuracy, % (higher is better)", x=14, y=TOP + PANEL_H / 2,
                transform=f"rotate(-90 14 {TOP + PANEL_H / 2})", text_anchor="middle")]
@@ -1437,14 +1437,14 @@ def check_args(args):
         check_train_args(args)
         check_output("--out", args.out, "choose a new folder (a checkpoint is never replaced: move "
                      "the old one away to train it again)")
-    if args.command == "eval":  # results name their model by path (or hub id) and weights
+    if args.command == "eval":  # results are a model's by its weights; the path is for a reader
         check_model_path(args.model)
-        model = os.path.abspath(args.model) if is_local(args.model) else args.model
-        args.identity = {"model": model, "weights": fingerprint(args.model)}
+        args.model_name = os.path.abspath(args.model) if is_local(args.model) else args.model
+        weights = fingerprint(args.model)  # None: a hub id, whose name then tells it
+        args.identity = {"weights": weights} if weights else {"model": args.model_name}
         if args.out:
-            check_output("--out", args.out, f"it is not smf's results of --model {args.model} with "
-                         "its present weights — choose another file, or move it away",
-                         earlier_results(args.out, args.identity) is not None)
+            why = earlier_results(args.out, args.identity)[1]  # None: its own earlier results
+            check_output("--out", args.out, f"{why} — choose another file or move it away", not why)
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""

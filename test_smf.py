@@ -860,8 +860,8 @@ def test_run_all_smoke(tiny, tmp_path):
     assert started_at_once(first.stdout) == 2 and first.stdout.count("done ") == 4
     table = open(out / "table.md").read().splitlines()[2:]                   # after the header line and a blank
     names = [line.split("|")[1].strip() for line in table[2:]]
-    assert names == [name for name, *_ in smf.TABLE_ROWS]                     # rows not run are shown, not dropped
-    for (_, row, _), line in zip(smf.TABLE_ROWS, table[2:]):
+    assert names == list(smf.TABLE_ROWS.values())                     # rows not run are shown, not dropped
+    for row, line in zip(smf.TABLE_ROWS, table[2:]):
         cells = [c.strip() for c in line.split("|")[2:-1:2]]                  # the five metric columns
         if row not in rows:
             assert cells == ["missing"] * 5, line
@@ -958,9 +958,9 @@ def test_run_all_gives_each_row_its_parent_its_own_args_and_the_seed(tiny, tmp_p
     commands = calls()
     assert commands[-1] == ["table", str(out)]
     evaluated = {c[c.index("--out") + 1] for c in commands if c[0] == "eval"}
-    assert evaluated == {str(out / row / "seed7" / "eval.json") for _, row, _ in smf.TABLE_ROWS}
+    assert evaluated == {str(out / row / "seed7" / "eval.json") for row in smf.TABLE_ROWS}
     trains = {c[c.index("--out") + 1].split("/")[-3]: (i, c) for i, c in enumerate(commands) if c[0] == "train"}
-    assert sorted(trains) == sorted(row for _, row, _ in smf.TABLE_ROWS[1:])
+    assert sorted(trains) == sorted(list(smf.TABLE_ROWS)[1:])
     for row, (i, args) in trains.items():
         method = row.split("_")[0]
         assert holds(args, f"--method {method}") and holds(args, "--seed 7"), row
@@ -1482,9 +1482,10 @@ def test_every_output_is_checked_before_anything_loads_and_nothing_is_replaced(t
         (train_args(tiny, t("s"), "lora"), "exists — choose a new folder (a checkpoint is never replaced"),
         (train_args(tiny, str(tmp_path), "retrofit"), "exists — choose a new folder"),
         (train_args(tiny, t("mydata.jsonl"), "lora", "--medmcqa", t("mydata.jsonl")), "mydata.jsonl exists"),
-        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")], "exists — it is not smf's results of --model"),
-        (["eval", "--model", t("s"), "--out", t("mydata.jsonl")], "exists — it is not smf's results of --model"),
-        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} exists — it is not smf's results"),
+        (["eval", "--model", t("s"), "--out", t("r/weights.safetensors")],
+         "exists — it is no JSON file (UnicodeDecodeError): damaged, or not smf's results — choose another file"),
+        (["eval", "--model", t("s"), "--out", t("mydata.jsonl")], "exists — it is no JSON file (JSONDecodeError)"),
+        (["eval", "--model", t("s"), "--out", t("empty")], f"--out {t('empty')} exists — it is no JSON file (IsADirectory"),
         (["eval", "--model", t("s"), "--out", t("mydata.jsonl/e.json")], "cannot be written"),
         (["eval", "--model", t("s"), "--out", "/proc/e.json"], "--out /proc/e.json cannot be written"),   # a root
         (train_args(tiny, t("dangling"), "lora"), f"--out {t('dangling')} exists — choose a new folder"),  # can't
@@ -1870,7 +1871,7 @@ def test_figure_points_whiskers_labels_and_caption_map_back_to_the_results(tmp_p
         assert ("whisker-y", "base") not in whiskers                   # Base has no Δ against itself
         labels = {t.text: float(t.get("y")) for t in panel.iter(f"{ns}text") if t.get("class") == "label"}
         order = sorted(shown, key=lambda f: -value[f][1])               # labels top to bottom by accuracy
-        names = {f: l for _, f, l in smf.TABLE_ROWS}
+        names = smf.TABLE_ROWS
         assert [names[f] for f in order] == sorted(labels, key=labels.get)
     caption = " ".join(svg.find(f"{ns}text[@class='caption']").itertext())
     assert "Full finetuning (WikiText ppl NaN in 1 of 1 seeds)" in caption and "SMF replacement KL (no results)" in caption
@@ -2000,7 +2001,7 @@ def figure_layouts(root):
             write_eval(root / name / folder / f"seed{s}" / "eval.json", (med, [1.0] * n),
                        [int(rng.random() < tqa) for _ in range(n)], ppl=ppl + rng.random())
     name = "eleven"   # every row, 3 seeds, one row's whiskers reaching past 0 and 100 %
-    for k, (_, folder, _) in enumerate(smf.TABLE_ROWS):
+    for k, folder in enumerate(smf.TABLE_ROWS):
         seeds(folder, 3, 0.25 + 0.04 * k if folder != "full" else 0.98, 0.3 - 0.02 * k if folder != "lora" else 0.02, 15 + k)
     name = "two"
     seeds("base", 1, 0.3, 0.4, 15.2)
@@ -2345,14 +2346,15 @@ def test_eval_replaces_only_its_own_results_of_the_same_model_and_keeps_their_ot
     full = json.loads(out.read_text())
     run(*train_args(tiny, tmp_path / "lora", "lora", *SHORT))
     err = error_of(capsys, "eval", "--model", tmp_path / "lora", *data, "--out", out)   # another model's results
-    assert "it is not smf's results of --model" in err and json.loads(out.read_text()) == full
+    assert f"it holds the results of {tiny['model']}, whose weights are not these" in err and json.loads(out.read_text()) == full
     run("eval", "--model", tiny["model"], *data, "--probe", "wikitext", "--out", out)   # one probe again: the others stay
     again = json.loads(out.read_text())
     assert again["medmcqa"] == full["medmcqa"] and again["triviaqa"] == full["triviaqa"] and again["wikitext"]["ppl"] > 0
 
 
 def test_eval_results_name_the_models_weights_and_another_model_at_the_same_path_is_refused(tiny, tmp_path, capsys):
-    """The issue's case: results of a model, then other weights saved at the same path: the file is not theirs."""
+    """Results belong to the weights: other weights saved at the same path are refused, the same weights at another
+    path (a copy, a moved OUT) are the same model, and a damaged file is named as such."""
     import shutil
     data = ["--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"], "--triviaqa", tiny["triviaqa"], "--limit", "4"]
     model, out = tmp_path / "model", tmp_path / "model.json"
@@ -2364,8 +2366,15 @@ def test_eval_results_name_the_models_weights_and_another_model_at_the_same_path
     weights[-1] ^= 1                                                      # other weights, same path
     (model / "model.safetensors").write_bytes(bytes(weights))
     err = error_of(capsys, "eval", "--model", model, *data, "--probe", "medmcqa", "--out", out)
-    assert f"--out {out} exists — it is not smf's results of --model {model} with its present weights" in err
+    assert f"--out {out} exists — it holds the results of {model}, whose weights are not these" in err
     assert json.loads(out.read_text()) == written
+    shutil.copytree(tiny["model"], tmp_path / "copy")                    # the first weights, at another path: the
+    run("eval", "--model", tmp_path / "copy", *data, "--probe", "medmcqa", "--out", out)   # same model (a moved OUT)
+    merged = json.loads(out.read_text())
+    assert merged["model"] == str(tmp_path / "copy") and merged["wikitext"] == written["wikitext"] and "medmcqa" in merged
+    out.write_text(out.read_text()[:100])                                 # cut short: named as damaged
+    err = error_of(capsys, "eval", "--model", tmp_path / "copy", *data, "--probe", "medmcqa", "--out", out)
+    assert f"--out {out} exists — it is no JSON file (JSONDecodeError): damaged, or not smf's results" in err
 
 
 def test_two_evals_into_one_file_both_land_and_write_under_a_lock(tiny, tmp_path, monkeypatch):
