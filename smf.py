@@ -940,54 +940,34 @@ def save_checkpoint(folder, meta, tensors, extra=None):
         save_file(named, os.path.join(folder, name))
     pathlib.Path(folder, "config.json").write_text(json.dumps({"smf": meta}, indent=2))
 
-def model_folder(path):
-    """Where a model's files are: its local path, or its revision in the hub cache, or None."""
-    if is_local(path):
-        return path
-    from huggingface_hub import try_to_load_from_cache
-    with contextlib.suppress(ValueError):  # no valid hub id
-        config = try_to_load_from_cache(path, "config.json")
-        return os.path.dirname(config) if isinstance(config, str) else None
-
-def model_config(path):
-    """A model's config.json (a hub id's in the hub cache) as a dict; {} where there is none."""
-    folder = model_folder(path)
-    if folder is None or not os.path.isfile(os.path.join(folder, "config.json")):
-        return {}
-    content = read_json(os.path.join(folder, "config.json"), "restore the file, or train or "
-                        "download that model again")
-    return content if isinstance(content, dict) else {}
-
 def checkpoint_meta(path):
     """The `smf` entry of a checkpoint's config.json, or None for a plain model or hub id."""
-    return model_config(path).get("smf")
+    config = os.path.join(path, "config.json")
+    if not (is_local(path) and os.path.isfile(config)):
+        return None
+    content = read_json(config, "restore the file, or train or download that model again")
+    return content.get("smf") if isinstance(content, dict) else None
 
 def fingerprint(path):
-    """{file: sha256} of a model's weight files, a hub id's in the hub cache (None if not there):
-    the model's identity, whatever its path, and the hub revision (which the cache may move)."""
-    folder = model_folder(path)
-    if folder is None:
-        return None
-    files = [f for f in glob.glob(f"{folder}/*") if f.endswith((".safetensors", ".bin"))]
+    """{file: sha256} of a local model's weight files; None for a hub id (no files to read)."""
+    files = glob.glob(os.path.join(path, "*.safetensors")) + glob.glob(os.path.join(path, "*.bin"))
     return {os.path.basename(f): hashlib.sha256(pathlib.Path(f).read_bytes()).hexdigest()
-            for f in sorted(files)}
+            for f in sorted(files)} if is_local(path) else None
 
 def find_parent(path, meta):
-    """A checkpoint's parent with the weights it was trained on: the relative one, else absolute,
-    else (a hub id) the revision in the hub cache; a hub parent of no record is taken as it is."""
-    places = [meta["parent"]]  # a hub id
-    if "parent_abs" in meta:
-        places = dict.fromkeys([os.path.normpath(os.path.join(path, meta["parent"])),
-                                meta["parent_abs"]])
-    found = {p: fingerprint(p) for p in places
-             if not is_local(p) or os.path.isfile(os.path.join(p, "config.json"))}
+    """A checkpoint's parent with the weights it was trained on: the relative one, else absolute."""
+    if "parent_abs" not in meta:  # a hub id
+        return meta["parent"]
+    places = dict.fromkeys([os.path.normpath(os.path.join(path, meta["parent"])),
+                            meta["parent_abs"]])
+    found = {p: fingerprint(p) for p in places if os.path.isfile(os.path.join(p, "config.json"))}
     recorded, again = meta["parent_fingerprint"], f"restore it, or train {path} again"
     for parent, now in found.items():
-        if now == recorded or recorded is None:  # None: recorded before hub ids had weights
+        if now == recorded:
             return parent
     require(found, f"the parent of {path} is missing: not at {' nor at '.join(places)} — {again}")
     raise UserError(f"the parent {next(iter(found))} of {path} has other weights than it was "
-                    f"trained from (a hub id: in the hub cache) — {again}")
+                    f"trained from — {again}")
 
 def provenance(parent, out):
     """Its parent (relative to `out`, and absolute), the parent's fingerprint, the versions."""
@@ -1029,12 +1009,9 @@ def load_weights(file, fix, device="cpu"):
         raise UserError(f"{file} is damaged ({type(e).__name__}) — {fix}") from e
 
 def check_model_path(path):
-    """A local model is a folder (holding config.json: load_plain_model names a missing one); a hub
-    id is in the hub cache, or online (from_pretrained downloads it)."""
-    from huggingface_hub import constants
-    hub = not is_local(path) and (model_folder(path) or not constants.HF_HUB_OFFLINE)
-    require(hub or os.path.isdir(path), f"--model {path} is no folder here, nor a model in the "
-            "hub cache — check the path, or download the model")
+    """A local model is a folder (holding config.json: load_plain_model names a missing one)."""
+    require(not is_local(path) or os.path.isdir(path), f"--model {path} is no folder (nor a hub "
+            "id) — give the folder that holds the model")
 
 def load_plain_model(path, device, dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -1111,13 +1088,11 @@ def run_train(args, device):
         recipe = {k: v for k, v in vars(cfg).items() if cfg.method in APPLIES.get(k, METHOD_LR)}
         meta = provenance(args.model, args.out) | {"kind": cfg.method, "given": args.given}
         meta["train"] = recipe | {"total_steps": len(history)}
-        parent = checkpoint_meta(args.model) or {}
-        meta["memory"] = parent.get("memory")  # every child has its retrofit's
+        meta["memory"] = (checkpoint_meta(args.model) or {}).get("memory")  # every child has it
         if cfg.method == "retrofit":  # gathered once, reused by every SMF run from this retrofit
             sample = texts[:cfg.background_examples]
             stats = background_stats(model, tokenizer, sample, cfg.max_len, device=device)
             meta["kind"], meta["memory"] = "memory", vars(mem_cfg)
-        meta["lineage"] = parent.get("lineage", []) + [meta["train"] | {"memory": meta["memory"]}]
         if cfg.method == "smf":
             trained = smf_patch(before, trained)
         save_checkpoint(staged, meta, trained, {STATS: stats_tensors(stats)} if stats else None)
@@ -1141,8 +1116,7 @@ def run_eval(args, device):
                 "wikitext": functools.partial(eval_wikitext, batch_size=bs // 2 or 1),
                 "triviaqa": functools.partial(eval_triviaqa, batch_size=2 * bs,
                                               repetition_penalty=args.repetition_penalty)}
-    lineage = (checkpoint_meta(args.model) or {}).get("lineage")  # the recipes that made it
-    results = {"model": args.model_name, "lineage": lineage, **args.identity, "written_by": RESULTS}
+    results = {"model": args.model_name, "weights": None, **args.identity, "written_by": RESULTS}
     for probe in names:
         t0, r = time.time(), evaluate[probe](model, tok, probes[probe])
         r["data"] = hashlib.sha256(json.dumps(probes[probe]).encode()).hexdigest()[:16]
@@ -1208,25 +1182,11 @@ def paired_delta(runs, base, key, scale):
     d = [scale * (a - b) for a, b in zip(row, ref)]
     return statistics.mean(d), 1.96 * statistics.stdev(d) / math.sqrt(len(d))
 
-def scored_on(results, per_question):
-    """A probe's data fingerprint, protocol (precision included) and size: what Δ must share."""
+def scored_data(results, per_question):
+    """A probe's data fingerprint, protocol and size, as JSON: whatever a file holds compares."""
     n = results.get(per_question or "tokens")  # the per-question list, or WikiText's tokens
-    return {"data": results.get("data"), "protocol": results.get("protocol"),
-            "size": len(n) if isinstance(n, list) else n}
-
-def made_by(run, probe, per_question):
-    """What made a probe's result but the seed: each recipe of the model's lineage, under
-    `<method> <option>`, then scored_on; what seeds pooled into one cell must share."""
-    made = collections.defaultdict(list)
-    for recipe in run.get("lineage") or []:
-        for key in sorted(recipe.keys() - {"seed"}):
-            made[f"{recipe.get('method')} {key}"].append(recipe[key])
-    return made | scored_on(run[probe], per_question)
-
-def differing(made):
-    """The keys whose value is not the same in every dict of `made` (a missing one: None)."""
-    keys = dict.fromkeys(itertools.chain(*made))
-    return [key for key in keys if len({json.dumps(m.get(key)) for m in made}) > 1]
+    n = len(n) if isinstance(n, list) else n
+    return json.dumps([results.get("data"), results.get("protocol"), n])
 
 def table_cells(runs, base, column, is_base):
     """Two cells (mean ± sample std (n) over the seeds that have it; Δ vs Base [interval]) and the
@@ -1240,10 +1200,6 @@ def table_cells(runs, base, column, is_base):
     runs = [r for r, (_, why) in zip(runs, values) if why is None]  # the seeds that have it
     if not runs:
         return ["missing", ""], (None, "missing")
-    other = differing([made_by(r, probe, per_question) for r in runs])  # pooled: like with like
-    if other:
-        why = f"seeds differ in {', '.join(other)}"
-        return [why, ""], (None, why)
     xs = [scale * r[probe][key] for r in runs]
     spread = f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""
     cell, mean = f"{statistics.mean(xs):.2f}{spread} (n={len(xs)})", statistics.mean(xs)
@@ -1254,9 +1210,8 @@ def table_cells(runs, base, column, is_base):
         return [cell, ""], (mean, None)
     if bad_base:
         return [cell, f"Base has {', '.join(bad_base)}"], (mean, None)
-    other = differing([scored_on(r[probe], per_question) for r in runs + base])
-    if other:
-        return [cell, f"scored on other {', '.join(other)} than Base"], (mean, None)
+    if len({scored_data(r[probe], per_question) for r in runs + base}) > 1:
+        return [cell, "scored on other data or protocol than Base"], (mean, None)
     paired = paired_delta([r[probe] for r in runs], [r[probe] for r in base], per_question, scale)
     if paired is None:
         delta = mean - scale * statistics.mean(r[probe][key] for r in base)
@@ -1485,7 +1440,7 @@ def check_args(args):
     if args.command == "eval":  # results are a model's by its weights; the path is for a reader
         check_model_path(args.model)
         args.model_name = os.path.abspath(args.model) if is_local(args.model) else args.model
-        weights = fingerprint(args.model)  # None: a hub model not yet downloaded
+        weights = fingerprint(args.model)  # None: a hub id, whose name then tells it
         args.identity = {"weights": weights} if weights else {"model": args.model_name}
         if args.out:
             why = earlier_results(args.out, args.identity)[1]  # None: its own earlier results
@@ -1493,6 +1448,7 @@ def check_args(args):
 
 def check_train_args(args):
     """train's own checks, each before anything loads."""
+    check_model_path(args.model)
     meta = checkpoint_meta(args.model) or {}
     memory, kind = meta.get("memory"), meta.get("kind", "plain")  # memory: its retrofit's
     mode = (memory or {}).get("mode", args.memory_mode)
@@ -1520,26 +1476,10 @@ def check_train_args(args):
     require(key_dim % 2 == 0, f"--memory-key-dim {key_dim} must be even — change it")
     require(topk <= n_keys, f"--memory-topk {topk} must be at most --memory-n-keys {n_keys} — "
             "change one of them")
-    check_model_path(args.model)
-    n_layers = model_config(args.model).get("num_hidden_layers", math.inf)  # a retrofit's parent
-    shown = " ".join(map(str, layers))
-    require(args.method != "retrofit" or all(0 <= i < n_layers for i in layers), "--memory-layers "
-            f"{shown} must lie in 0..{n_layers - 1}, the layers of {args.model} — change them")
-
-def interrupt(signum, frame):
-    """The first Ctrl-C or SIGTERM (Slurm's stop) stops the run; later ones (a terminal's Ctrl-C
-    reaches a run_all stage twice) do nothing (SIG_IGN fails one caught, not yet handled)."""
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, ignore)
-    raise KeyboardInterrupt
-
-def ignore(signum, frame):
-    """A signal after the first: nothing."""
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    for stop in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(stop, interrupt)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # Slurm's stop cleans up as Ctrl-C
     commands = {"train": run_train, "eval": run_eval, "table": run_table}
     try:
         check_args(args)

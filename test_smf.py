@@ -77,9 +77,9 @@ def logits(model, ids):
         return model(input_ids=ids).logits
 
 
-def cli(*args, check=True, env=None):
-    """Runs `python smf.py ARGS` offline (with `env` added) and returns the completed process."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": HERE, **(env or {})}
+def cli(*args, check=True):
+    """Runs `python smf.py ARGS` offline and returns the completed process."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": HERE}
     warnings = ["-W", "error::FutureWarning", "-W", "error::DeprecationWarning"]   # a deprecated call fails the run
     p = subprocess.run([sys.executable, *warnings, os.path.join(HERE, "smf.py"), *map(str, args)], capture_output=True,
                        text=True, env=env)
@@ -655,10 +655,8 @@ def error_of(capsys, *argv):
 
 def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
     ev = lambda model: error_of(capsys, "eval", "--model", model, "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    nowhere = "is no folder here, nor a model in the hub cache — check the path, or download the model"
-    assert f"{tmp_path / 'nope'} {nowhere}" in ev(tmp_path / "nope")
-    assert f"config.json {nowhere}" in ev(os.path.join(tiny["model"], "config.json"))
-    assert f"--model runs/nope {nowhere}" in ev("runs/nope")            # one slash: a hub id, not in the cache
+    assert "nope is no folder (nor a hub id) — give the folder that holds the model" in ev(tmp_path / "nope")
+    assert "config.json is no folder (nor a hub id)" in ev(os.path.join(tiny["model"], "config.json"))
     (tmp_path / "empty").mkdir()
     assert "empty has no tokenizer" in ev(tmp_path / "empty")
     run(*train_args(tiny, tmp_path / "mem", "retrofit", "--model", tiny["model"], "--max-steps", "1", "--limit-train", "8"))
@@ -671,9 +669,8 @@ def test_bad_models_give_one_line_errors(tiny, tmp_path, capsys):
     weights.unlink()
     assert f"{weights} is missing" in ev(tmp_path / "mem")
     cfg = json.load(open(tmp_path / "mem" / "config.json"))
-    for layers in (["0", "7"], ["-1"]):                                  # config.json says: 2 layers
-        assert f"--memory-layers {' '.join(layers)} must lie in 0..1, the layers of {tiny['model']} — change them" in \
-            error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"), "--memory-layers", *layers)
+    assert "out of range" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
+                                      "--memory-layers", "0", "7")
     assert "names a layer twice" in error_of(capsys, *train_args(tiny, tmp_path / "x", "retrofit"),
                                             "--memory-layers", "1", "1")
     assert "--memory-topk 9 must be at most --memory-n-keys 8 — change one of them" in error_of(
@@ -1440,8 +1437,6 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     assert (lora["train"]["lr"], lora["train"]["epochs"], lora["train"]["total_steps"]) == (2e-4, 1, 1)
     assert lora["train"]["warmup"] == 0 and "selector" not in lora["train"] and "top_t" not in lora["train"]
     assert "lora_r" not in smf_meta["train"] and smf_meta["train"]["selector"] == "kl"
-    assert smf_meta["lineage"] == [retrofit["train"] | {"memory": retrofit["memory"]},     # every recipe since the
-                                   smf_meta["train"] | {"memory": retrofit["memory"]}]     # plain model, in order
     stats = str(tmp_path / "r" / "background_stats.safetensors")     # made by the retrofit, shared by its SMF runs
     assert smf_meta["train"]["medmcqa"] == tiny["medmcqa"] and smf_meta["memory"] == retrofit["memory"]
     assert "background" not in smf_meta["train"] and "background_examples" not in smf_meta["train"]
@@ -1459,7 +1454,7 @@ def test_config_records_what_was_run_and_a_changed_parent_is_refused(tiny, tmp_p
     os.rename(tmp_path / "r", tmp_path / "r_first")
     run(*train_args(tiny, tmp_path / "r", "retrofit", "--max-steps", "1", "--limit-train", "16", "--seed", "9"))
     err = error_of(capsys, "eval", "--model", tmp_path / "s", "--probe", "wikitext", "--wikitext", tiny["wikitext"])
-    changed = f"error: the parent {tmp_path / 'r'} of {tmp_path / 's'} has other weights than it was trained from (a hub id: in the hub cache) — restore it"
+    changed = f"error: the parent {tmp_path / 'r'} of {tmp_path / 's'} has other weights than it was trained from — restore it"
     assert err.startswith(changed)
     os.remove(tmp_path / "r_first" / "background_stats.safetensors")    # a file removed from the parent is a change
     os.rename(tmp_path / "r", tmp_path / "r_second")
@@ -1542,10 +1537,6 @@ def test_sources_are_checked_before_any_model_loads(tiny, tmp_path, capsys, monk
     err = error_of(capsys, "eval", "--model", tiny["model"], "--medmcqa", tiny["medmcqa"], "--wikitext", tiny["wikitext"],
                    "--triviaqa", tmp_path / "missing.jsonl")
     assert f"{tmp_path / 'missing.jsonl'} is not a file" in err
-    monkeypatch.setattr(smf, "read_rows", lambda *a, **kw: pytest.fail("data read before the options were checked"))
-    err = error_of(capsys, *train_args(tiny, tmp_path / "r", "retrofit", "--memory-layers", "0", "2"))
-    assert "--memory-layers 0 2 must lie in 0..1" in err and not os.listdir(tmp_path)
-    assert "--model runs/nope is no folder here" in error_of(capsys, "eval", "--model", "runs/nope")
 
 
 def test_an_eval_that_fails_writes_nothing_and_keeps_the_old_results(tiny, tmp_path, capsys, monkeypatch):
@@ -1668,16 +1659,14 @@ def test_smf_checkpoint_stores_every_changed_row_and_scale_checkpoints_their_alp
     assert torch.equal(logits(loaded, ids), logits(trained.eval(), ids))
 
 
-def test_a_fresh_memory_has_the_documented_defaults(tiny, tmp_path):
+def test_a_fresh_memory_has_the_documented_defaults(tiny):
     cfg = smf.MemoryConfig()
     assert (cfg.layers, cfg.mode, cfg.n_keys, cfg.heads, cfg.key_dim, cfg.topk, cfg.alpha_init) == \
         ((6, 12, 18), "additive", 128, 4, 256, 16, 0.01)
     mem = smf.ProductKeyMemory(896)
     assert mem.values.shape == (16384, 896) and mem.keys.shape == (4, 2, 128, 128) and mem.topk == 16
     assert mem.query.out_features == 4 * 256
-    (tmp_path / "qwen").mkdir()
-    (tmp_path / "qwen" / "config.json").write_text('{"num_hidden_layers": 24}')   # Qwen2.5-0.5B's depth
-    args = smf.build_parser().parse_args(["train", "--method", "retrofit", "--model", str(tmp_path / "qwen"), "--out", "x"])
+    args = smf.build_parser().parse_args(["train", "--method", "retrofit", "--model", tiny["model"], "--out", "x"])
     smf.check_args(args)                                                # the CLI's defaults are the same
     assert (tuple(args.memory_layers), args.memory_n_keys, args.memory_alpha_init, args.top_t) == ((6, 12, 18), 128, 0.01, 512)
     model, _ = load(tiny)
@@ -1983,7 +1972,7 @@ def test_a_bad_base_value_leaves_no_delta_and_a_list_for_data_is_other_data(tmp_
     run("table", tmp_path)
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
     assert rows["Base"][4] == "NaN in 1 of 2 seeds" and rows["LoRA"][4] == "12.00 (n=1)" and rows["LoRA"][5] == "Base has NaN"
-    assert rows["LoRA"][1] == rows["LoRA"][3] == "scored on other data than Base"
+    assert rows["LoRA"][1] == rows["LoRA"][3] == "scored on other data or protocol than Base"
     assert rows["LoRA"][7].startswith("-25.00 [")                         # TriviaQA is the same data
     err = capsys.readouterr().err
     assert all(f"{tmp_path / 'lora' / folder / 'eval.json'} is not in a seed<integer> folder" in err
@@ -2096,27 +2085,6 @@ def test_sigterm_cleans_up_as_ctrl_c_does(tiny, tmp_path):
     err = p.stderr.read()
     assert p.wait() == 130 and "interrupted" in err and "Warning" not in err
     assert os.listdir(tmp_path) == []                                    # no staging folder left
-
-
-def test_signals_after_the_first_never_stop_the_clean_up(tiny, tmp_path):
-    """A terminal's Ctrl-C reaches a run_all stage twice (SIGINT, then run_all's SIGTERM): the first stops the run,
-    the ones after it must not stop its clean-up (a staging folder left, a traceback from an atexit callback)."""
-    import signal, time
-    args = train_args(tiny, tmp_path / "ck", "lora", "--limit-train", "16", "--lr", "1e-2", "--epochs", "100000")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "smf.py"), *map(str, args), "--max-steps", "100000"],
-                         env=env, stderr=subprocess.PIPE, text=True)
-    while not [f for f in tmp_path.rglob("train_log.jsonl") if ".tmp" in str(f) and f.stat().st_size]:
-        assert p.poll() is None
-        time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
-    while p.poll() is None:                                               # and more, until it has exited
-        p.send_signal(signal.SIGTERM)
-        time.sleep(0.002)
-    err = p.stderr.read()
-    assert err.strip().splitlines()[-1].startswith("error: interrupted"), err
-    assert p.returncode in (130, -signal.SIGTERM)                        # -15: a SIGTERM after Python's own shutdown
-    assert "Traceback" not in err and "Exception ignored" not in err and os.listdir(tmp_path) == []
 
 
 def test_run_all_takes_no_unknown_argument_and_explains_its_settings(tmp_path):
@@ -2409,75 +2377,6 @@ def test_eval_results_name_the_models_weights_and_another_model_at_the_same_path
     assert f"--out {out} exists — it is no JSON file (JSONDecodeError): damaged, or not smf's results" in err
 
 
-def test_table_pools_only_seeds_made_alike_and_names_what_differs(tiny, tmp_path):
-    """A row's seeds pool into one cell only when all but the seed made them alike: every recipe of the model's
-    lineage (an SMF row's retrofit too, read from the checkpoints' config), the data, the protocol (precision in
-    it) and the size; else the cell names what differs, and Base, one model, gets no spread from other questions."""
-    for seed, lr in ((1, "1e-2"), (2, "5e-2")):                          # the issue's case, end to end
-        run(*train_args(tiny, tmp_path / f"lora{seed}", "lora", *SHORT[:-1], lr, "--seed", str(seed)))
-        run("eval", "--model", tmp_path / f"lora{seed}", "--probe", "wikitext", "--wikitext", tiny["wikitext"],
-            "--limit", "3", "--out", tmp_path / "res" / "lora" / f"seed{seed}" / "eval.json")
-    lineage = json.loads((tmp_path / "res" / "lora" / "seed1" / "eval.json").read_text())["lineage"]
-    assert [r["method"] for r in lineage] == ["lora"] and lineage[0]["lr"] == 1e-2 and lineage[0]["total_steps"] == 2
-    def recipe(method, **changed):
-        return {"method": method, "lr": 1e-3, "total_steps": 8, "seed": 0, "memory": None} | changed
-    made = {"base": [[], []], "full": [[recipe("full", seed=1)], [recipe("full", seed=2)]],
-            "smf_additive_kl": [[recipe("retrofit", memory={"n_keys": k}, seed=s), recipe("smf", seed=s)]
-                                for s, k in ((1, 128), (2, 64))],    # a recipe up the lineage: not listed in the issue
-            "smf_additive_tfidf": [[recipe("retrofit", seed=s), recipe("smf", seed=s)] for s in (1, 2)]}
-    for folder, lineages in made.items():
-        for seed, lineage in enumerate(lineages, 1):
-            path = tmp_path / "res" / folder / f"seed{seed}" / "eval.json"
-            write_eval(path, ([1, 0, 1, 0][:4 if folder != "base" or seed == 1 else 2], [1.0] * 4), [1, 0], ppl=10.0 + seed + (folder != "base"))
-            r = json.loads(path.read_text()) | {"lineage": lineage}
-            r["wikitext"]["protocol"] = "fp32" if folder != "full" or seed == 1 else "bf16"   # precision: another protocol
-            path.write_text(json.dumps(r))
-    run("table", tmp_path / "res")
-    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "res" / "table.md") if l.startswith("| ")}
-    assert rows["LoRA"][4] == "seeds differ in lora lr"
-    assert rows["Base"][0] == "seeds differ in size" and rows["Base"][4] == "11.50 ± 0.71 (n=2)"
-    assert rows["Full finetuning"][4] == "seeds differ in protocol" and rows["Full finetuning"][0] == "50.00 ± 0.00 (n=2)"
-    assert rows["SMF additive KL"][0] == rows["SMF additive KL"][4] == "seeds differ in retrofit memory"
-    assert rows["SMF additive TF-IDF"][4] == "12.50 ± 0.71 (n=2)" and rows["SMF additive TF-IDF"][5].startswith("+1.00")
-
-
-def hub_cache(root, commit, model):
-    """A hub cache (HF_HUB_CACHE) whose org/tiny is at revision `commit`, holding the files of folder `model`."""
-    import shutil
-    repo = root / "models--org--tiny"
-    shutil.copytree(model, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / "main").write_text(commit)
-    return {"HF_HUB_CACHE": str(root)}
-
-
-def test_a_hub_model_is_the_weights_of_its_revision_in_the_cache(tiny, tmp_path):
-    """A hub id is the revision the hub cache holds: results and checkpoints record its weights, so the same
-    weights by hub id or by folder are one model, and a checkpoint whose hub parent moved to another revision
-    (what an update does to refs/main) is refused, not loaded onto other weights."""
-    import shutil
-    env = hub_cache(tmp_path / "hub", "a" * 40, tiny["model"])
-    data = ["--wikitext", tiny["wikitext"], "--medmcqa", tiny["medmcqa"], "--limit", "2"]
-    cli("eval", "--model", "org/tiny", *data, "--probe", "wikitext", "--out", tmp_path / "r.json", env=env)
-    run("eval", "--model", tiny["model"], *data, "--probe", "medmcqa", "--out", tmp_path / "r.json")  # by folder
-    r = json.loads((tmp_path / "r.json").read_text())
-    sha = hashlib.sha256(open(os.path.join(tiny["model"], "model.safetensors"), "rb").read()).hexdigest()
-    assert r["weights"] == {"model.safetensors": sha} and {"wikitext", "medmcqa"} <= r.keys()
-    cli(*train_args(tiny, tmp_path / "lora", "lora", *SHORT, "--model", "org/tiny"), env=env)
-    meta = json.loads((tmp_path / "lora" / "config.json").read_text())["smf"]
-    assert meta["parent"] == "org/tiny" and meta["parent_fingerprint"] == {"model.safetensors": sha}
-    cli("eval", "--model", tmp_path / "lora", *data, "--probe", "wikitext", env=env)
-    model, tok = load(tiny)
-    with torch.no_grad():
-        model.model.norm.weight.add_(1.0)                                 # the hub's next revision: other weights
-    model.save_pretrained(tmp_path / "next")
-    tok.save_pretrained(tmp_path / "next")
-    shutil.rmtree(tmp_path / "hub")
-    env = hub_cache(tmp_path / "hub", "b" * 40, tmp_path / "next")
-    p = cli("eval", "--model", tmp_path / "lora", *data, "--probe", "wikitext", env=env, check=False)
-    assert f"error: the parent org/tiny of {tmp_path / 'lora'} has other weights than it was trained from" in p.stderr
-
-
 def test_two_evals_into_one_file_both_land_and_write_under_a_lock(tiny, tmp_path, monkeypatch):
     """An eval that another eval overtakes merges with what that one wrote (not with the file as it was at its
     start), and every write happens while the folder is locked."""
@@ -2541,9 +2440,9 @@ def test_rows_scored_on_other_questions_than_base_get_no_delta(tmp_path):
     json.dump(r, open(tmp_path / "full" / "seed0" / "eval.json", "w"))
     run("table", tmp_path)
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
-    assert rows["LoRA"][1] == "scored on other size than Base" and rows["LoRA"][6] == "25.00 (n=1)"
+    assert rows["LoRA"][1] == "scored on other data or protocol than Base" and rows["LoRA"][6] == "25.00 (n=1)"
     assert rows["LoRA"][7].startswith("-25.00 [")                          # TriviaQA: the same 4 questions
-    assert rows["Full finetuning"][1].startswith("+12.50 [") and rows["Full finetuning"][7] == "scored on other data than Base"
+    assert rows["Full finetuning"][1].startswith("+12.50 [") and rows["Full finetuning"][7] == "scored on other data or protocol than Base"
     for folder in ("base", "full"):                                        # the same data, scored two ways
         r = json.load(open(tmp_path / folder / "seed0" / "eval.json"))
         r["medmcqa"]["protocol"] = "letter" if folder == "full" else "answer"
@@ -2551,7 +2450,7 @@ def test_rows_scored_on_other_questions_than_base_get_no_delta(tmp_path):
         json.dump(r, open(tmp_path / folder / "seed0" / "eval.json", "w"))
     run("table", tmp_path)
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
-    assert rows["Full finetuning"][1] == rows["Full finetuning"][3] == "scored on other protocol than Base"
+    assert rows["Full finetuning"][1] == rows["Full finetuning"][3] == "scored on other data or protocol than Base"
     assert rows["Full finetuning"][7].startswith("-25.00 [")               # TriviaQA: same data and protocol
 
 
@@ -2647,7 +2546,7 @@ def test_table_values_at_their_bounds_base_seeds_lacking_a_probe_and_token_count
     rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "table.md") if l.startswith("| ")}
     assert rows["Base"][0:9:2] == ["0.00 ± 0.00 (n=2)", "0.00 ± 0.00 (n=2)", "1.00 ± 0.00 (n=2)", "100.00 (n=1)", "100.00 (n=1)"]
     assert rows["LoRA"][7].startswith("-50.00 [")                        # over the Base seed that has TriviaQA
-    assert rows["LoRA"][5] == "scored on other size than Base"                 # WikiText's tokens
+    assert rows["LoRA"][5] == "scored on other data or protocol than Base"
     write_eval(tmp_path / "nanbase" / "base" / "seed0" / "eval.json", ([0, 1], [1.0, 1.0]), [1, 1], ppl=float("nan"))
     write_eval(tmp_path / "nanbase" / "lora" / "seed0" / "eval.json", ([1, 0], [0.5, 0.5]), [1, 0], ppl=2.0)
     run("table", tmp_path / "nanbase")
@@ -2664,7 +2563,7 @@ def test_table_never_replaces_a_users_figure(tmp_path, capsys):
 
 def test_memory_topk_may_equal_the_sub_keys(tiny):
     args = smf.build_parser().parse_args(["train", "--method", "retrofit", "--model", tiny["model"], "--out", "x",
-                                          "--memory-n-keys", "8", "--memory-topk", "8", "--memory-layers", "1"])
+                                          "--memory-n-keys", "8", "--memory-topk", "8"])
     smf.check_args(args)                                                # no error: 8 of 8 sub-keys is allowed
     assert smf.ProductKeyMemory(16, n_keys=8, heads=1, key_dim=4, topk=8).topk == 8
 
@@ -2778,6 +2677,16 @@ def test_run_all_names_a_model_by_every_weight_file_a_hub_ids_in_its_cache(tiny,
     assert changed.returncode == 2 and "was made with MODEL=weights sha256" in changed.stderr
 
 
+def hub_cache(root, commit, model):
+    """A hub cache (HF_HUB_CACHE) whose org/tiny is at revision `commit`, holding the files of folder `model`."""
+    import shutil
+    repo = root / "models--org--tiny"
+    shutil.copytree(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(commit)
+    return {"HF_HUB_CACHE": str(root)}
+
+
 def test_run_all_checks_every_stages_command_before_the_first_stage(tiny, tmp_path):
     """smf.py's own option checks run on every stage's commands before any stage starts: a typo, a flag of another
     method or a device this machine lacks is named with its variable; a flag that run_all.sh sets for each row is
@@ -2884,7 +2793,7 @@ def test_non_finite_scores_give_no_accuracy_and_the_precision_is_part_of_the_pro
     run("table", tmp_path / "res")
     cells = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]] for l in open(tmp_path / "res" / "table.md") if l.startswith("| ")}
     assert cells["Full finetuning"][0] == cells["Full finetuning"][4] == cells["Full finetuning"][6] == "NaN in 1 of 1 seeds"
-    assert cells["LoRA"][1] == cells["LoRA"][5] == "scored on other protocol than Base"
+    assert cells["LoRA"][1] == cells["LoRA"][5] == "scored on other data or protocol than Base"
 
 
 def test_run_all_cpu_slots_share_the_cores(tiny, tmp_path, fake_python):
